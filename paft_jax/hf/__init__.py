@@ -1,0 +1,1 @@
+"""Hugging Face interop: config mapping, import (safetensors, GGUF), export, verification."""

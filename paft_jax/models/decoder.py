@@ -1,0 +1,263 @@
+"""One Flax decoder for the Llama, Mistral and Qwen2 families.
+
+Numerics follow Hugging Face transformers (RMSNorm in fp32, RoPE with the rotate-half convention and
+fp32 frequencies, softmax in fp32).  Every parameter and major activation carries logical axis names;
+`paft_jax.mesh` maps them to mesh axes.  Layers are stacked with `nn.scan` (one compiled layer,
+parameters with a leading "layers" axis).
+
+Attention is masked by segment ids (0 = padding) and slot order, so packed sequences never attend
+across segments, and the same code serves training (no cache) and generation (a KV cache).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from paft_jax.mesh import fit_spec, logical_to_spec
+from paft_jax.models.config import ModelConfig
+
+Array = jax.Array
+_NEG = -0.7 * float(np.finfo(np.float32).max)  # finite "minus infinity": fully masked rows stay NaN-free
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse RoPE frequencies in fp32, computed the way transformers computes them."""
+    dim = cfg.resolved_head_dim
+    inv = np.float32(1.0) / (np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)))
+    rs = cfg.rope_scaling_dict or {}
+    kind = rs.get("rope_type", "default")
+    if kind == "linear":
+        inv = inv / np.float32(rs["factor"])
+    elif kind == "llama3":
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old = rs["original_max_position_embeddings"]
+        lo_wavelen, hi_wavelen = old / lo, old / hi
+        wavelen = (2 * np.pi / inv).astype(np.float32)
+        scaled = np.where(wavelen > lo_wavelen, inv / np.float32(factor), inv).astype(np.float32)
+        smooth = ((old / wavelen - lo) / (hi - lo)).astype(np.float32)
+        smoothed = ((1 - smooth) * scaled / np.float32(factor) + smooth * scaled).astype(np.float32)
+        medium = ~(wavelen < hi_wavelen) & ~(wavelen > lo_wavelen)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def rope_cos_sin(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x: [B, T, N, D]; cos/sin: [B, T, D]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def attention_mask(q_seg: Array, kv_seg: Array, q_slot: Array, kv_slot: Array, window: int | None) -> Array:
+    """[B, T, S] bool: causal by slot, same segment, key not padding, within the sliding window."""
+    causal = q_slot[:, :, None] >= kv_slot[:, None, :]
+    mask = causal & (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
+    if window is not None:
+        mask &= (q_slot[:, :, None] - kv_slot[:, None, :]) < window
+    return mask
+
+
+def segment_positions(segment_ids: Array) -> Array:
+    """Position of each token inside its segment (packed rows restart at 0 for each segment)."""
+    t = segment_ids.shape[-1]
+    idx = jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - start_idx
+
+
+class _Sharder:
+    """Applies logical-axis sharding constraints to activations when a mesh is given."""
+
+    def __init__(self, mesh: Mesh | None, rules: tuple):
+        self.mesh, self.rules = mesh, rules
+
+    def __call__(self, x: Array, names: tuple) -> Array:
+        if self.mesh is None:
+            return x
+        spec = fit_spec(logical_to_spec(names, self.rules), x.shape, self.mesh)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+
+def _dense(features, axis, names, cfg: ModelConfig, name: str, use_bias=False, bias_names=None):
+    return nn.DenseGeneral(
+        features=features, axis=axis, use_bias=use_bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, bias_names or names[-1:]),
+        name=name)
+
+
+class RMSNorm(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        w = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.cfg.jnp_param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+        dt = self.cfg.jnp_dtype
+        return w.astype(dt) * y.astype(dt)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    shard: Any = None
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
+        cfg, sh = self.cfg, self.shard
+        n, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+        bias = cfg.attention_bias
+        q = _dense((n, d), -1, ("embed", "heads", "head_dim"), cfg, "q_proj", bias, ("heads", "head_dim"))(x)
+        kk = _dense((k, d), -1, ("embed", "kv_heads", "head_dim"), cfg, "k_proj", bias, ("kv_heads", "head_dim"))(x)
+        v = _dense((k, d), -1, ("embed", "kv_heads", "head_dim"), cfg, "v_proj", bias, ("kv_heads", "head_dim"))(x)
+        q = sh(apply_rope(q, cos, sin), ("act_batch", "act_length", "act_heads", "head_dim"))
+        kk = sh(apply_rope(kk, cos, sin), ("act_batch", "act_length", "act_kv_heads", "head_dim"))
+        v = sh(v, ("act_batch", "act_length", "act_kv_heads", "head_dim"))
+        new_cache = None
+        if layer_cache is not None:
+            kc = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], kk.astype(layer_cache["k"].dtype), cache_index, 1)
+            vc = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, 1)
+            new_cache = {"k": kc, "v": vc}
+            kk, v = kc.astype(q.dtype), vc.astype(q.dtype)
+        b, t = q.shape[:2]
+        qg = q.reshape(b, t, k, n // k, d)
+        logits = jnp.einsum("btkgd,bskd->bkgts", qg, kk, preferred_element_type=jnp.float32) * (d ** -0.5)
+        logits = jnp.where(mask[:, None, None], logits, _NEG)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
+        out = sh(out, ("act_batch", "act_length", "act_heads", "head_dim"))
+        out = _dense(cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), cfg, "o_proj")(out)
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+    shard: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        gate = _dense(cfg.intermediate_size, -1, ("embed", "mlp"), cfg, "gate_proj")(x)
+        up = _dense(cfg.intermediate_size, -1, ("embed", "mlp"), cfg, "up_proj")(x)
+        h = self.shard(nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
+        return _dense(cfg.hidden_size, -1, ("mlp", "embed"), cfg, "down_proj")(h)
+
+
+class DecoderLayer(nn.Module):
+    cfg: ModelConfig
+    shard: Any = None
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
+        h, new_cache = Attention(self.cfg, self.shard, name="self_attn")(
+            RMSNorm(self.cfg, name="input_layernorm")(x), cos, sin, mask, layer_cache, cache_index)
+        x = x + h
+        x = x + MLP(self.cfg, self.shard, name="mlp")(RMSNorm(self.cfg, name="post_attention_layernorm")(x))
+        x = self.shard(x, ("act_batch", "act_length", "act_embed"))
+        return x, new_cache
+
+
+_REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Decoder(nn.Module):
+    """input ids [B, T] -> fp32 logits [B, T, V] (or final hidden states), plus the updated KV cache.
+
+    segment_ids: [B, T] ints, 0 = padding; tokens attend only within their own segment.  Defaults to ones.
+    positions:   [B, T] RoPE positions; defaults to the position inside each segment (+ cache_index).
+    cache:       {"layers": {"k", "v": [L, B, S, K, D]}, "seg": [B, S]} from `init_cache`; the new tokens
+                 are written at slot `cache_index`.
+    """
+    cfg: ModelConfig
+    mesh: Mesh | None = None
+    rules: tuple = ()
+
+    @nn.compact
+    def __call__(self, input_ids, positions=None, segment_ids=None, cache=None, cache_index=0, return_hidden=False):
+        cfg = self.cfg
+        sh = _Sharder(self.mesh, self.rules)
+        b, t = input_ids.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            positions = segment_positions(segment_ids) + cache_index
+        q_slot = jnp.broadcast_to(jnp.arange(t) + cache_index, (b, t))
+        if cache is None:
+            kv_seg, kv_slot, layer_caches = segment_ids, q_slot, None
+        else:
+            kv_seg = jax.lax.dynamic_update_slice_in_dim(cache["seg"], segment_ids.astype(cache["seg"].dtype),
+                                                         cache_index, 1)
+            kv_slot = jnp.broadcast_to(jnp.arange(kv_seg.shape[1]), kv_seg.shape)
+            layer_caches = cache["layers"]
+        mask = attention_mask(segment_ids, kv_seg, q_slot, kv_slot, cfg.sliding_window)
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
+
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+                         name="embed_tokens")
+        x = sh(embed(input_ids.astype(jnp.int32)), ("act_batch", "act_length", "act_embed"))
+
+        layer = DecoderLayer
+        if cfg.remat != "none":
+            layer = nn.remat(layer, policy=_REMAT[cfg.remat], prevent_cse=False)
+        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        x, new_layer_caches = stack(cfg, sh, name="layers")(x, cos, sin, mask, layer_caches, cache_index)
+        x = RMSNorm(cfg, name="norm")(x)
+        new_cache = None if cache is None else {"layers": new_layer_caches, "seg": kv_seg}
+        if return_hidden:
+            return x, new_cache
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = _dense(cfg.vocab_size, -1, ("embed", "vocab"), cfg, "lm_head")(x)
+        logits = sh(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+        return logits, new_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    dtype = dtype or cfg.jnp_dtype
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
+    return {"layers": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)},
+            "seg": jnp.zeros((batch, max_len), jnp.int32)}
+
+
+def abstract_params(cfg: ModelConfig) -> tuple[Any, Any]:
+    """(shape/dtype tree, logical-axis-names tree) of the parameters, without allocating anything."""
+    boxed = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    axes = nn.get_partition_spec(boxed)
+    axes = jax.tree_util.tree_map(lambda s: tuple(s), axes, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+    shapes = nn.meta.unbox(boxed)
+    return shapes, axes
+
+
+def init_params(cfg: ModelConfig, rng: Array, mesh: Mesh | None = None, rules: tuple = ()) -> Any:
+    """Random parameters (tests, from-scratch runs), created directly in their shardings."""
+    from paft_jax.mesh import tree_shardings
+
+    def init():
+        return nn.meta.unbox(Decoder(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
+
+    if mesh is None:
+        return jax.jit(init)()
+    shapes, axes = abstract_params(cfg)
+    return jax.jit(init, out_shardings=tree_shardings(axes, shapes, mesh, rules))()
