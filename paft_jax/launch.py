@@ -22,14 +22,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pickled pytorch_model*.bin weights (runs a restricted unpickler)")
     p.add_argument("--mesh", default=None,
-                   help="mesh axis sizes, e.g. 'data=1,fsdp=-1,tensor=1' (default: fsdp over all devices)")
+                   help="mesh axis sizes, e.g. 'data=1,fsdp=-1,tensor=1', or a mesh YAML such as "
+                        "configs/mesh/tensor_parallel.yaml (default: fsdp over all devices)")
 
 
 def _mesh(spec: str | None):
     from paft_jax.config import MeshConfig
     from paft_jax.mesh import build_mesh
     cfg = MeshConfig()
-    if spec:
+    if spec and spec.endswith((".yaml", ".yml")):
+        from paft_jax.config import load_config
+        cfg = load_config(MeshConfig, spec)
+    elif spec:
         for item in spec.split(","):
             k, _, v = item.partition("=")
             if k.strip() not in ("data", "fsdp", "tensor") or not v:

@@ -9,6 +9,7 @@ tokenizers built by transformers without trust_remote_code.
 from __future__ import annotations
 
 import collections
+import gc
 import json
 import logging
 from dataclasses import dataclass, field
@@ -147,8 +148,17 @@ class GGUFSource:
     def get(self, name):
         import gguf
         t = self._gguf[self.to_gguf[name]]
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        w = w.reshape(self.shape(name))
+        shape = self.shape(name)
+        data = t.data
+        if data.ndim >= 2:  # dequantize in row blocks: the dequantizer's temporaries stay small
+            w = np.empty(shape, np.float32)
+            flat = w.reshape(-1, shape[-1])
+            rows = data.reshape(-1, data.shape[-1])
+            step = max(1, (8 << 20) // max(1, 4 * shape[-1]))
+            for r in range(0, rows.shape[0], step):
+                flat[r:r + step] = gguf.quants.dequantize(rows[r:r + step], t.tensor_type)
+        else:
+            w = gguf.quants.dequantize(data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
         if self.arch in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias",
                                                                "k_proj.bias")):
             n = self.cfg.num_heads if ".q_proj." in name else self.cfg.num_kv_heads
@@ -300,4 +310,5 @@ def load_params(source: Any, cfg: ModelConfig, *, mesh: Mesh | None = None, rule
             node = node.setdefault(k, {})
         node[e.path[-1]] = arr
         del host
+        gc.collect()  # the dequantizer's and converters' temporaries sit in reference cycles; free them now
     return out

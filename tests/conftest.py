@@ -1,0 +1,65 @@
+import os
+
+# 8 simulated CPU devices for mesh tests; must be set before jax is imported anywhere
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# name -> (transformers config class name, kwargs) for tiny random models of each family and variant
+VARIANTS = {
+    "llama": ("LlamaConfig", {}),
+    "llama_tied": ("LlamaConfig", {"tie_word_embeddings": True}),
+    "llama3_rope": ("LlamaConfig", {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "mistral_sliding": ("MistralConfig", {"sliding_window": 5}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen2_tied": ("Qwen2Config", {"tie_word_embeddings": True}),
+}
+
+
+def make_hf_model(variant: str, seed: int = 0, **overrides):
+    """A tiny random transformers model; weights perturbed so nothing is a trivial init value."""
+    import torch
+    import transformers
+    cls_name, kw = VARIANTS[variant]
+    cfg_cls = getattr(transformers, cls_name)
+    model_cls = getattr(transformers, cls_name.replace("Config", "ForCausalLM"))
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    base.update(kw)
+    base.update(overrides)
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**base)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    """Factory: save a tiny HF model of a variant into a fresh directory and return the path."""
+    def make(variant: str = "llama", dtype=None, **kw):
+        import torch
+        model = make_hf_model(variant, **kw)
+        if dtype is not None:
+            model = model.to(getattr(torch, dtype))
+        d = tmp_path / f"{variant}-{dtype or 'fp32'}"
+        model.save_pretrained(d)
+        return d
+    return make
+
+
+def padded_batch(vocab: int, batch: int = 3, length: int = 20, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (batch, length)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 13:] = 0
+    if batch > 2:
+        mask[2, 7:] = 0
+    return ids, mask
