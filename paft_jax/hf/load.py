@@ -252,6 +252,9 @@ def load_model(path: str | Path, *, mesh: Mesh | None = None, rules: tuple = (),
         if param_dtype not in ("float32", "bfloat16", "float16"):
             param_dtype = "float32"
     cfg = cfg.replace(param_dtype=param_dtype)
+    # tokenizer first: building one from GGUF metadata has a transient peak we keep apart from the params'
+    tok = load_tokenizer(directory, gguf_file) if with_tokenizer else None
+    gc.collect()
     params = load_params(source, cfg, mesh=mesh, rules=rules)
 
     used = {e.hf_name(i) for e in entries(cfg) for i in (range(cfg.num_layers) if e.layered else [None])}
@@ -266,7 +269,6 @@ def load_model(path: str | Path, *, mesh: Mesh | None = None, rules: tuple = (),
     gen = None
     if gguf_file is None and (directory / "generation_config.json").exists():
         gen = json.loads((directory / "generation_config.json").read_text())
-    tok = load_tokenizer(directory, gguf_file) if with_tokenizer else None
     return LoadedModel(cfg, params, tok, hf_dict, str(gguf_file or directory), gen, notes)
 
 

@@ -56,7 +56,9 @@ def flax_logits(params: Any, cfg: ModelConfig, ids: np.ndarray, mask: np.ndarray
         p = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), p)
         return Decoder(cfg32).apply({"params": p}, jnp.asarray(ids), segment_ids=jnp.asarray(mask))[0]
 
-    return np.asarray(run(params))
+    # exact fp32 matmuls: on GPU/TPU the default precision (TF32 / bf16 passes) moves logits by ~1e-2
+    with jax.default_matmul_precision("highest"):
+        return np.asarray(run(params))
 
 
 def hf_logits(model_dir: str | Path, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
