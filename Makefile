@@ -25,4 +25,5 @@ demo: install
 	$(PY) -m paft_jax.launch demo
 
 bench: install
-	$(PY) benchmarks/import_export.py
+	XLA_FLAGS= $(PY) benchmarks/import_export.py
+	XLA_FLAGS= $(PY) benchmarks/forward_throughput.py

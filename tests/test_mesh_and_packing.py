@@ -100,3 +100,17 @@ def test_rules_table_switches_fsdp_to_tensor_parallel_without_model_edits():
     cfg2 = cfg.replace(num_kv_heads=4)
     p2 = init_params(cfg2, jax.random.key(0), mesh, mcfg.logical_rules())
     assert tuple(p2["layers"]["self_attn"]["k_proj"]["kernel"].sharding.spec) == (None, None, None, None)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_no_batch"])
+def test_remat_changes_memory_not_results(policy):
+    params = init_params(CFG, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(5), (2, 8), 0, CFG.vocab_size)
+
+    def loss(p, cfg):
+        return Decoder(cfg).apply({"params": p}, ids)[0].mean()
+
+    g0 = jax.grad(loss)(params, CFG)
+    g1 = jax.grad(loss)(params, CFG.replace(remat=policy))
+    for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
