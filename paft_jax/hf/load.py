@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from paft_jax.hf.config import model_config_from_hf, read_config_json
-from paft_jax.hf.layout import entries, get_path, hf_shape, to_ours, unpermute_gguf_rope
+from paft_jax.hf.layout import entries, get_path, hf_shape, iter_hf_tensors, to_ours, unpermute_gguf_rope
 from paft_jax.hf.st_io import SafetensorsFile
 from paft_jax.mesh import named_sharding
 from paft_jax.models.config import ModelConfig, dtype_name, to_dtype
@@ -127,11 +127,7 @@ class GGUFSource:
             raise ValueError(f"{path}: not a readable GGUF file: {e}") from None
         self._gguf = {t.name: t for t in self.reader.tensors}
         self.cfg, self.arch = cfg, arch
-        self.to_gguf = {}
-        for e in entries(cfg):
-            for i in (range(cfg.num_layers) if e.layered else [None]):
-                if e.gguf_name(i) in self._gguf:
-                    self.to_gguf[e.hf_name(i)] = e.gguf_name(i)
+        self.to_gguf = {name: e.gguf_name(i) for e, i, name in iter_hf_tensors(cfg) if e.gguf_name(i) in self._gguf}
         mapped = set(self.to_gguf.values())
         self.unmapped = [n for n in self._gguf if n not in mapped and not n.startswith("rope_freqs")]
 
@@ -257,7 +253,7 @@ def load_model(path: str | Path, *, mesh: Mesh | None = None, rules: tuple = (),
     gc.collect()
     params = load_params(source, cfg, mesh=mesh, rules=rules)
 
-    used = {e.hf_name(i) for e in entries(cfg) for i in (range(cfg.num_layers) if e.layered else [None])}
+    used = {name for _, _, name in iter_hf_tensors(cfg)}
     extra = sorted(n for n in source.names() - used if not n.endswith(_IGNORED))
     if cfg.tie_word_embeddings and "lm_head.weight" in extra:
         extra.remove("lm_head.weight")
@@ -275,8 +271,7 @@ def load_model(path: str | Path, *, mesh: Mesh | None = None, rules: tuple = (),
 def load_params(source: Any, cfg: ModelConfig, *, mesh: Mesh | None = None, rules: tuple = ()) -> Any:
     shapes, axes = abstract_params(cfg)
     names = source.names()
-    missing = [e.hf_name(i) for e in entries(cfg) for i in (range(cfg.num_layers) if e.layered else [None])
-               if e.hf_name(i) not in names]
+    missing = [name for _, _, name in iter_hf_tensors(cfg) if name not in names]
     if missing:
         raise ValueError(f"{getattr(source, 'dir', getattr(source, 'path', '?'))}: missing tensors for a "
                          f"{cfg.family} model with {cfg.num_layers} layers: {missing[:8]}"
