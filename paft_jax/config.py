@@ -6,6 +6,7 @@ anything is compiled or loaded (MaxText's "loud refusals").
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -109,7 +110,12 @@ def from_dict(cls: type, data: dict | None, path: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown config key(s) {[path + k for k in unknown]}; "
+        hints_txt = ""
+        for k in unknown:
+            close = difflib.get_close_matches(k, names, n=1)
+            if close:
+                hints_txt += f" ({path + k}: did you mean {path + close[0]}?)"
+        raise ValueError(f"unknown config key(s) {[path + k for k in unknown]}{hints_txt}; "
                          f"valid keys under {path or 'the root'}: {sorted(names)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
