@@ -44,10 +44,9 @@ def best_fit(lengths: Sequence[int], capacity: int, max_items: int | None = None
     return bins
 
 
-def plan_packed(order: Sequence[int], lengths: Sequence[int], row_len: int, batch_rows: int, *,
-                max_items: int | None, window: int, rng: np.random.Generator | None,
-                drop_remainder: bool) -> list[tuple[int, list[list[int]]]]:
-    """Examples (ids in `order`) -> batches [(row_len, rows)], each row a list of example ids.
+def plan_packed(order: Sequence[int], lengths: Sequence[int], row_len: int, *, max_items: int | None,
+                window: int, rng: np.random.Generator | None) -> list[list[int]]:
+    """Examples (ids in `order`) -> rows, each a list of example ids whose lengths sum to <= row_len.
     Best fit runs over windows of `window` examples (0 = all); rows are shuffled when `rng` is given
     so that batches do not come sorted by length."""
     order = list(order)
@@ -60,7 +59,7 @@ def plan_packed(order: Sequence[int], lengths: Sequence[int], row_len: int, batc
         if rng is not None:
             win_rows = [win_rows[j] for j in rng.permutation(len(win_rows))]
         rows.extend(win_rows)
-    return _chunk([(row_len, r) for r in rows], batch_rows, drop_remainder)
+    return rows
 
 
 def plan_padded(order: Sequence[int], lengths: Sequence[int], buckets: Sequence[int], batch_rows: int, *,
@@ -82,16 +81,6 @@ def plan_padded(order: Sequence[int], lengths: Sequence[int], buckets: Sequence[
     for b in buckets:
         if queues[b] and not drop_remainder:
             out.append((b, [[x] for x in queues[b]]))
-    return out
-
-
-def _chunk(rows: list[tuple[int, list[int]]], batch_rows: int, drop_remainder: bool):
-    out = []
-    for s in range(0, len(rows), batch_rows):
-        part = rows[s:s + batch_rows]
-        if len(part) < batch_rows and drop_remainder:
-            break
-        out.append((part[0][0], [r for _, r in part]))
     return out
 
 

@@ -3,7 +3,7 @@
 Each epoch's plan (which examples, in which rows and batches) is a pure function of (seed, epoch,
 process, data): mixture sampling and shuffling use `np.random.default_rng([seed, epoch, process])`.
 The iterator's only moving part is `step`, the number of batches yielded so far; state() records it
-(plus epoch/position for people), restore() recomputes the plans.  So a resumed run yields exactly the
+(plus the epoch/position where the next batch starts, for people), restore() recomputes the plans.  So a resumed run yields exactly the
 batches the uninterrupted run would have, and `step` is the same number on every process.
 """
 from __future__ import annotations
@@ -36,7 +36,8 @@ class BatchIterator:
         self.lengths = [e.length for e in dataset.examples]
         self.step = 0
         self._plans: dict[int, list] = {}   # epoch -> plan (current and next only)
-        self._sizes: dict[int, int] = {}    # epoch -> batches in that epoch
+        self._sizes: dict[int, int] = {}    # epoch -> units in that epoch
+        self._per_batch = self.local_batch if cfg.pack else 1  # units per batch
         key = dict(kind=cfg.kind, seq_len=cfg.seq_len, batch_size=cfg.batch_size, pack=cfg.pack,
                    buckets=cfg.bucket_lengths(), pairs=self.pairs, window=cfg.pack_window, shuffle=cfg.shuffle,
                    seed=cfg.seed, drop=cfg.drop_remainder, rows=dataset.total_rows, procs=dataset.process_count,
@@ -61,13 +62,17 @@ class BatchIterator:
             order = [order[j] for j in rng.permutation(len(order))]
         return order, rng
 
-    def plan(self, epoch: int) -> list[tuple[int, list[list[int]]]]:
+    def units(self, epoch: int) -> list[tuple[int, list[list[int]]]]:
+        """The epoch's plan as units of (row_len, rows).  Packed: one unit per packed row, and batches
+        take `local_batch` consecutive rows of the stream of epochs, so an epoch's last rows share a batch
+        with the next epoch's first ones (no filler rows while repeating).  Padded: one unit per batch,
+        each of one bucket length (an epoch's partial buckets become partial batches)."""
         if epoch not in self._plans:
             order, rng = self.epoch_order(epoch)
             if self.cfg.pack:
-                p = plan_packed(order, self.lengths, self.cfg.seq_len, self.local_batch, max_items=self.pairs,
-                                window=self.cfg.pack_window, rng=rng if self.cfg.shuffle else None,
-                                drop_remainder=self.cfg.drop_remainder)
+                rows = plan_packed(order, self.lengths, self.cfg.seq_len, max_items=self.pairs,
+                                   window=self.cfg.pack_window, rng=rng if self.cfg.shuffle else None)
+                p = [(self.cfg.seq_len, [r]) for r in rows]
             else:
                 p = plan_padded(order, self.lengths, self.cfg.bucket_lengths(), self.local_batch,
                                 drop_remainder=self.cfg.drop_remainder)
@@ -81,16 +86,38 @@ class BatchIterator:
             self._sizes[epoch] = len(p)
         return self._plans[epoch]
 
+    def _size(self, epoch: int) -> int:
+        return self._sizes[epoch] if epoch in self._sizes else len(self.units(epoch))
+
+    def _done(self, epoch: int) -> bool:
+        return self.cfg.num_epochs is not None and epoch >= self.cfg.num_epochs
+
     def _locate(self, step: int) -> tuple[int, int]:
+        """(epoch, unit position) where batch `step` starts."""
+        u = step * self._per_batch
         epoch = 0
-        while True:
-            n = self._sizes[epoch] if epoch in self._sizes else len(self.plan(epoch))
-            if step < n:
-                return epoch, step
-            step -= n
+        while not self._done(epoch):
+            n = self._size(epoch)
+            if u < n:
+                return epoch, u
+            u -= n
             epoch += 1
-            if self.cfg.num_epochs is not None and epoch >= self.cfg.num_epochs:
-                return epoch, 0
+        return epoch, 0
+
+    def _gather(self, epoch: int, pos: int) -> tuple[int, list[list[int]]] | None:
+        """The batch starting at (epoch, pos), or None when the data is exhausted."""
+        if self._done(epoch):
+            return None
+        if not self.cfg.pack:
+            return self.units(epoch)[pos]
+        rows: list[list[int]] = []
+        while len(rows) < self.local_batch and not self._done(epoch):
+            part = self.units(epoch)[pos:pos + self.local_batch - len(rows)]
+            rows.extend(r for _, rr in part for r in rr)
+            epoch, pos = epoch + 1, 0
+        if len(rows) < self.local_batch and self.cfg.drop_remainder:
+            return None
+        return self.cfg.seq_len, rows
 
     def batch(self, row_len: int, rows: list[list[int]]) -> dict[str, np.ndarray]:
         if self.ds.kind == "sft":
@@ -102,12 +129,11 @@ class BatchIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        epoch, pos = self._locate(self.step)
-        if self.cfg.num_epochs is not None and epoch >= self.cfg.num_epochs:
+        got = self._gather(*self._locate(self.step))
+        if got is None:
             raise StopIteration
-        row_len, rows = self.plan(epoch)[pos]
         self.step += 1
-        return self.batch(row_len, rows)
+        return self.batch(*got)
 
     def state(self) -> dict[str, Any]:
         epoch, pos = self._locate(self.step)
@@ -124,23 +150,28 @@ class BatchIterator:
         step = int(state["step"])
         if step < 0:
             raise ValueError(f"bad iterator state step {step}")
+        # epoch/position are this process's view of `step`; with one process they must agree
+        if self.ds.process_count == 1 and [state.get("epoch"), state.get("position")] != list(self._locate(step)):
+            raise ValueError(f"iterator state {state} is inconsistent with the data "
+                             f"(step {step} is epoch/position {self._locate(step)} here)")
         self.step = step
-        if self.ds.process_count == 1:  # epoch/position are this process's view; check when they must agree
-            if (state.get("epoch"), state.get("position")) != self._locate(step):
-                raise ValueError(f"iterator state {state} is inconsistent with the data "
-                                 f"(step {step} is epoch/position {self._locate(step)} here)")
 
     # -- statistics -------------------------------------------------------------------------------------
-    def efficiency(self, epoch: int = 0) -> dict[str, float]:
-        """Real tokens / slots over one epoch: of the rows the plan fills, and of whole batches (which
-        counts the empty rows padding an epoch's last batch)."""
-        p = self.plan(epoch)
+    def efficiency(self, epoch: int = 0) -> dict[str, Any]:
+        """Real tokens / slots over one epoch's rows (packing or bucket-padding efficiency), and over
+        whole batches when the epoch is run alone (counting empty rows that fill its last batch)."""
+        p = self.units(epoch)
         real = sum(self.lengths[e] for _, rows in p for r in rows for e in r)
-        rows = sum(len(rows) * n for n, rows in p)
-        batches = sum(self.local_batch * n for n, _ in p)
-        return {"real_tokens": real, "row_efficiency": real / max(rows, 1),
-                "batch_efficiency": real / max(batches, 1), "batches": len(p),
-                "rows": sum(len(r) for _, r in p)}
+        n_rows = sum(len(rows) for _, rows in p)
+        slots = sum(len(rows) * n for n, rows in p)
+        if self.cfg.pack:
+            batches = -(-n_rows // self.local_batch)
+            batch_slots = batches * self.local_batch * self.cfg.seq_len
+        else:
+            batches, batch_slots = len(p), sum(self.local_batch * n for n, _ in p)
+        return {"examples": sum(len(r) for _, rows in p for r in rows), "real_tokens": real, "rows": n_rows,
+                "row_efficiency": real / max(slots, 1), "batches": batches,
+                "batch_efficiency": real / max(batch_slots, 1)}
 
 
 def make_loader(cfg: DataConfig, tokenizer, *, process_index: int | None = None,
