@@ -196,4 +196,13 @@ def to_global(batch: dict[str, np.ndarray], mesh, spec=None) -> dict:
     import jax
     from jax.sharding import Sharding
     sharding = spec if isinstance(spec, Sharding) else batch_sharding(mesh, spec)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        if v.dtype == np.int64 and not jax.config.jax_enable_x64:
+            # example_index: int32 on device unless x64 is on (jax would truncate silently; we check)
+            if v.size and (v.max() > np.iinfo(np.int32).max):
+                raise ValueError(f"{k}: values exceed int32; enable jax_enable_x64")
+            v = v.astype(np.int32)
+        out[k] = jax.make_array_from_process_local_data(sharding, v)
+    return out
