@@ -97,7 +97,8 @@ def json_source(path: Path) -> Source:
 
 class CsvSource(Source):
     """CSV with a header row; cells are strings, except that a cell of a list field (messages, prompt,
-    completion, chosen, rejected) that holds a JSON array is parsed, so conversations fit in CSV too."""
+    completion, chosen, rejected) that holds a JSON array is parsed, so conversations fit in CSV too.
+    Empty cells are absent fields (so one file can mix row formats, e.g. implicit-prompt pairs)."""
     LIST_FIELDS = ("messages", "prompt", "completion", "chosen", "rejected")
 
     def __init__(self, path: Path):
@@ -119,8 +120,8 @@ class CsvSource(Source):
         for k, v in row.items():
             if k is None:
                 raise DataError(where, None, "malformed CSV", "more cells than header columns")
-            if v is None:
-                continue  # fewer cells than columns: the field is missing
+            if v is None or v == "":
+                continue  # CSV cannot tell an empty cell from an absent field: treat it as absent
             if k in self.LIST_FIELDS and v.lstrip().startswith("["):
                 try:
                     v = json.loads(v)
