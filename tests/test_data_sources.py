@@ -48,6 +48,8 @@ def examples(cfg, tok=None):
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet"])
 def test_file_formats_give_the_same_examples(tmp_path, fmt):
+    if fmt == "parquet":
+        pytest.importorskip("pyarrow")
     rows = [r for r in ROWS if "messages" in r]  # one schema per parquet file
     ref, _ = examples(DataConfig(sources=[{"path": str(write(tmp_path / "r.jsonl", rows, "jsonl"))}]))
     got, ds = examples(DataConfig(sources=[{"path": str(write(tmp_path / f"x.{fmt}", rows, fmt))}]))
@@ -193,10 +195,10 @@ def test_a_model_trains_from_the_tfds_batches(tfds_dir):
     import jax.numpy as jnp
     from paft_jax.models import Decoder, ModelConfig, init_params
     tok = llama3_style_tokenizer()
-    cfg = DataConfig(kind="sft", seq_len=128, batch_size=4,
+    cfg = DataConfig(kind="sft", seq_len=64, batch_size=4,
                      sources=[{"type": "tfds", "name": "paft_tiny_sft", "data_dir": str(tfds_dir)}])
     it = make_loader(cfg, tok, process_index=0, process_count=1)
-    mcfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+    mcfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
                        num_kv_heads=2)
     model = Decoder(mcfg)
     params = init_params(mcfg, jax.random.key(0))
@@ -209,8 +211,9 @@ def test_a_model_trains_from_the_tfds_batches(tfds_dir):
 
     step = jax.jit(lambda p, b: jax.tree_util.tree_map(lambda w, g: w - 0.5 * g, p, jax.grad(loss_fn)(p, b)))
     batches = [next(it) for _ in range(3)]
-    before = np.mean([float(loss_fn(params, b)) for b in batches])
-    for i in range(30):
+    loss = jax.jit(loss_fn)
+    before = np.mean([float(loss(params, b)) for b in batches])
+    for i in range(20):
         params = step(params, batches[i % 3])
-    after = np.mean([float(loss_fn(params, b)) for b in batches])
+    after = np.mean([float(loss(params, b)) for b in batches])
     assert after < 0.7 * before, (before, after)

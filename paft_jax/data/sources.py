@@ -222,8 +222,16 @@ class TfdsSource(Source):
         return where, {k: _plain(v, where, k) for k, v in row.items()}
 
 
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("Hugging Face dataset sources need the `datasets` package: pip install datasets") from None
+    return datasets
+
+
 def _hf_disk(path: Path, split: str) -> Source:
-    import datasets
+    datasets = _datasets()
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
@@ -233,7 +241,7 @@ def _hf_disk(path: Path, split: str) -> Source:
 
 
 def _hf_hub(name: str, split: str, data_dir: str | None) -> Source:
-    import datasets
+    datasets = _datasets()
     try:
         ds = datasets.load_dataset(name, split=split, data_dir=data_dir)
     except Exception as e:  # noqa: BLE001 - offline errors come in many types; make one clear message
