@@ -174,6 +174,27 @@ def test_restore_mid_epoch_reproduces_the_uninterrupted_run(kind, pack):
     assert not _same(full[:5], full[5:10])
 
 
+def test_restore_resumes_from_its_epoch_without_replanning_earlier_ones():
+    ds = synthetic("sft", n=60)
+    it = BatchIterator(ds, cfg_for())
+    full = _run(it, 30)
+    state = it.state()
+    assert state["epoch"] >= 2
+    after = _run(it, 5)
+    fresh = BatchIterator(ds, cfg_for())
+    fresh.restore(json.loads(json.dumps(state)))
+    assert _same(_run(fresh, 5), after)
+    assert min(fresh._plans) >= state["epoch"] and 0 not in fresh._sizes
+    other = dict(state, process_index=1)  # a state saved by another process: recomputed from `step` alone
+    fresh = BatchIterator(ds, cfg_for())
+    fresh.restore(other)
+    assert _same(_run(fresh, 5), after) and 0 in fresh._sizes
+    bad = dict(state, position=10**6)
+    with pytest.raises(ValueError, match="past epoch"):
+        BatchIterator(ds, cfg_for()).restore(bad)
+    assert len(full) == 30
+
+
 def test_shuffle_depends_on_seed_and_epoch():
     ds = synthetic("sft", n=100)
     a = BatchIterator(ds, cfg_for(seed=1)).epoch_order(0)[0]

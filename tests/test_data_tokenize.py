@@ -160,3 +160,12 @@ def test_empty_mask_is_an_error_naming_the_row():
     bad.chat_template = "{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}{% endif %}{% endfor %}"
     with pytest.raises(DataError, match=r"f\.jsonl:7.*empty loss mask"):
         ChatTokenizer(bad).encode_chat(CONVS[0], 0, "f.jsonl:7")
+
+
+def test_raw_pair_has_no_template(tok):
+    rec = normalize_preference({"prompt": "Q: sky?", "chosen": " Blue.", "rejected": " Green."}, "t",
+                               string_format="raw")
+    p, c, r = ChatTokenizer(tok).encode_pair(rec, "t")
+    assert p.tolist() == tok("Q: sky?")["input_ids"]
+    assert c.mask.all() and r.mask.all() and c.ids[-1] == r.ids[-1] == tok.eos_token_id
+    assert tok.decode(c.ids[:-1]) == " Blue." and tok.decode(r.ids[:-1]) == " Green."

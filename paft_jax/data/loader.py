@@ -8,6 +8,7 @@ batches the uninterrupted run would have, and `step` is the same number on every
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from typing import Any
@@ -37,6 +38,7 @@ class BatchIterator:
         self.step = 0
         self._plans: dict[int, list] = {}   # epoch -> plan (current and next only)
         self._sizes: dict[int, int] = {}    # epoch -> units in that epoch
+        self._starts: dict[int, int] = {0: 0}  # epoch -> index of its first unit in the stream of epochs
         self._per_batch = self.local_batch if cfg.pack else 1  # units per batch
         key = dict(kind=cfg.kind, seq_len=cfg.seq_len, batch_size=cfg.batch_size, pack=cfg.pack,
                    buckets=cfg.bucket_lengths(), pairs=self.pairs, window=cfg.pack_window, shuffle=cfg.shuffle,
@@ -93,14 +95,17 @@ class BatchIterator:
         return self.cfg.num_epochs is not None and epoch >= self.cfg.num_epochs
 
     def _locate(self, step: int) -> tuple[int, int]:
-        """(epoch, unit position) where batch `step` starts."""
+        """(epoch, unit position) where batch `step` starts.  Walks epoch sizes forward from the latest
+        known epoch start at or before it (so iterating costs O(1) per batch, not O(epochs))."""
         u = step * self._per_batch
-        epoch = 0
+        epoch = max((e for e, start in self._starts.items() if start <= u), default=0)
+        u -= self._starts.get(epoch, 0)
         while not self._done(epoch):
             n = self._size(epoch)
             if u < n:
                 return epoch, u
             u -= n
+            self._starts[epoch + 1] = self._starts[epoch] + n
             epoch += 1
         return epoch, 0
 
@@ -138,7 +143,7 @@ class BatchIterator:
     def state(self) -> dict[str, Any]:
         epoch, pos = self._locate(self.step)
         return {"version": STATE_VERSION, "step": self.step, "epoch": epoch, "position": pos,
-                "seed": self.cfg.seed, "fingerprint": self.fingerprint}
+                "process_index": self.ds.process_index, "seed": self.cfg.seed, "fingerprint": self.fingerprint}
 
     def restore(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
@@ -150,10 +155,18 @@ class BatchIterator:
         step = int(state["step"])
         if step < 0:
             raise ValueError(f"bad iterator state step {step}")
-        # epoch/position are this process's view of `step`; with one process they must agree
-        if self.ds.process_count == 1 and [state.get("epoch"), state.get("position")] != list(self._locate(step)):
-            raise ValueError(f"iterator state {state} is inconsistent with the data "
-                             f"(step {step} is epoch/position {self._locate(step)} here)")
+        # epoch/position are the saving process's view of `step`: on the same process they are an anchor
+        # (no need to re-plan every earlier epoch) and a consistency check
+        if state.get("process_index", 0) == self.ds.process_index:
+            epoch, pos = int(state["epoch"]), int(state["position"])
+            if self._done(epoch):
+                if self._locate(step) != (epoch, pos):
+                    raise ValueError(f"iterator state {state} is inconsistent with the data")
+            else:
+                if pos >= self._size(epoch):
+                    raise ValueError(f"iterator state {state}: position {pos} is past epoch {epoch}'s "
+                                     f"{self._size(epoch)} units")
+                self._starts[epoch] = step * self._per_batch - pos
         self.step = step
 
     # -- statistics -------------------------------------------------------------------------------------
@@ -174,9 +187,14 @@ class BatchIterator:
                 "batch_efficiency": real / max(batch_slots, 1)}
 
 
-def make_loader(cfg: DataConfig, tokenizer, *, process_index: int | None = None,
-                process_count: int | None = None) -> BatchIterator:
-    """The one call a trainer makes: sources -> tokenized examples of this process -> batch iterator."""
+def make_loader(cfg: DataConfig, tokenizer, *, batch_size: int | None = None, seq_len: int | None = None,
+                process_index: int | None = None, process_count: int | None = None) -> BatchIterator:
+    """The one call a trainer makes: sources -> tokenized examples of this process -> batch iterator.
+    `batch_size` (global rows per step) and `seq_len` override the config's; process index/count default
+    to jax's."""
+    changes = {k: v for k, v in (("batch_size", batch_size), ("seq_len", seq_len)) if v is not None}
+    if changes:
+        cfg = dataclasses.replace(cfg, **changes)  # re-validated by __post_init__
     return BatchIterator(build_dataset(cfg, tokenizer, process_index=process_index,
                                        process_count=process_count), cfg)
 
