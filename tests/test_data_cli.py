@@ -43,9 +43,12 @@ def test_data_stats_reports_skips_and_truncation(tmp_path, capsys):
     path.write_text(json.dumps(good) + "\n{broken\n" + json.dumps({"prompt": "x", "chosen": "a", "rejected": "a"}) + "\n")
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"data:\n  kind: preference\n  sources: [{{path: {path}}}]\n  seq_len: 64\n")
+    from paft_jax.data.testing import llama3_style_tokenizer
+    llama3_style_tokenizer().save_pretrained(tmp_path / "tok")  # an HF directory with only a tokenizer
+    tok = ["--tokenizer", str(tmp_path / "tok")]
     with pytest.raises(Exception, match=r"p\.jsonl:2.*malformed JSON"):
-        run_cli(["data-stats", "--config", str(cfg)], capsys)
-    rc, out = run_cli(["data-stats", "--config", str(cfg), "--set", "skip_invalid=true"], capsys)
+        run_cli(["data-stats", "--config", str(cfg)] + tok, capsys)
+    rc, out = run_cli(["data-stats", "--config", str(cfg), "--set", "skip_invalid=true"] + tok, capsys)
     assert rc == 0
     assert 'invalid 2 {"malformed JSON": 1, "chosen equals rejected": 1}' in out and "truncated 1" in out
     assert f"skipped: {path}:2: malformed JSON" in out and "efficiency" in out
