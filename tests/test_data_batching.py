@@ -18,7 +18,7 @@ def synthetic(kind="sft", n=200, seed=0, sources=1, lo=5, hi=120, process_index=
     for g in range(n):
         if g % process_count != process_index:
             continue
-        def seq(prompt=None):
+        def seq(prompt=None, g=g):
             L = int(rng.integers(lo, hi))
             ids = (g * 1000 + np.arange(L) + 3).astype(np.int32)
             m = rng.random(L) < 0.6
@@ -223,7 +223,6 @@ def test_num_epochs_stops_and_sees_each_example_per_epoch():
 
 def test_two_processes_get_disjoint_rows_covering_the_data():
     """The sharding logic: process p of 2 tokenizes and yields only rows with index % 2 == p."""
-    from paft_jax.data.sources import ListSource
     from paft_jax.data.testing import llama3_style_tokenizer
     rows = [{"prompt": f"Question {i}?", "completion": f"Answer {i}."} for i in range(37)]
     cfg = DataConfig(kind="sft", seq_len=128, batch_size=4, num_epochs=1)

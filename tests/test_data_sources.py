@@ -52,7 +52,7 @@ def test_file_formats_give_the_same_examples(tmp_path, fmt):
         pytest.importorskip("pyarrow")
     rows = [r for r in ROWS if "messages" in r]  # one schema per parquet file
     ref, _ = examples(DataConfig(sources=[{"path": str(write(tmp_path / "r.jsonl", rows, "jsonl"))}]))
-    got, ds = examples(DataConfig(sources=[{"path": str(write(tmp_path / f"x.{fmt}", rows, fmt))}]))
+    got, _ = examples(DataConfig(sources=[{"path": str(write(tmp_path / f"x.{fmt}", rows, fmt))}]))
     assert got == ref and len(got) == 2
     pref_ref, _ = examples(DataConfig(kind="preference", sources=[{"path": str(write(tmp_path / "p.jsonl", PAIRS,
                                                                                       "jsonl"))}]))

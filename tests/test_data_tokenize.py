@@ -169,3 +169,12 @@ def test_raw_pair_has_no_template(tok):
     assert p.tolist() == tok("Q: sky?")["input_ids"]
     assert c.mask.all() and r.mask.all() and c.ids[-1] == r.ids[-1] == tok.eos_token_id
     assert tok.decode(c.ids[:-1]) == " Blue." and tok.decode(r.ids[:-1]) == " Green."
+
+
+def test_template_errors_name_the_row():
+    import copy
+    bad = copy.copy(llama3_style_tokenizer())
+    bad.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+                         "{% endif %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(DataError, match=r"f\.jsonl:2: chat template error.*no system role"):
+        ChatTokenizer(bad).encode_chat([{"role": "system", "content": "x"}] + CONVS[0], 0, "f.jsonl:2")

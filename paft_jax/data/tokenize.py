@@ -62,10 +62,13 @@ class ChatTokenizer:
     def _ids(self, text: str, special: bool = False) -> list[int]:
         return list(self.tok(text, add_special_tokens=special)["input_ids"])
 
-    def _render(self, messages, *, gen: bool = False) -> str:
+    def _render(self, messages, *, gen: bool = False, where: str = "") -> str:
         if self.template is None:
             raise ValueError("the tokenizer has no chat_template; use string_format='raw' or `text` rows")
-        return self.tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=gen)
+        try:
+            return self.tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=gen)
+        except Exception as e:  # noqa: BLE001 - templates raise (e.g. on roles they do not support); name the row
+            raise DataError(where, None, "chat template error", f"{type(e).__name__}: {e}") from None
 
     def _trim_span(self, ids: list[int], start: int, end: int) -> int:
         """End of the trained span [start, end): just after its last end-of-turn token, if it has one."""
@@ -75,7 +78,7 @@ class ChatTokenizer:
         return end
 
     def _prefix_len(self, full: list[int], messages, gen: bool, where: str) -> int:
-        part = self._ids(self._render(messages, gen=gen)) if messages else []
+        part = self._ids(self._render(messages, gen=gen, where=where)) if messages else []
         if full[:len(part)] != part:
             raise DataError(where, None, "chat template not prefix-stable",
                             f"rendering the first {len(messages)} message(s){' + generation prompt' if gen else ''} "
@@ -86,7 +89,7 @@ class ChatTokenizer:
     # -- records ----------------------------------------------------------------------------------------
     def encode_chat(self, messages, train_from: int, where: str) -> Encoded:
         """Ids of the rendered conversation; trained = assistant turns at index >= train_from."""
-        full = self._ids(self._render(messages))
+        full = self._ids(self._render(messages, where=where))
         mask = np.zeros(len(full), bool)
         if self.use_generation_tags:
             out = self.tok.apply_chat_template(list(messages), tokenize=True, return_dict=True,
