@@ -213,6 +213,15 @@ def test_restore_refuses_a_different_configuration():
         BatchIterator(ds, cfg_for(seed=2)).restore(it.state())
 
 
+@pytest.mark.parametrize("pack", [True, False])
+def test_steps_per_epoch_counts_the_batches_of_one_epoch(pack):
+    from paft_jax.data import global_steps_per_epoch
+    ds = synthetic("sft", n=50)
+    it = BatchIterator(ds, cfg_for(num_epochs=1, pack=pack))
+    n = it.steps_per_epoch()
+    assert n == len(list(it)) and global_steps_per_epoch(it) == n
+
+
 def test_num_epochs_stops_and_sees_each_example_per_epoch():
     ds = synthetic("sft", n=50)
     seen = [i for b in BatchIterator(ds, cfg_for(num_epochs=3, pack=False))

@@ -84,6 +84,8 @@ def test_bundled_metrics_separate_good_from_bad():
     for row in tips + load_bundled("tips", "train"):
         assert follows_tips_rule(row["chosen"][-1]["content"]) and not follows_tips_rule(row["rejected"][-1]["content"])
     assert not follows_tips_rule("- one\nHope this helps!") and follows_tips_rule("- a\n- b\nHope this helps!")
+    from paft_jax.data.bundled import prompts
+    assert prompts("arith")[0] == arith[0]["messages"][:1] and prompts("tips")[0] == tips[0]["prompt"]
     general = load_bundled("general", "test")
     assert len(general) == 300 and len({g["text"] for g in general}) == 300
 
@@ -97,7 +99,7 @@ WORKER = textwrap.dedent("""
     pid, port, data = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     init_distributed(DistributedConfig(enabled=True, coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                                        process_id=pid, cpu_collectives="gloo"))
-    from paft_jax.data import DataConfig, make_loader, to_global
+    from paft_jax.data import DataConfig, global_steps_per_epoch, make_loader, to_global
     from paft_jax.data.testing import llama3_style_tokenizer
     cfg = DataConfig(kind="preference", seq_len=256, batch_size=4, num_epochs=1, sources=[{"path": data}])
     it = make_loader(cfg, llama3_style_tokenizer())   # process index/count from jax
@@ -107,7 +109,8 @@ WORKER = textwrap.dedent("""
     g = to_global(next(it2), mesh)
     from jax.experimental import multihost_utils
     everything = multihost_utils.process_allgather(g["example_index"], tiled=True)
-    print("RESULT " + json.dumps({"mine": mine, "global_shape": list(g["input_ids"].shape),
+    steps = [it2.steps_per_epoch(), global_steps_per_epoch(it2)]
+    print("RESULT " + json.dumps({"mine": mine, "global_shape": list(g["input_ids"].shape), "steps": steps,
                                   "global_index": np.asarray(everything).tolist()}))
 """)
 
@@ -134,3 +137,4 @@ def test_two_processes_load_disjoint_rows_covering_the_data(tmp_path):
     assert all(i % 2 == 0 for i in a) and all(i % 2 == 1 for i in b)
     assert res[0]["global_shape"] == [4, 256]  # 2 local rows per process -> global batch of 4
     assert res[0]["global_index"] == res[1]["global_index"]
+    assert res[0]["steps"][1] == res[1]["steps"][1] == max(res[0]["steps"][0], res[1]["steps"][0])

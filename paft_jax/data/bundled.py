@@ -32,6 +32,17 @@ def load_bundled(name: str, split: str = "train") -> list[dict]:
     return [json.loads(line) for line in bundled_path(name, split).read_text().splitlines() if line.strip()]
 
 
+def prompts(name: str, split: str = "test") -> list[list[dict]]:
+    """The prompt messages of each row, for generation-based evaluation (arith: all but the answer;
+    tips: `prompt`)."""
+    rows = load_bundled(name, split)
+    if name == "arith":
+        return [r["messages"][:-1] for r in rows]
+    if name == "tips":
+        return [r["prompt"] for r in rows]
+    raise ValueError(f"{name!r} has no prompts (it is plain text)")
+
+
 def arith_answer(text: str) -> int | None:
     """The number in the last "The answer is N." of a generation, or None if the format is missing."""
     found = _ANSWER.findall(text)

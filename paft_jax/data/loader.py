@@ -170,6 +170,12 @@ class BatchIterator:
         self.step = step
 
     # -- statistics -------------------------------------------------------------------------------------
+    def steps_per_epoch(self, epoch: int = 0) -> int:
+        """Batches this process needs to see epoch `epoch` once (packed: ceil(rows / local batch); the
+        stream continues into the next epoch).  Processes can differ: see `global_steps_per_epoch`."""
+        n = self._size(epoch)
+        return -(-n // self._per_batch)
+
     def efficiency(self, epoch: int = 0) -> dict[str, Any]:
         """Real tokens / slots over one epoch's rows (packing or bucket-padding efficiency), and over
         whole batches when the epoch is run alone (counting empty rows that fill its last batch)."""
@@ -197,6 +203,17 @@ def make_loader(cfg: DataConfig, tokenizer, *, batch_size: int | None = None, se
         cfg = dataclasses.replace(cfg, **changes)  # re-validated by __post_init__
     return BatchIterator(build_dataset(cfg, tokenizer, process_index=process_index,
                                        process_count=process_count), cfg)
+
+
+def global_steps_per_epoch(it: BatchIterator, epoch: int = 0) -> int:
+    """The largest `steps_per_epoch` over all processes (a collective when there are several), e.g. to
+    size LR schedules: packing per process gives processes slightly different epoch lengths."""
+    import jax
+    n = it.steps_per_epoch(epoch)
+    if jax.process_count() == 1:
+        return n
+    from jax.experimental import multihost_utils
+    return int(np.max(multihost_utils.process_allgather(np.asarray(n, np.int32))))
 
 
 def batch_sharding(mesh, spec=None):
