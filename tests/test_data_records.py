@@ -160,3 +160,19 @@ def test_config_refuses_bad_values():
         DataConfig(truncation_keep="left")
     cfg = from_dict(DataConfig, {"kind": "preference", "sources": [{"path": "a.jsonl", "weight": 0.5}]})
     assert cfg.sources[0].weight == 0.5 and cfg.sequence_limit() == 256
+
+
+def test_config_round_trips_through_to_dict_and_nests():
+    from dataclasses import dataclass, field
+
+    from paft_jax.config import from_dict, to_dict
+
+    @dataclass
+    class Branch:  # how a trainer config embeds it
+        data: DataConfig = field(default_factory=DataConfig)
+
+    cfg = from_dict(Branch, {"data": {"kind": "preference", "sources": [{"path": "a.jsonl", "columns": {"q": "prompt"}}],
+                                      "seq_len": 1024, "max_pairs_per_row": 8}})
+    assert from_dict(Branch, to_dict(cfg)) == cfg
+    with pytest.raises(ValueError, match=r"data\.sources\[0\]"):
+        from_dict(Branch, {"data": {"sources": [{"path": "a", "type": "xml"}]}})

@@ -77,11 +77,10 @@ class ChatTokenizer:
                 return j + 1
         return end
 
-    def _prefix_len(self, full: list[int], messages, gen: bool, where: str) -> int:
-        part = self._ids(self._render(messages, gen=gen, where=where)) if messages else []
+    def _check_prefix(self, full: list[int], part: list[int], n: int, gen: bool, where: str) -> int:
         if full[:len(part)] != part:
             raise DataError(where, None, "chat template not prefix-stable",
-                            f"rendering the first {len(messages)} message(s){' + generation prompt' if gen else ''} "
+                            f"rendering the first {n} message(s){' + generation prompt' if gen else ''} "
                             "does not tokenize to a prefix of the whole conversation, so assistant masks cannot be "
                             "derived; use a template with {% generation %} blocks")
         return len(part)
@@ -89,7 +88,20 @@ class ChatTokenizer:
     # -- records ----------------------------------------------------------------------------------------
     def encode_chat(self, messages, train_from: int, where: str) -> Encoded:
         """Ids of the rendered conversation; trained = assistant turns at index >= train_from."""
-        full = self._ids(self._render(messages, where=where))
+        # every render this row needs: the whole conversation, then (prefix length, with generation prompt)
+        prefixes: list[tuple[int, bool]] = []
+        if self.use_generation_tags:
+            if train_from > 0:
+                prefixes.append((train_from, False))
+        else:
+            for i, m in enumerate(messages):
+                if m["role"] == "assistant" and i >= train_from:
+                    prefixes += [(i, True), (i + 1, False)]
+        texts = [self._render(messages, where=where)] + [self._render(messages[:n], gen=g, where=where)
+                                                         for n, g in prefixes if n > 0]
+        encoded = iter(self.tok(texts, add_special_tokens=False)["input_ids"])  # one batched call
+        full = list(next(encoded))
+        lens = [self._check_prefix(full, list(next(encoded)), n, g, where) if n > 0 else 0 for n, g in prefixes]
         mask = np.zeros(len(full), bool)
         if self.use_generation_tags:
             out = self.tok.apply_chat_template(list(messages), tokenize=True, return_dict=True,
@@ -97,14 +109,10 @@ class ChatTokenizer:
             if list(out["input_ids"]) != full:
                 raise DataError(where, None, "chat template tokenization mismatch")
             mask[:] = np.asarray(out["assistant_masks"], bool)
-            if train_from > 0:
-                mask[:self._prefix_len(full, messages[:train_from], False, where)] = False
+            if lens:
+                mask[:lens[0]] = False
         else:
-            for i, m in enumerate(messages):
-                if m["role"] != "assistant" or i < train_from:
-                    continue
-                start = self._prefix_len(full, messages[:i], True, where)
-                end = self._prefix_len(full, messages[:i + 1], False, where)
+            for start, end in zip(lens[0::2], lens[1::2]):
                 mask[start:self._trim_span(full, start, end)] = True
         if not mask.any():
             raise DataError(where, None, "empty loss mask",
