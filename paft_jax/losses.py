@@ -30,12 +30,14 @@ def token_logps(logits: Array, targets: Array) -> Array:
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
-def token_logps_chunked(hidden: Array, kernel: Array, targets: Array, chunk_size: int = 8192) -> Array:
+def token_logps_chunked(hidden: Array, kernel: Array, targets: Array, chunk_size: int = 8192,
+                        with_hits: bool = False) -> Array | tuple[Array, Array]:
     """log p(targets) from final hidden states [B, T, E] and the output kernel [E, V], vocab in chunks.
 
     A running (max, sum-exp) over vocab chunks replaces one [B, T, V] fp32 log-softmax: peak memory is
     [B, T, chunk].  The chunk body is rematerialized, so the backward pass recomputes each chunk's
     logits instead of storing all of them (which would bring the full [B, T, V] back).
+    `with_hits` also returns whether each target is the argmax (token accuracy, ties count as hits).
     """
     e, v = kernel.shape
     n = -(-v // chunk_size)
@@ -65,7 +67,8 @@ def token_logps_chunked(hidden: Array, kernel: Array, targets: Array, chunk_size
     init = (jnp.full(lead, -jnp.inf, acc), jnp.zeros(lead, acc), jnp.zeros(lead, acc))
     starts = jnp.arange(n, dtype=jnp.int32) * chunk_size
     (m, s, picked), _ = jax.lax.scan(body, init, (w, starts))
-    return picked - (m + jnp.log(s))
+    logps = picked - (m + jnp.log(s))
+    return (logps, jax.lax.stop_gradient(picked >= m)) if with_hits else logps
 
 
 def sequence_logps(logits: Array, labels: Array, loss_mask: Array, average: bool = False) -> Array:

@@ -1,0 +1,136 @@
+"""The jitted train and eval steps: pure functions of (state, base, batch), built once per branch.
+
+One step serves every objective: the objective contributes `micro_loss` (objectives.py).  Gradient
+accumulation is a `lax.scan` over micro-batches inside the step; the state is donated; base, delta and
+optimizer state keep the shardings the logical-axis rules give them.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from paft_jax import losses
+from paft_jax.mesh import logical_to_spec
+from paft_jax.models.config import ModelConfig
+from paft_jax.models.decoder import Decoder
+from paft_jax.train import objectives
+from paft_jax.train.delta import DeltaConfig, apply_delta
+from paft_jax.train.objectives import ObjectiveConfig
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    delta: Any
+    opt_state: Any
+
+
+def batch_spec(rules: tuple) -> P:
+    return logical_to_spec(("act_batch",), rules)
+
+
+def make_logp_fn(cfg: ModelConfig, mesh: Mesh | None, rules: tuple, chunk: int):
+    model = Decoder(cfg, mesh=mesh, rules=rules)
+
+    def logp_fn(params, batch):
+        hidden, _ = model.apply({"params": params}, batch["input_ids"], positions=batch["positions"],
+                                segment_ids=batch["segment_ids"], return_hidden=True)
+        kernel = params["embed_tokens"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
+        return losses.token_logps_chunked(hidden, kernel, batch["targets"], min(chunk, cfg.vocab_size),
+                                          with_hits=True)
+    return logp_fn
+
+
+def _split_micro(x: jax.Array, k: int) -> jax.Array:
+    # micro-batch j takes rows j, j+k, j+2k, ...: every data shard keeps its own rows (no resharding)
+    return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+
+def _tree_add(a, b):
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def build_steps(cfg: ModelConfig, dcfg: DeltaConfig, ocfg: ObjectiveConfig, opt: optax.GradientTransformation,
+                lr_schedule: optax.Schedule, *, grad_accum: int = 1, mesh: Mesh | None = None, rules: tuple = ()):
+    """-> (train_step(state, base, batch) -> (state, metrics), eval_sums(delta, base, batch) -> sums)."""
+    logp_fn = make_logp_fn(cfg, mesh, rules, ocfg.logits_chunk)
+    constrain = (lambda x: x) if mesh is None else partial(
+        jax.lax.with_sharding_constraint, shardings=NamedSharding(mesh, batch_spec(rules)))
+
+    def loss_of(delta, base, ref_params, mb, totals):
+        params = apply_delta(base, delta, dcfg)
+        return objectives.micro_loss(ocfg, logp_fn, params, ref_params, mb, totals)
+
+    def reference(base):
+        # the DPO reference is the base itself: delta = 0, same numerics as the policy at step 0
+        return jax.tree_util.tree_map(lambda w: w.astype(jnp.float32), base) if ocfg.needs_reference else None
+
+    def train_step(state: TrainState, base: Any, batch: dict):
+        totals = objectives.batch_totals(ocfg, batch)
+        ref_params = reference(base)
+        grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+        if grad_accum == 1:
+            (_, sums), grads = grad_fn(state.delta, base, ref_params, batch, totals)
+        else:
+            micro = jax.tree_util.tree_map(lambda x: _split_micro(x, grad_accum), batch)
+
+            def body(carry, mb):
+                mb = jax.tree_util.tree_map(constrain, mb)
+                (_, s), g = grad_fn(state.delta, base, ref_params, mb, totals)
+                return _tree_add(carry, (g, s)), None
+
+            first = jax.tree_util.tree_map(lambda x: x[0], micro)
+            (_, sums_shape), grads_shape = jax.eval_shape(grad_fn, state.delta, base, ref_params, first, totals)
+            zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, sums_shape))
+            (grads, sums), _ = jax.lax.scan(body, zero, micro)
+        metrics = objectives.finalize(ocfg, sums)
+        if ocfg.l1_lambda and ocfg.l1_mode == "penalty":
+            l1, l1_grads = jax.value_and_grad(losses.l1_penalty)(state.delta, ocfg.l1_lambda)
+            grads = _tree_add(grads, l1_grads)
+            metrics["l1_penalty"] = l1
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["learning_rate"] = lr_schedule(state.step)
+        updates, opt_state = opt.update(grads, state.opt_state, state.delta)
+        delta = optax.apply_updates(state.delta, updates)
+        if ocfg.l1_lambda and ocfg.l1_mode == "proximal":
+            # proximal L1: shrink by lr * lambda after the update (exact zeros, unlike a penalty's gradient)
+            delta = losses.soft_threshold(delta, lr_schedule(state.step) * ocfg.l1_lambda)
+        return TrainState(step=state.step + 1, delta=delta, opt_state=opt_state), metrics
+
+    def eval_sums(delta: Any, base: Any, batch: dict):
+        totals = objectives.batch_totals(ocfg, batch)
+        _, sums = loss_of(delta, base, reference(base), batch, totals)
+        return sums
+
+    return train_step, eval_sums
+
+
+def jit_steps(train_step, eval_sums, state_shardings: TrainState, base_shardings: Any, mesh: Mesh, rules: tuple,
+              donate: bool = True):
+    """jit with explicit shardings; the state is donated (updated in place on accelerators)."""
+    data = NamedSharding(mesh, batch_spec(rules))
+    replicated = NamedSharding(mesh, P())
+    train = jax.jit(train_step, in_shardings=(state_shardings, base_shardings, data),
+                    out_shardings=(state_shardings, replicated), donate_argnums=(0,) if donate else ())
+    evals = jax.jit(eval_sums, in_shardings=(state_shardings.delta, base_shardings, data), out_shardings=replicated)
+    return train, evals
+
+
+def init_state(delta: Any, opt: optax.GradientTransformation, shardings: TrainState | None = None) -> TrainState:
+    def make(d):
+        return TrainState(step=jnp.zeros((), jnp.int32), delta=d, opt_state=opt.init(d))
+    if shardings is None:
+        return jax.jit(make)(delta)
+    return jax.jit(make, in_shardings=(shardings.delta,), out_shardings=shardings)(delta)
+
+
+def state_shardings(opt: optax.GradientTransformation, abstract_delta: Any, delta_sh: Any, mesh: Mesh) -> TrainState:
+    from paft_jax.train.optim import opt_state_shardings
+    return TrainState(step=NamedSharding(mesh, P()), delta=delta_sh,
+                      opt_state=opt_state_shardings(opt, abstract_delta, delta_sh, mesh))
