@@ -1,0 +1,233 @@
+"""Merge one tensor from host-resolved parameters; the streamed merge of HF directories to an HF directory.
+
+`merge_array` is shared by the streamed and the in-memory (pytree) paths, so both apply exactly the
+same resolved parameters and the same jitted function to the same flat HF-layout tensor.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from paft_jax.hf.export import parse_size, plan_shards
+from paft_jax.hf.st_io import write_streaming
+from paft_jax.merge.methods import get_method, merge_tensor, name_hash
+from paft_jax.merge.recipe import MergeSpec, TensorParams, rank_window
+from paft_jax.merge.sources import TensorSource, check_compatible, num_layers, open_source
+
+log = logging.getLogger(__name__)
+
+# files copied from the base next to the merged weights (tokenizer_source: base)
+AUX_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
+             "chat_template.json")
+
+
+def tensor_args(spec: MergeSpec, tp: TensorParams, name: str, shape: tuple[int, ...]) -> dict:
+    """The traced arguments of `merge_tensor` for one tensor (rank windows computed here, in float64)."""
+    n = math.prod(shape)
+    windows = [rank_window(spec.method, n, float(d), float(g)) for d, g in zip(tp.density, tp.gamma)]
+    rows = shape[0] if len(shape) >= 2 else 1  # della ranks within rows of the HF [out, in] matrix
+    return {"weight": tp.weight.astype(np.float32), "density": tp.density.astype(np.float32),
+            "lo": np.asarray([w[0] for w in windows], np.int32), "hi": np.asarray([w[1] for w in windows], np.int32),
+            "epsilon": tp.epsilon.astype(np.float32), "rows": np.zeros(rows, np.int8),
+            "lambda": np.float32(tp.lam), "t": np.float32(tp.t), "seed": np.uint32(spec.seed),
+            "nhash": np.uint32(name_hash(name))}
+
+
+def _is_float(dtype) -> bool:
+    return bool(jnp.issubdtype(dtype, jnp.floating))  # numpy's issubdtype says no for bfloat16
+
+
+def merge_array(spec: MergeSpec, name: str, shape: tuple[int, ...], base, inputs: Sequence, *,
+                from_models: bool, layers: int | None, tp: TensorParams | None = None):
+    """Merge one tensor given as flat arrays (host or device) in HF element order; returns fp32 flat,
+    or None when the tensor is to be kept as the base's (an override's skip, or not floating point)."""
+    if not _is_float(base.dtype):
+        return None
+    tp = tp or spec.resolve(name, layers)
+    if tp.skip:
+        return None
+    return merge_tensor(base, tuple(inputs), tensor_args(spec, tp, name, shape), method=spec.method,
+                        rescale=tp.rescale, normalize=tp.normalize, from_models=from_models)
+
+
+def check_output_path(out: str | Path, inputs: Sequence[str | Path]) -> Path:
+    """The output may be none of the inputs, nor inside one, nor contain one."""
+    o = Path(out).expanduser().resolve()
+    for i in inputs:
+        p = Path(i).expanduser().resolve()
+        if o == p or p in o.parents or o in p.parents:
+            raise ValueError(f"output {out} would overwrite or nest with the input {i}: choose another --out")
+    return o
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    seconds: float
+    tensors: int
+    bytes_written: int
+    verify: object | None = None
+
+
+def merge_to_hf(spec: MergeSpec, base: str | Path | TensorSource, models: Sequence[str | Path | TensorSource],
+                out: str | Path, *, recipe_text: str | None = None, max_shard_size: int | str = "2GB",
+                overwrite: bool = False, verify: bool = True, atol: float = 1e-3) -> MergeResult:
+    """Stream a merge: tensor by tensor from the inputs (memory-mapped) into sharded safetensors.
+
+    Host memory holds the base's and the models' copies of one tensor and its result, never a model.
+    The directory (weights, config, tokenizer files, model card with the recipe) is written under a
+    temporary name and renamed when complete; then, unless verify=False or torch is missing, it is
+    loaded with transformers and its logits compared with paft_jax's import of the same files.
+    """
+    t0 = time.perf_counter()
+    if len(models) != spec.num_models:
+        raise ValueError(f"the spec is for {spec.num_models} models, {len(models)} given")
+    paths = [getattr(s, "label", s) for s in [base, *models]]
+    out = check_output_path(out, paths)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: exists and is not empty (overwrite=True / --overwrite replaces it)")
+    base_src = base if hasattr(base, "get") else open_source(base)
+    srcs = [m if hasattr(m, "get") else open_source(m) for m in models]
+    check_compatible(base_src, srcs)
+    layers = num_layers(base_src)
+    target = _out_dtype(spec, base_src)
+    names = base_src.names()
+    specs = [(n, base_src.shape(n), target if _is_float(base_src.dtype(n)) else base_src.dtype(n))
+             for n in names]
+    for n in names:  # resolve every tensor's parameters up front: a bad value fails before any write
+        if _is_float(base_src.dtype(n)):
+            spec.resolve(n, layers)
+
+    def produce(name: str) -> np.ndarray:
+        shape = base_src.shape(name)
+        b = base_src.get(name)
+        inputs = [s.get(name).reshape(-1) for s in srcs]
+        from_models = not any(s.is_delta for s in srcs)
+        if any(s.is_delta for s in srcs) and not all(s.is_delta for s in srcs):
+            inputs = [x if s.is_delta else x.astype(np.float32) - b.reshape(-1).astype(np.float32)
+                      for s, x in zip(srcs, inputs)]
+        merged = merge_array(spec, name, shape, b.reshape(-1), inputs, from_models=from_models, layers=layers)
+        del inputs
+        if merged is None:
+            res = np.array(b, dtype=target if _is_float(b.dtype) else b.dtype)
+        else:
+            res = np.asarray(merged).reshape(shape).astype(target, copy=False)
+        del b, merged
+        return res
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    try:
+        tmp.mkdir()
+        shards = plan_shards(specs, parse_size(max_shard_size))
+        weight_map = {}
+        for k, shard in enumerate(shards):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            written += write_streaming(tmp / fname, shard, produce, {"format": "pt"})
+            weight_map.update({n: fname for n, _, _ in shard})
+            gc.collect()
+        if len(shards) > 1:
+            import json
+            total = sum(np.dtype(d).itemsize * math.prod(s) for _, s, d in specs)
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        _write_side_files(tmp, spec, base_src, srcs, target, recipe_text)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - t0
+    log.info("merged %d tensors (%s, %d models) into %s in %.1fs", len(names), spec.method, len(srcs), out, seconds)
+    report = verify_merged(out, atol) if verify else None
+    return MergeResult(out, seconds, len(names), written, report)
+
+
+def _out_dtype(spec: MergeSpec, base: TensorSource) -> np.dtype:
+    from paft_jax.models.config import to_dtype
+    if spec.dtype:
+        return np.dtype(to_dtype(spec.dtype))
+    floats = [base.dtype(n) for n in base.names() if _is_float(base.dtype(n))]
+    return max(set(floats), key=floats.count) if floats else np.dtype(np.float32)
+
+
+def _write_side_files(tmp: Path, spec: MergeSpec, base: TensorSource, models: list, target: np.dtype,
+                      recipe_text: str | None) -> None:
+    import json
+    from paft_jax.models.config import dtype_name
+    bdir = getattr(base, "dir", None)
+    cfg = dict(base.config or {})
+    if cfg:
+        for key in ("torch_dtype", "dtype"):
+            if key in cfg or key == "dtype":
+                cfg[key] = dtype_name(target)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if bdir is not None:
+        for f in AUX_FILES:
+            if (Path(bdir) / f).exists():
+                shutil.copy2(Path(bdir) / f, tmp / f)
+    (tmp / "README.md").write_text(model_card(spec, base.label, [m.label for m in models], dtype_name(target),
+                                              cfg, recipe_text))
+
+
+def model_card(spec: MergeSpec, base: str, models: list[str], dtype: str, cfg: dict, recipe_text: str | None) -> str:
+    """The Foundation export's card (architecture, size) plus the merge's inputs and recipe."""
+    how = f"paft_jax merge ({spec.method}) of {len(models)} model(s) into the base"
+    card = None
+    if cfg:
+        try:
+            from paft_jax.hf.config import model_config_from_hf
+            from paft_jax.hf.export import model_card as export_card
+            card = export_card(model_config_from_hf(cfg, f"{base}/config.json"), base, how, dtype)
+        except Exception as e:  # noqa: BLE001 - an architecture paft_jax cannot run still merges
+            log.info("model card without architecture details: %s", e)
+    card = card or f"---\nlibrary_name: transformers\ntags: [paft_jax, merge]\n---\n\n# merged model\n\n- {how}\n"
+    recipe = recipe_text or _spec_yaml(spec, base, models)
+    return (card + "\n## Merge\n\n" + "".join(f"- model: {m}\n" for m in models)
+            + f"\nRecipe:\n\n```yaml\n{recipe.rstrip()}\n```\n")
+
+
+def _spec_yaml(spec: MergeSpec, base: str, models: list[str]) -> str:
+    import yaml
+    data = {"merge_method": spec.method, "base_model": base,
+            "models": [{"model": m, "parameters": p} for m, p in zip(models, spec.model_parameters)],
+            "parameters": spec.parameters}
+    if spec.overrides:
+        data["overrides"] = [{"pattern": o.pattern, "parameters": o.parameters, "skip": o.skip} for o in spec.overrides]
+    if spec.dtype:
+        data["dtype"] = spec.dtype
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def verify_merged(out: Path, atol: float = 1e-3):
+    """Load the merged directory with paft_jax and with transformers; their logits must agree."""
+    from paft_jax.hf.load import load_model
+    from paft_jax.hf.verify import flax_logits, probe_batch, torch_available, verify_export
+    if not torch_available():
+        log.warning("torch is not installed: skipping verification of %s (pip install 'paft_jax[verify]')", out)
+        return None
+    lm = load_model(out, with_tokenizer=False)
+    ids, mask = probe_batch(lm.cfg.vocab_size)
+    ref = flax_logits(lm.params, lm.cfg, ids, mask)
+    del lm
+    gc.collect()
+    try:
+        return verify_export(out, ref, ids, mask, atol=atol)
+    except Exception:
+        shutil.rmtree(out, ignore_errors=True)
+        log.error("verification failed: removed %s", out)
+        raise

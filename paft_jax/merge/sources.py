@@ -1,0 +1,113 @@
+"""Tensor sources for the streaming merge: anything with names, shapes, dtypes and get(name).
+
+Today: HF model directories (safetensors, single or sharded, memory-mapped through
+`paft_jax.hf.load.SafetensorsSource`).  A paft_jax delta checkpoint (Orbax, a later issue) plugs in
+by implementing the same five members with `is_delta = True`: the merge then uses its tensors as
+deltas instead of subtracting the base.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from paft_jax.hf.load import SafetensorsSource
+
+
+class TensorSource(Protocol):
+    label: str  # what errors name: a directory or checkpoint path
+    is_delta: bool  # tensors are deltas from the base (checkpoints) rather than full weights
+    config: dict | None  # the HF config.json contents, when there is one
+
+    def names(self) -> list[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def dtype(self, name: str) -> np.dtype: ...
+
+    def get(self, name: str) -> np.ndarray: ...
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+class HFDirSource:
+    """An HF model directory; tensors are memory-mapped, so reading one costs one tensor."""
+
+    is_delta = False
+
+    def __init__(self, path: str | Path):
+        self.dir = Path(path)
+        self.label = str(self.dir)
+        if not self.dir.is_dir():
+            raise FileNotFoundError(f"{self.dir}: no such model directory")
+        if not (list(self.dir.glob("*.safetensors")) or (self.dir / "model.safetensors.index.json").exists()):
+            raise FileNotFoundError(f"{self.dir}: no *.safetensors weights (the merge reads safetensors only)")
+        self._st = SafetensorsSource(self.dir)
+        cfg = self.dir / "config.json"
+        try:
+            self.config = json.loads(cfg.read_text()) if cfg.exists() else None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg}: not valid JSON ({e})") from None
+        self._names = sorted(self._st.names(), key=_natural)
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._st.shape(name))
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._st.where[name].dtype(name)
+
+    def get(self, name: str) -> np.ndarray:
+        return self._st.get(name)
+
+    def file_of(self, name: str) -> str:
+        return self._st.file_of(name)
+
+
+def open_source(path: str | Path) -> TensorSource:
+    return HFDirSource(path)
+
+
+def num_layers(src: TensorSource) -> int | None:
+    """Layer count for gradients: the config's, else one more than the largest layer index."""
+    cfg = src.config or {}
+    n = cfg.get("num_hidden_layers") or (cfg.get("text_config") or {}).get("num_hidden_layers")
+    if n:
+        return int(n)
+    idx = [int(m.group(1)) for m in (re.search(r"layers\.(\d+)\.", k) for k in src.names()) if m]
+    return max(idx) + 1 if idx else None
+
+
+def check_compatible(base: TensorSource, models: list[TensorSource]) -> None:
+    """Same architecture, the same tensor names and shapes: otherwise an error naming the difference."""
+    arch = _arch(base)
+    names = set(base.names())
+    for m in models:
+        if arch and _arch(m) and _arch(m) != arch:
+            raise ValueError(f"{m.label}: architecture {_arch(m)} differs from the base's {arch} ({base.label})")
+        theirs = set(m.names())
+        missing, extra = sorted(names - theirs, key=_natural), sorted(theirs - names, key=_natural)
+        if missing:
+            raise ValueError(f"{m.label}: missing tensors the base {base.label} has: {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
+        if extra:
+            raise ValueError(f"{m.label}: tensors the base {base.label} does not have (refusing to drop them): "
+                             f"{extra[:5]}{' ...' if len(extra) > 5 else ''}")
+        for n in base.names():
+            if tuple(m.shape(n)) != tuple(base.shape(n)):
+                raise ValueError(f"{m.label}: tensor {n} has shape {tuple(m.shape(n))}, the base "
+                                 f"{base.label} has {tuple(base.shape(n))} (models of different sizes cannot "
+                                 "be merged)")
+
+
+def _arch(src: TensorSource):
+    cfg = src.config or {}
+    a = cfg.get("architectures")
+    return (tuple(a) if a else None) or cfg.get("model_type")
