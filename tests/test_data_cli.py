@@ -138,3 +138,9 @@ def test_two_processes_load_disjoint_rows_covering_the_data(tmp_path):
     assert res[0]["global_shape"] == [4, 256]  # 2 local rows per process -> global batch of 4
     assert res[0]["global_index"] == res[1]["global_index"]
     assert res[0]["steps"][1] == res[1]["steps"][1] == max(res[0]["steps"][0], res[1]["steps"][0])
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs" / "data").glob("*.yaml")))
+def test_every_data_config_parses_and_points_at_bundled_files(name):
+    cfg = load_data_config(str(ROOT / "configs" / "data" / name), [])
+    assert cfg.sources and all((ROOT / s.path).exists() for s in cfg.sources)
