@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,6 +40,24 @@ DEFAULT_LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 MESH_AXES = ("data", "fsdp", "tensor")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-5` (no dot) as a string; learning rates are written that way, so floats too."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 @dataclass
@@ -122,6 +141,9 @@ def from_dict(cls: type, data: dict | None, path: str = "") -> Any:
         if f.name not in data:
             continue
         value, tp = data[f.name], hints[f.name]
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is not None and len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+            tp = inner[0]  # Optional[SomeConfig] given a mapping
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ValueError(f"config key {path + f.name} must be a mapping, got {value!r}")
@@ -146,7 +168,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         for p in parts[:-1]:
             node[p] = dict(node.get(p) or {})
             node = node[p]
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = yaml_load(raw)
     return data
 
 
@@ -154,7 +176,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     data: dict = {}
     if path is not None:
         text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
+        data = yaml_load(text) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     data = apply_overrides(data, overrides or [])

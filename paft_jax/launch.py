@@ -1,6 +1,7 @@
 """`python -m paft_jax.launch <command>`: the command-line entry point.
 
-Commands: export (import then export to HF, verified), generate (chat with a model), demo.
+Commands: export (import then export to HF, verified), generate (chat with a model), demo,
+train / sft / dpo / orpo / simpo (one branch), data-stats, merge, sparsity.
 """
 from __future__ import annotations
 
@@ -175,6 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--out", default=None, help="directory for the export (default: a temporary one)")
     p.set_defaults(fn=cmd_demo)
+
+    from paft_jax.data.cli import register as register_data
+    from paft_jax.train.cli import register as register_train
+    register_train(sub)
+    register_data(sub)
+    try:  # the merge engine lands separately; the other commands work without it
+        from paft_jax.merge.cli import register as register_merge
+    except ImportError:
+        register_merge = None
+    if register_merge is not None:
+        register_merge(sub)
     return parser
 
 

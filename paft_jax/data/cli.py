@@ -10,16 +10,15 @@ import json
 import time
 from pathlib import Path
 
-import yaml
 
 
 def load_data_config(path: str | None, overrides: list[str]):
     """A data config from YAML: the file is a DataConfig, or has one under `data:`."""
-    from paft_jax.config import apply_overrides, from_dict
+    from paft_jax.config import apply_overrides, from_dict, yaml_load
     from paft_jax.data.config import DataConfig
     raw: dict = {}
     if path is not None:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw = yaml_load(Path(path).read_text()) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: top level must be a mapping")
         if isinstance(raw.get("data"), dict):
@@ -79,7 +78,7 @@ def format_stats(s: dict) -> str:
 
 def cmd_data_stats(args) -> int:
     from paft_jax.hf.load import _resolve, load_tokenizer
-    cfg = load_data_config(args.config, args.set or [])
+    cfg = load_data_config(args.config, (args.set or []) + (args.overrides or []))
     directory, gguf = _resolve(args.tokenizer)
     tok = load_tokenizer(directory, gguf)
     if tok is None:
@@ -95,8 +94,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                                           "process) and prints per-source counts and efficiencies.")
     p.add_argument("--config", default=None, help="YAML data config (a DataConfig, or a file with a `data:` key), "
                                                   "e.g. configs/data/arith_sft.yaml")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set seq_len=1024 --set skip_invalid=true (repeatable)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="override data config keys (relative to the `data:` section when the file is a "
+                        "training config), e.g. seq_len=1024 skip_invalid=true")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=argparse.SUPPRESS)  # older spelling
     p.add_argument("--tokenizer", default="smollm2",
                    help="HF model directory, .gguf file, or 'smollm2' (default) whose tokenizer and chat template "
                         "are used")

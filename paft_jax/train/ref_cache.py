@@ -1,0 +1,121 @@
+"""Reference log-probs of the frozen base, computed once per data set and cached on disk.
+
+DPO's reference is the base (delta = 0), so its log-probs of every chosen and rejected completion are
+fixed for a run: computing them once saves one forward pass per step.  The cache file is keyed by a
+content hash of the tokenized examples (token ids and masks, hence data, tokenizer and truncation),
+the model config and compute dtype, and a fingerprint of the base weights (per-tensor sums and a
+strided sample, computed on the devices), so a different base, data set or sequence length can never
+pick up stale values, and reruns and resumes reuse them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paft_jax import losses
+from paft_jax.data import global_steps_per_epoch
+from paft_jax.train.step_fn import make_logp_fn
+
+log = logging.getLogger("paft_jax")
+
+
+class RefTable:
+    def __init__(self, total_rows: int, index: np.ndarray, chosen: np.ndarray, rejected: np.ndarray, path: Path):
+        self.path = path
+        self.chosen = np.full(total_rows, np.nan, np.float32)
+        self.rejected = np.full(total_rows, np.nan, np.float32)
+        self.chosen[index], self.rejected[index] = chosen, rejected
+
+    def lookup(self, example_index: np.ndarray) -> dict[str, np.ndarray]:
+        idx = np.asarray(example_index)
+        safe = np.where(idx >= 0, idx, 0)
+        c = np.where(idx >= 0, self.chosen[safe], 0.0).astype(np.float32)
+        r = np.where(idx >= 0, self.rejected[safe], 0.0).astype(np.float32)
+        if np.isnan(c).any() or np.isnan(r).any():
+            missing = sorted(set(idx[np.isnan(c) | np.isnan(r)].tolist()))[:5]
+            raise ValueError(f"reference cache {self.path} has no log-probs for rows {missing}")
+        return {"ref_chosen": c, "ref_rejected": r}
+
+
+def weights_fingerprint(params: Any) -> str:
+    def stats(x):
+        flat = x.reshape(-1).astype(jnp.float32)
+        stride = max(flat.size // 4096, 1)
+        return jnp.stack([flat.sum(), jnp.abs(flat).sum(), (flat * flat).sum(), flat[::stride].sum(),
+                          (flat[::stride] * jnp.arange(flat[::stride].size)).sum()])
+    leaves = jax.tree_util.tree_leaves(jax.jit(lambda p: jax.tree_util.tree_map(stats, p))(params))
+    h = hashlib.sha256()
+    for leaf in leaves:
+        h.update(np.asarray(jax.device_get(leaf)).tobytes())
+    return h.hexdigest()
+
+
+def data_fingerprint(ds) -> str:
+    h = hashlib.sha256(f"{ds.kind}|{ds.total_rows}|{ds.process_index}/{ds.process_count}".encode())
+    for e in ds.examples:
+        h.update(np.int64(e.index).tobytes())
+        for ids, mask in e.seqs:
+            h.update(np.asarray(ids, np.int32).tobytes())
+            h.update(np.packbits(np.asarray(mask, bool)).tobytes())
+    return h.hexdigest()
+
+
+def reference_table(branch, it, split: str) -> RefTable:
+    """Load or compute (and atomically save) the base's chosen/rejected log-probs for `it`'s data set."""
+    base, cfg = branch.base, branch.cfg
+    key = hashlib.sha256(json.dumps({
+        "data": data_fingerprint(it.ds), "model": asdict(base.cfg), "weights": weights_fingerprint(base.params),
+        "chunk": cfg.objective.logits_chunk}, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    path = Path(cfg.cache_dir) / "ref_logps" / f"{key}-p{it.ds.process_index}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            table = RefTable(it.ds.total_rows, z["index"], z["chosen"], z["rejected"], path)
+        log.info("reference log-probs for %s: reusing %s", split, path)
+        return table
+
+    logp_fn = make_logp_fn(base.cfg, branch.mesh, branch.rules, cfg.objective.logits_chunk)
+    pairs = it.pairs
+
+    def ref(base_params, batch):
+        params = jax.tree_util.tree_map(lambda w: w.astype(jnp.float32), base_params)  # as the step's reference
+        lp, _ = logp_fn(params, batch)
+        out = losses.pair_logps(lp, batch["loss_mask"], batch["segment_ids"], pairs)
+        return out["chosen"], out["rejected"], batch["example_index"]
+
+    replicated = jax.sharding.NamedSharding(branch.mesh, jax.sharding.PartitionSpec())
+    ref = jax.jit(ref, in_shardings=(branch.base_sh, branch.data_sharding), out_shardings=replicated)
+    view = _one_pass(it)
+    idx, ch, rj = [], [], []
+    from tqdm.auto import tqdm
+    n = global_steps_per_epoch(view)
+    for _ in tqdm(range(n), desc=f"reference log-probs ({split})", disable=jax.process_index() != 0):
+        try:
+            batch = next(view)
+        except StopIteration:
+            batch = view.batch(view.cfg.seq_len, [])
+        c, r, i = jax.device_get(ref(base.params, branch.device_batch(batch, "none")))
+        keep = np.asarray(i) >= 0
+        idx.append(np.asarray(i)[keep]), ch.append(np.asarray(c)[keep]), rj.append(np.asarray(r)[keep])
+    index, chosen, rejected = (np.concatenate(a) for a in (idx, ch, rj))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+    np.savez(tmp, index=index, chosen=chosen, rejected=rejected)
+    os.replace(tmp, path)
+    log.info("reference log-probs for %s: %d pairs computed, saved to %s", split, len(index), path)
+    return RefTable(it.ds.total_rows, index, chosen, rejected, path)
+
+
+def _one_pass(it):
+    """An unshuffled single pass over the same tokenized examples and batch layout."""
+    import dataclasses
+    from paft_jax.data.loader import BatchIterator
+    return BatchIterator(it.ds, dataclasses.replace(it.cfg, shuffle=False, num_epochs=1, drop_remainder=False))
