@@ -11,6 +11,7 @@ KINDS = {"sft": "sft", "dpo": "dpo", "orpo": "orpo", "simpo": "simpo"}
 
 
 def cmd_train(args) -> int:
+    from paft_jax.mesh import build_mesh
     from paft_jax.train.config import load_train_config
     from paft_jax.train.loop import train
     overrides = list(args.overrides or [])
@@ -20,10 +21,11 @@ def cmd_train(args) -> int:
         cfg = load_train_config(args.config, overrides)
         if args.command != "train" and cfg.objective.kind != KINDS[args.command]:
             raise ValueError(f"objective.kind={cfg.objective.kind!r} contradicts the `{args.command}` command")
-        cfg.validate()
+        mesh = build_mesh(cfg.mesh)
+        cfg.validate(data_parallel=mesh.shape["data"] * mesh.shape["fsdp"])
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    result = train(cfg, progress=not args.no_progress)
+    result = train(cfg, mesh=mesh, progress=not args.no_progress)
     final = {k: v for r in result.history for k, v in r.items() if not k.startswith("time")}
     log.info("done in %.1fs; metrics in %s/metrics.jsonl", result.wall_s, cfg.output_dir)
     print(json.dumps(final))
