@@ -20,7 +20,7 @@ import numpy as np
 
 from paft_jax.hf.export import parse_size, plan_shards
 from paft_jax.hf.st_io import write_streaming
-from paft_jax.merge.methods import get_method, merge_tensor, name_hash
+from paft_jax.merge.methods import merge_flat, name_hash
 from paft_jax.merge.recipe import MergeSpec, TensorParams, rank_window
 from paft_jax.merge.sources import TensorSource, check_compatible, num_layers, open_source
 
@@ -36,10 +36,9 @@ def tensor_args(spec: MergeSpec, tp: TensorParams, name: str, shape: tuple[int, 
     """The traced arguments of `merge_tensor` for one tensor (rank windows computed here, in float64)."""
     n = math.prod(shape)
     windows = [rank_window(spec.method, n, float(d), float(g)) for d, g in zip(tp.density, tp.gamma)]
-    rows = shape[0] if len(shape) >= 2 else 1  # della ranks within rows of the HF [out, in] matrix
     return {"weight": tp.weight.astype(np.float32), "density": tp.density.astype(np.float32),
             "lo": np.asarray([w[0] for w in windows], np.int32), "hi": np.asarray([w[1] for w in windows], np.int32),
-            "epsilon": tp.epsilon.astype(np.float32), "rows": np.zeros(rows, np.int8),
+            "epsilon": tp.epsilon.astype(np.float32),
             "lambda": np.float32(tp.lam), "t": np.float32(tp.t), "seed": np.uint32(spec.seed),
             "nhash": np.uint32(name_hash(name))}
 
@@ -49,7 +48,7 @@ def _is_float(dtype) -> bool:
 
 
 def merge_array(spec: MergeSpec, name: str, shape: tuple[int, ...], base, inputs: Sequence, *,
-                from_models: bool, layers: int | None, tp: TensorParams | None = None):
+                from_models: bool, layers: int | None, tp: TensorParams | None = None, out: np.ndarray | None = None):
     """Merge one tensor given as flat arrays (host or device) in HF element order; returns fp32 flat,
     or None when the tensor is to be kept as the base's (an override's skip, or not floating point)."""
     if not _is_float(base.dtype):
@@ -57,8 +56,8 @@ def merge_array(spec: MergeSpec, name: str, shape: tuple[int, ...], base, inputs
     tp = tp or spec.resolve(name, layers)
     if tp.skip:
         return None
-    return merge_tensor(base, tuple(inputs), tensor_args(spec, tp, name, shape), method=spec.method,
-                        rescale=tp.rescale, normalize=tp.normalize, from_models=from_models)
+    return merge_flat(base, tuple(inputs), tensor_args(spec, tp, name, shape), method=spec.method,
+                      rescale=tp.rescale, normalize=tp.normalize, from_models=from_models, shape=tuple(shape), out=out)
 
 
 def check_output_path(out: str | Path, inputs: Sequence[str | Path]) -> Path:
@@ -117,14 +116,13 @@ def merge_to_hf(spec: MergeSpec, base: str | Path | TensorSource, models: Sequen
         if any(s.is_delta for s in srcs) and not all(s.is_delta for s in srcs):
             inputs = [x if s.is_delta else x.astype(np.float32) - b.reshape(-1).astype(np.float32)
                       for s, x in zip(srcs, inputs)]
-        merged = merge_array(spec, name, shape, b.reshape(-1), inputs, from_models=from_models, layers=layers)
+        buf = np.empty(math.prod(shape), np.float32)
+        merged = merge_array(spec, name, shape, b.reshape(-1), inputs, from_models=from_models, layers=layers,
+                             out=buf)
         del inputs
         if merged is None:
-            res = np.array(b, dtype=target if _is_float(b.dtype) else b.dtype)
-        else:
-            res = np.asarray(merged).reshape(shape).astype(target, copy=False)
-        del b, merged
-        return res
+            return np.array(b, dtype=target if _is_float(b.dtype) else b.dtype)
+        return merged.reshape(shape).astype(target, copy=False)
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

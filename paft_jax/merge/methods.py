@@ -64,105 +64,154 @@ def _key(seed, nhash, model_index):
     return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), nhash), model_index)
 
 
-def tensor_key(seed: int, name: str, model_index: int) -> jax.Array:
-    """The PRNG key of model `model_index`'s random mask for tensor `name` (seed, name -> same mask)."""
-    return _key(np.uint32(seed), np.uint32(name_hash(name)), np.uint32(model_index))
+# Tensors are merged in chunks of CHUNK elements (the last one zero-padded, its padding masked
+# out): one compiled shape serves every tensor of every size, so a model compiles each kernel once,
+# and device memory holds a few chunks, never a whole embedding.  Whole-tensor quantities (the
+# magnitude rank cut, L1 norms, slerp's angle) are gathered in a first pass over the chunks.
+# Random masks are drawn per chunk (key folded with the chunk index), so they depend on CHUNK.
+CHUNK = 1 << 18
+_HI, _LO = 1 << 15, 1 << 16  # radix-select bins: high 15 and low 16 bits of |delta|'s float bits
 
 
-def _rank_ge(bits: jax.Array, m: jax.Array) -> jax.Array:
-    """Mask of the elements whose ascending rank by (magnitude, flat index) is >= m.
-
-    `bits` are the int32 bit patterns of non-negative floats, which order like the floats.  A
-    two-pass radix select (histograms of the high 15 and the low 16 bits) finds the magnitude v at
-    rank m without sorting the tensor (a sort is ~40x slower on CPU); only when several elements
-    equal v and some of them must go are those ranked by flat index (a cumsum, rarely needed).
-    """
-    n = bits.shape[0]
-    mc = jnp.clip(m, 0, n - 1)
-    hi_part = bits >> 16
-    c1 = jnp.cumsum(jnp.bincount(hi_part, length=1 << 15))
-    b1 = jnp.searchsorted(c1, mc, side="right")  # first high bin whose cumulative count exceeds m
-    below1 = jnp.where(b1 > 0, c1[b1 - 1], 0)
-    low = jnp.where(hi_part == b1, bits & 0xFFFF, 1 << 16)  # elements outside bin b1 -> overflow bin
-    h2 = jnp.bincount(low, length=(1 << 16) + 1)[: 1 << 16]
-    c2 = below1 + jnp.cumsum(h2)
-    b2 = jnp.searchsorted(c2, mc, side="right")
-    v = (b1 << 16) | b2
-    below = jnp.where(b2 > 0, c2[b2 - 1], below1)  # elements strictly smaller than v
-    eq = bits == v
-
-    def ranked_ties(_):
-        return (bits > v) | (eq & (below + jnp.cumsum(eq, dtype=jnp.int32) - 1 >= mc))
-
-    inside = jax.lax.cond(below == mc, lambda _: bits >= v, ranked_ties, None)
-    return jnp.where(m <= 0, True, jnp.where(m >= n, False, inside))
+def tensor_key(seed: int, name: str, model_index: int, chunk: int = 0) -> jax.Array:
+    """The PRNG key of model `model_index`'s random mask for chunk `chunk` of tensor `name`."""
+    return jax.random.fold_in(_key(np.uint32(seed), np.uint32(name_hash(name)), np.uint32(model_index)),
+                              np.uint32(chunk))
 
 
-def _rescale(x, kept, mode, inv_p):
-    """Kept values, rescaled: by 1/p (DARE / DELLA papers), or to the tensor's L1 norm (mergekit)."""
-    masked = jnp.where(kept, x, 0.0)
-    if mode == "inverse":
-        return masked * inv_p
-    if mode == "l1":  # mergekit's rescaled_masked_tensor: no rescale when either norm is below 1e-7
-        before, after = jnp.sum(jnp.abs(x)), jnp.sum(jnp.abs(masked))
-        ok = (before >= 1e-7) & (after >= 1e-7)
-        return jnp.where(ok, masked * (before / jnp.where(ok, after, 1.0)), masked)
-    return masked
+def _deltas(base, xs, from_models):
+    base = base.astype(jnp.float32)
+    return base, [x.astype(jnp.float32) - base if from_models else x.astype(jnp.float32) for x in xs]
 
 
-def _sparsify(d, how, rescale, p, k):
-    """One model's flat delta `d` -> sparsified delta.  p: traced per-model parameters."""
-    if how == "magnitude" or how == "outliers":
-        bits = jax.lax.bitcast_convert_type(jnp.abs(d), jnp.int32)
-        kept = _rank_ge(bits, p["lo"])
-        if how == "outliers":
-            kept = kept & ~_rank_ge(bits, p["hi"])
-        out = _rescale(d, kept, rescale, 1.0 / p["density"])
+def _bits(d):
+    return jax.lax.bitcast_convert_type(jnp.abs(d), jnp.int32)  # non-negative floats order like their bits
+
+
+@partial(jax.jit, static_argnames=("from_models",), donate_argnums=(0,))
+def _hist_hi(acc, base, xs, valid, *, from_models):
+    """acc[i] += histogram of the high bits of |delta_i| over the valid part of one chunk."""
+    _, ds = _deltas(base, xs, from_models)
+    ok = jnp.arange(base.shape[0]) < valid
+    return jnp.stack([a + jnp.bincount(jnp.where(ok, _bits(d) >> 16, _HI), length=_HI + 1)
+                      for a, d in zip(acc, ds)])
+
+
+@partial(jax.jit, static_argnames=("from_models",), donate_argnums=(0,))
+def _hist_lo(acc, base, xs, valid, b1, *, from_models):
+    """acc[i, t] += histogram of the low bits of the |delta_i| whose high bits are b1[i, t]."""
+    _, ds = _deltas(base, xs, from_models)
+    ok = jnp.arange(base.shape[0]) < valid
+    out = []
+    for i, d in enumerate(ds):
+        bits = _bits(d)
+        out.append(jnp.stack([acc[i, t] + jnp.bincount(jnp.where(ok & ((bits >> 16) == b1[i, t]), bits & 0xFFFF, _LO),
+                                                       length=_LO + 1) for t in range(b1.shape[1])]))
+    return jnp.stack(out)
+
+
+def rank_cut(chunks, targets: np.ndarray, n: int, from_models: bool):
+    """For each model i and target rank m = targets[i, t] (ascending by (|delta|, flat index)):
+    v (the magnitude bits at rank m), below (how many are smaller) and whether ties at v must be
+    ranked by index.  Two histogram passes (radix select), no sort; exact."""
+    m_models, t_count = targets.shape
+    acc = np.zeros((m_models, _HI + 1), np.int32)
+    for b, xs, valid, _ in chunks():
+        acc = _hist_hi(acc, b, xs, valid, from_models=from_models)
+    c1 = np.cumsum(np.asarray(acc)[:, :_HI], axis=1)
+    mc = np.clip(targets, 0, n - 1)
+    b1 = np.stack([np.searchsorted(c1[i], mc[i], side="right") for i in range(m_models)]).astype(np.int32)
+    below1 = np.where(b1 > 0, np.take_along_axis(c1, np.maximum(b1 - 1, 0), axis=1), 0)
+    acc2 = np.zeros((m_models, t_count, _LO + 1), np.int32)
+    for b, xs, valid, _ in chunks():
+        acc2 = _hist_lo(acc2, b, xs, valid, b1, from_models=from_models)
+    h2 = np.asarray(acc2)[:, :, :_LO]
+    v = np.zeros_like(b1)
+    below = np.zeros_like(b1)
+    for i in range(m_models):
+        for t in range(t_count):
+            c2 = below1[i, t] + np.cumsum(h2[i, t])
+            b2 = int(np.searchsorted(c2, mc[i, t], side="right"))
+            v[i, t] = (int(b1[i, t]) << 16) | b2
+            below[i, t] = c2[b2 - 1] if b2 > 0 else below1[i, t]
+    v = np.where(targets <= 0, 0, v)  # rank >= 0: everything (every |delta| has bits >= 0)
+    below = np.where(targets <= 0, 0, below)
+    need = (below != np.clip(targets, 0, None)) & (targets > 0) & (targets < n)
+    return {"v": v.astype(np.int32), "below": below.astype(np.int32), "m": targets.astype(np.int32),
+            "need": need, "none": targets >= n}
+
+
+def _rank_ge(bits, ok, i, t, sel, carry):
+    """Elements of this chunk whose whole-tensor rank is >= sel.m[i, t]; eq count for the carry."""
+    v, below, m = sel["v"][i, t], sel["below"][i, t], sel["m"][i, t]
+    eq = (bits == v) & ok
+
+    def ranked(_):
+        return (bits > v) | (eq & (below + carry[i, t] + jnp.cumsum(eq, dtype=jnp.int32) - 1 >= m))
+
+    ge = jax.lax.cond(sel["need"][i, t], ranked, lambda _: bits >= v, None)
+    return jnp.where(sel["none"][i, t], False, ge), jnp.sum(eq, dtype=jnp.int32)
+
+
+def _kept(d, i, how, p, sel, carry, ok, key, cols):
+    """(mask of kept elements, per-element 1/p for 'inverse' rescaling, eq counts) of model i's delta."""
+    eqs = []
+    if how in ("magnitude", "outliers"):
+        bits = _bits(d)
+        kept, e = _rank_ge(bits, ok, i, 0, sel, carry)
+        eqs.append(e)
+        if how == "outliers":  # drop the largest too: keep ranks in [lo, hi)
+            above, e = _rank_ge(bits, ok, i, 1, sel, carry)
+            kept = kept & ~above
+            eqs.append(e)
+        inv = 1.0 / p["density"][i]
     elif how == "random":
-        u = jax.random.uniform(k, d.shape, jnp.float32)
-        out = _rescale(d, u < p["density"], rescale, 1.0 / p["density"])
-    elif how == "della":
-        rows = d.reshape(p["rows"].shape[0], -1)
-        cols = rows.shape[1]
-        # rank 0..cols-1 within each row by (magnitude, index); stable sorts make ties deterministic
+        kept = jax.random.uniform(key, d.shape, jnp.float32) < p["density"][i]
+        inv = 1.0 / p["density"][i]
+    else:  # della: keep probability grows with the magnitude rank inside each row of the HF matrix
+        rows = d.reshape(-1, cols)
         order = jnp.argsort(jnp.abs(rows), axis=1, stable=True)
         rank = jnp.argsort(order, axis=1, stable=True).astype(jnp.float32)
         rank_norm = rank / (cols - 1) if cols > 1 else jnp.full_like(rank, 0.5)
-        prob = (p["density"] - p["epsilon"]) + rank_norm * (2.0 * p["epsilon"])
-        u = jax.random.uniform(k, rows.shape, jnp.float32)
-        out = _rescale(rows, u < prob, rescale, 1.0 / prob).reshape(d.shape)
-    else:
-        return d
-    return jnp.where(p["density"] >= 1.0, d, out)  # density 1 leaves the delta untouched
+        prob = (p["density"][i] - p["epsilon"][i]) + rank_norm * (2.0 * p["epsilon"][i])
+        kept = (jax.random.uniform(key, rows.shape, jnp.float32) < prob).reshape(d.shape)
+        inv = (1.0 / prob).reshape(d.shape)
+    return kept & ok, inv, eqs
 
 
-@partial(jax.jit, static_argnames=("method", "rescale", "normalize", "from_models"))
-def merge_tensor(base: jax.Array, inputs: tuple, params: dict, *, method: str, rescale: str,
-                 normalize: bool, from_models: bool) -> jax.Array:
-    """Merge one tensor.
-
-    base: [n] flat base tensor.  inputs: m flat [n] deltas (or full models with from_models), as a
-    tuple rather than one stacked array so the host never builds an [m, n] copy.
-    params (traced): weight [m], density [m], lo [m] / hi [m] (kept rank window for magnitude /
-    outliers, computed on the host from density and gamma), epsilon [m], rows [r] (della's row count
-    as a shape), lambda, t, seed, nhash.  Returns the merged tensor in fp32.
-    """
+@partial(jax.jit, static_argnames=("method", "rescale", "normalize", "from_models", "cols", "stats"))
+def _apply(base, xs, valid, chunk, p, sel, carry, *, method, rescale, normalize, from_models, cols, stats):
+    """One chunk of the merge.  stats=True returns the per-chunk sums the whole-tensor scalars need
+    (sum |delta_i|, sum |kept delta_i| for L1 rescaling; |base|^2, |model|^2, base.model for slerp)."""
     meth = METHODS[method]
-    base = base.astype(jnp.float32)
-    deltas = [x.astype(jnp.float32) - base if from_models else x.astype(jnp.float32) for x in inputs]
-    w = params["weight"].astype(jnp.float32)
+    base, ds = _deltas(base, xs, from_models)
+    ok = jnp.arange(base.shape[0]) < valid
+    w = p["weight"].astype(jnp.float32)
     if meth.kind == "linear":
-        out = _sum([(base + deltas[i]) * w[i] for i in range(len(deltas))])
-        return out / jnp.sum(w) if normalize else out
+        out = _sum([(base + d) * w[i] for i, d in enumerate(ds)])
+        return (out / jnp.sum(w) if normalize else out), carry
     if meth.kind == "slerp":
-        return _slerp(params["t"], base, base + deltas[0])
-    # models are few and static: unrolled sums (XLA CPU runs a reduce over a leading [m] axis
-    # of stacked tensors ~100x slower than m-1 elementwise adds)
-    weighted = []
-    for i in range(len(deltas)):
-        p = {k: (v[i] if k in ("weight", "density", "lo", "hi", "epsilon") else v) for k, v in params.items()}
-        s = _sparsify(deltas[i], meth.sparsify, rescale, p, _key(params["seed"], params["nhash"], i))
+        v1 = base + ds[0]
+        if stats:
+            return jnp.stack([jnp.sum(base * base), jnp.sum(v1 * v1), jnp.sum(base * v1)])
+        return p["coef"][0] * base + p["coef"][1] * v1, carry
+    weighted, eqs_all, sums = [], [], []
+    for i, d in enumerate(ds):
+        if meth.sparsify is None:
+            s = d
+        else:
+            key = jax.random.fold_in(_key(p["seed"], p["nhash"], i), chunk)
+            kept, inv, eqs = _kept(d, i, meth.sparsify, p, sel, carry, ok, key, cols)
+            eqs_all.append(jnp.stack(eqs) if eqs else jnp.zeros((1,), jnp.int32))
+            masked = jnp.where(kept, d, 0.0)
+            if stats:
+                sums.append(jnp.stack([jnp.sum(jnp.abs(jnp.where(ok, d, 0.0))), jnp.sum(jnp.abs(masked))]))
+                continue
+            scale = {"inverse": inv, "l1": p["l1"][i], "none": 1.0}[rescale]
+            s = jnp.where(p["density"][i] >= 1.0, d, masked * scale)  # density 1 leaves the delta untouched
         weighted.append(s * w[i])
+    if stats:
+        return jnp.stack(sums)
     total = _sum(weighted)
     if meth.consensus:
         elected = jnp.where(total >= 0, 1.0, -1.0)
@@ -175,24 +224,90 @@ def merge_tensor(base: jax.Array, inputs: tuple, params: dict, *, method: str, r
         divisor = jnp.sum(w)  # a zero sum with normalize is refused on the host
     if normalize:
         mixed = mixed / divisor
-    return base + mixed * params["lambda"]
+    new_carry = carry + (jnp.stack(eqs_all)[:, : carry.shape[1]] if eqs_all else 0)
+    return base + mixed * p["lambda"], new_carry
 
 
 def _sum(xs):
+    # models are few and static: unrolled adds (XLA CPU reduces a leading [m] axis of stacked
+    # tensors ~100x slower than m-1 elementwise adds)
     out = xs[0]
     for x in xs[1:]:
         out = out + x
     return out
 
 
-def _slerp(t, v0, v1, threshold=0.9995, eps=1e-8):
-    """mergekit 0.1.5's slerp of two whole tensors: lerp when (nearly) collinear or antipodal."""
-    n0, n1 = jnp.linalg.norm(v0), jnp.linalg.norm(v1)
-    n0, n1 = jnp.where(n0 > eps, n0, 1.0), jnp.where(n1 > eps, n1, 1.0)
-    dot = jnp.clip(jnp.sum((v0 / n0) * (v1 / n1)), -1.0, 1.0)
-    linear = jnp.abs(dot) > threshold
-    theta = jnp.arccos(jnp.where(linear, 0.0, dot))
-    sin_theta = jnp.where(linear, 1.0, jnp.sin(theta))
-    ca = jnp.where(linear, 1 - t, jnp.sin((1 - t) * theta) / sin_theta)
-    cb = jnp.where(linear, t, jnp.sin(t * theta) / sin_theta)
-    return ca * v0 + cb * v1
+def merge_flat(base, inputs, params: dict, *, method: str, rescale: str, normalize: bool, from_models: bool,
+               shape: tuple[int, ...], out: np.ndarray | None = None):
+    """Merge one tensor given flat (HF element order): host or device arrays; chunked.
+
+    params: weight, density, epsilon [m], lo, hi [m] (kept ascending-rank window from the host),
+    lambda, t, seed, nhash.  Returns fp32: written into `out` (a host array) when given, else a
+    device array.
+    """
+    meth = METHODS[method]
+    n = int(np.prod(shape, dtype=np.int64))
+    cols = int(np.prod(shape[1:], dtype=np.int64)) if meth.sparsify == "della" and len(shape) >= 2 else (
+        n if meth.sparsify == "della" else 0)
+    step = max(1, CHUNK // cols) * cols if cols else CHUNK  # della: whole rows per chunk
+    m_models = len(inputs)
+
+    def chunks():
+        for c, start in enumerate(range(0, n, step)):
+            stop = min(n, start + step)
+            pad = step - (stop - start)
+            b = _pad(base[start:stop], pad)
+            xs = tuple(_pad(x[start:stop], pad) for x in inputs)
+            yield b, xs, np.int32(stop - start), c
+
+    p = {k: v for k, v in params.items() if k not in ("lo", "hi")}  # numpy: no eager device ops per tensor
+    t_count = 2 if meth.sparsify == "outliers" else 1
+    if meth.sparsify in ("magnitude", "outliers"):
+        targets = np.stack([params["lo"], params["hi"]], axis=1)[:, :t_count]
+        sel = rank_cut(chunks, targets, n, from_models)
+    else:
+        sel = {"v": np.zeros((m_models, t_count), np.int32), "below": np.zeros((m_models, t_count), np.int32),
+               "m": np.zeros((m_models, t_count), np.int32), "need": np.zeros((m_models, t_count), bool),
+               "none": np.zeros((m_models, t_count), bool)}
+    carry = np.zeros((m_models, t_count), np.int32)
+    static = dict(method=method, rescale=rescale, normalize=normalize, from_models=from_models, cols=cols)
+    p["l1"] = np.ones((m_models,), np.float32)
+    p["coef"] = np.ones((2,), np.float32)
+    if (rescale == "l1" and meth.sparsify is not None) or meth.kind == "slerp":
+        acc = 0
+        for b, xs, valid, c in chunks():
+            acc = acc + _apply(b, xs, valid, np.uint32(c), p, sel, carry, stats=True, **static)
+        if meth.kind == "slerp":
+            p["coef"] = np.asarray(_slerp_coefs(float(params["t"]), *np.asarray(acc, np.float64)), np.float32)
+        else:  # mergekit: match the L1 norm unless either norm is below 1e-7
+            acc = np.asarray(acc, np.float64)
+            ok = (acc[:, 0] >= 1e-7) & (acc[:, 1] >= 1e-7)
+            p["l1"] = np.where(ok, acc[:, 0] / np.where(ok, acc[:, 1], 1.0), 1.0).astype(np.float32)
+    pieces = []
+    for b, xs, valid, c in chunks():
+        res, carry = _apply(b, xs, valid, np.uint32(c), p, sel, carry, stats=False, **static)
+        start = c * step
+        if out is not None:
+            out[start:start + int(valid)] = np.asarray(res)[: int(valid)]
+        else:
+            pieces.append(res[: int(valid)])
+    return out if out is not None else jnp.concatenate(pieces)
+
+
+def _pad(x, pad):
+    if not pad:
+        return x
+    if isinstance(x, np.ndarray):
+        return np.concatenate([x, np.zeros(pad, x.dtype)])
+    return jnp.pad(x, (0, pad))
+
+
+def _slerp_coefs(t, aa, bb, ab, threshold=0.9995, eps=1e-8):
+    """mergekit 0.1.5's slerp coefficients from the whole tensors' norms and dot product."""
+    na, nb = np.sqrt(aa), np.sqrt(bb)
+    na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
+    dot = float(np.clip(ab / (na * nb), -1.0, 1.0))
+    if abs(dot) > threshold:  # (nearly) collinear or antipodal: lerp
+        return [1 - t, t]
+    theta = np.arccos(dot)
+    return [np.sin((1 - t) * theta) / np.sin(theta), np.sin(t * theta) / np.sin(theta)]

