@@ -1,0 +1,183 @@
+"""How sparse are the deltas (model - base), and how much do two of them disagree in sign?
+
+Per tensor and per module type (q_proj, ..., mlp projections, embed, lm_head, norm): the exact-zero
+fraction of the delta; the fraction "near zero" under each tolerance, relative by default
+(|delta| <= tol * |base|, elementwise: "this weight moved by less than tol of itself") or absolute
+(|delta| <= tol); L1 and L2 norms (and L2 relative to the base's); and, for the first two models,
+the fraction of elements where both deltas are non-zero and, among those, where their signs agree:
+the interference TIES' sign election resolves.  Tensors are read one at a time (memory-mapped).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from paft_jax.merge.engine import _is_float
+from paft_jax.merge.sources import TensorSource, check_compatible, open_source
+
+DEFAULT_TOLERANCES = (1e-6, 1e-4, 1e-3)
+MODULES = [("embed", r"embed_tokens"), ("lm_head", r"lm_head"), ("q_proj", r"q_proj"), ("k_proj", r"k_proj"),
+           ("v_proj", r"v_proj"), ("o_proj", r"o_proj"), ("gate_proj", r"gate_proj"), ("up_proj", r"up_proj"),
+           ("down_proj", r"down_proj"), ("norm", r"norm")]
+
+
+def module_type(name: str) -> str:
+    for kind, pat in MODULES:
+        if re.search(pat, name):
+            return kind + ("_bias" if name.endswith(".bias") else "")
+    return "other"
+
+
+def _tensor_stats(b: np.ndarray, ds: list[np.ndarray], tols: Sequence[float], relative: bool) -> dict:
+    out = {"numel": int(b.size), "models": []}
+    ab = np.abs(b)
+    for d in ds:
+        ad = np.abs(d)
+        out["models"].append({
+            "zero": int(np.count_nonzero(d == 0)),
+            "under": [int(np.count_nonzero(ad <= (t * ab if relative else t))) for t in tols],
+            "l1": float(ad.sum(dtype=np.float64)),
+            "l2_sq": float(np.square(d, dtype=np.float64).sum()),
+        })
+    out["base_l2_sq"] = float(np.square(b, dtype=np.float64).sum())
+    if len(ds) >= 2:
+        both = (ds[0] != 0) & (ds[1] != 0)
+        out["both_nonzero"] = int(both.sum())
+        out["sign_agree"] = int((both & (np.sign(ds[0]) == np.sign(ds[1]))).sum())
+    return out
+
+
+def _finish(s: dict, tols: Sequence[float]) -> dict:
+    """Counts -> fractions and norms."""
+    n = max(1, s["numel"])
+    res = {"numel": s["numel"], "models": []}
+    for m in s["models"]:
+        res["models"].append({"zero_frac": m["zero"] / n,
+                              "under_frac": {f"{t:g}": u / n for t, u in zip(tols, m["under"])},
+                              "l1": m["l1"], "l2": float(np.sqrt(m["l2_sq"])),
+                              "rel_l2": float(np.sqrt(m["l2_sq"] / s["base_l2_sq"])) if s["base_l2_sq"] else None})
+    if "both_nonzero" in s:
+        res["both_nonzero_frac"] = s["both_nonzero"] / n
+        res["sign_agreement"] = s["sign_agree"] / s["both_nonzero"] if s["both_nonzero"] else None
+    return res
+
+
+def _add(acc: dict | None, s: dict) -> dict:
+    if acc is None:
+        return {"numel": s["numel"], "base_l2_sq": s["base_l2_sq"],
+                "models": [dict(m, under=list(m["under"])) for m in s["models"]],
+                **{k: s[k] for k in ("both_nonzero", "sign_agree") if k in s}}
+    acc["numel"] += s["numel"]
+    acc["base_l2_sq"] += s["base_l2_sq"]
+    for a, m in zip(acc["models"], s["models"]):
+        a["zero"] += m["zero"]
+        a["under"] = [x + y for x, y in zip(a["under"], m["under"])]
+        a["l1"] += m["l1"]
+        a["l2_sq"] += m["l2_sq"]
+    for k in ("both_nonzero", "sign_agree"):
+        if k in s:
+            acc[k] += s[k]
+    return acc
+
+
+def analyze(base: str | Path | TensorSource, models: Sequence[str | Path | TensorSource],
+            tolerances: Sequence[float] | None = None, relative: bool = True) -> dict:
+    """The sparsity report of each model's delta from `base` (dict, JSON-ready)."""
+    tols = tuple(tolerances or DEFAULT_TOLERANCES)
+    if any(t < 0 for t in tols):
+        raise ValueError(f"tolerances must be >= 0, got {list(tols)}")
+    bsrc = base if hasattr(base, "get") else open_source(base)
+    msrc = [m if hasattr(m, "get") else open_source(m) for m in models]
+    if not msrc:
+        raise ValueError("sparsity: give at least one model")
+    check_compatible(bsrc, msrc)
+    tensors, modules, total = {}, {}, None
+    for name in bsrc.names():
+        if not _is_float(bsrc.dtype(name)):
+            continue
+        b = np.asarray(bsrc.get(name)).astype(np.float32)
+        ds = [np.asarray(m.get(name)).astype(np.float32) if m.is_delta
+              else np.asarray(m.get(name)).astype(np.float32) - b for m in msrc]
+        s = _tensor_stats(b, ds, tols, relative)
+        tensors[name] = _finish(s, tols)
+        kind = module_type(name)
+        modules[kind] = _add(modules.get(kind), s)
+        total = _add(total, s)
+        del b, ds
+    return {"base": bsrc.label, "models": [m.label for m in msrc], "tolerances": list(tols),
+            "tolerance_kind": "relative" if relative else "absolute",
+            "tensors": tensors, "modules": {k: _finish(v, tols) for k, v in modules.items()},
+            "total": _finish(total, tols)}
+
+
+def format_table(rep: dict, per_tensor: bool = False) -> str:
+    tols = rep["tolerances"]
+    rel = "x|base|" if rep["tolerance_kind"] == "relative" else "abs"
+    head = f"{'':<44} {'numel':>11} {'model':>5} {'zero':>7} " + " ".join(
+        f"{'<=' + format(t, 'g'):>8}" for t in tols) + f" {'L1':>10} {'L2':>9} {'L2/base':>8}"
+    if len(rep["models"]) >= 2:
+        head += f" {'both!=0':>8} {'sign=':>6}"
+    lines = [f"deltas from {rep['base']} (tolerances {rel}):"]
+    lines += [f"  model {i}: {m}" for i, m in enumerate(rep["models"])]
+    lines.append(head)
+
+    def rows(label, r):
+        for i, m in enumerate(r["models"]):
+            line = (f"{label if i == 0 else '':<44} {r['numel'] if i == 0 else '':>11} {i:>5} "
+                    f"{m['zero_frac']:>7.2%} " + " ".join(f"{m['under_frac'][format(t, 'g')]:>8.2%}" for t in tols)
+                    + f" {m['l1']:>10.4g} {m['l2']:>9.4g} {m['rel_l2'] if m['rel_l2'] is not None else float('nan'):>8.2g}")
+            if i == 0 and "both_nonzero_frac" in r:
+                agree = r["sign_agreement"]
+                line += f" {r['both_nonzero_frac']:>8.2%} {agree if agree is not None else float('nan'):>6.1%}"
+            lines.append(line)
+
+    for k in sorted(rep["modules"]):
+        rows(k, rep["modules"][k])
+    rows("TOTAL", rep["total"])
+    if per_tensor:
+        lines.append("")
+        for k, r in rep["tensors"].items():
+            rows(k[-44:], r)
+    return "\n".join(lines)
+
+
+def plot(rep: dict, path: str | Path) -> Path:
+    """PNG: per module type, each model's zero / near-zero fractions, and the sign agreement."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    kinds = sorted(rep["modules"])
+    tols = rep["tolerances"]
+    n_models = len(rep["models"])
+    two = n_models >= 2
+    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(13 if two else 8, 4.5), squeeze=False)
+    ax = axes[0][0]
+    x = np.arange(len(kinds))
+    series = [("zero", None)] + [(f"<={t:g}", format(t, "g")) for t in tols]
+    width = 0.8 / (n_models * len(series))
+    for i in range(n_models):
+        for j, (label, key) in enumerate(series):
+            vals = [rep["modules"][k]["models"][i]["zero_frac"] if key is None
+                    else rep["modules"][k]["models"][i]["under_frac"][key] for k in kinds]
+            ax.bar(x + (i * len(series) + j) * width - 0.4, vals, width, label=f"model {i} {label}")
+    ax.set_xticks(x, kinds, rotation=45, ha="right")
+    ax.set_ylabel("fraction of delta elements")
+    ax.set_title(f"delta sparsity (tolerances {rep['tolerance_kind']})")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=6, ncol=2)
+    if two:
+        ax = axes[0][1]
+        ax.bar(x, [rep["modules"][k].get("sign_agreement") or 0 for k in kinds], 0.6)
+        ax.axhline(0.5, color="gray", lw=0.8, ls="--")
+        ax.set_xticks(x, kinds, rotation=45, ha="right")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("sign agreement where both != 0")
+        ax.set_title("model 0 vs model 1")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,82 @@
+"""Delta sparsity analysis: counts, norms and sign agreement against direct NumPy computations."""
+import json
+
+import numpy as np
+import pytest
+
+from paft_jax.hf.st_io import SafetensorsFile, write_streaming
+from paft_jax.merge.sparsity import analyze, format_table, module_type
+
+
+def perturbed(src_dir, dst, fn):
+    """Copy an HF dir, replacing every tensor t by fn(name, t)."""
+    import shutil
+    shutil.copytree(src_dir, dst)
+    f = SafetensorsFile(src_dir / "model.safetensors")
+    write_streaming(dst / "model.safetensors", [(n, f.shape(n), f.dtype(n)) for n in f.names()],
+                    lambda n: fn(n, np.asarray(f.get(n))).astype(f.dtype(n)))
+    return dst
+
+
+@pytest.fixture
+def models(hf_dir, tmp_path):
+    base = hf_dir("llama")
+    rng = np.random.default_rng(0)
+    deltas = {}
+
+    def sparse(name, t):
+        d = rng.standard_normal(t.shape).astype(np.float32) * 1e-2
+        d[rng.random(t.shape) < (0.9 if "mlp" in name else 0.2)] = 0  # mlp deltas 90% exact zeros
+        d.reshape(-1)[:3] = 1e-5 * np.abs(t.reshape(-1)[:3])  # tiny: near zero at relative 1e-4, not 1e-6
+        deltas[name] = d
+        return t + d
+
+    a = perturbed(base, tmp_path / "a", sparse)
+    b = perturbed(base, tmp_path / "b", lambda n, t: t - deltas[n] * np.where(np.arange(t.size).reshape(t.shape) % 4 == 0, -1, 1))
+    return base, a, b
+
+
+def test_counts_norms_and_sign_agreement(models, tmp_path):
+    base, a, b = models
+    rep = analyze(base, [a, b])
+    fb = SafetensorsFile(base / "model.safetensors")
+    fa, fbb = SafetensorsFile(a / "model.safetensors"), SafetensorsFile(b / "model.safetensors")
+    zeros = {}
+    for name in fb.names():
+        kind = module_type(name)
+        x0 = np.asarray(fb.get(name), np.float32)
+        da, db = np.asarray(fa.get(name)) - x0, np.asarray(fbb.get(name)) - x0
+        r = rep["tensors"][name]
+        assert r["models"][0]["zero_frac"] == pytest.approx(np.mean(da == 0))
+        assert r["models"][0]["under_frac"]["0.0001"] == pytest.approx(np.mean(np.abs(da) <= 1e-4 * np.abs(x0)))
+        assert r["models"][1]["l1"] == pytest.approx(np.abs(db).astype(np.float64).sum(), rel=1e-6)
+        assert r["models"][1]["l2"] == pytest.approx(np.linalg.norm(db.astype(np.float64)), rel=1e-6)
+        both = (da != 0) & (db != 0)
+        assert r["sign_agreement"] == pytest.approx(np.mean(np.sign(da[both]) == np.sign(db[both])))
+        z = zeros.setdefault(kind, [0, 0])
+        z[0] += int((da == 0).sum())
+        z[1] += da.size
+    for kind, (nz, n) in zeros.items():
+        assert rep["modules"][kind]["models"][0]["zero_frac"] == pytest.approx(nz / n)
+    assert rep["modules"]["up_proj"]["models"][0]["zero_frac"] > 0.8 > rep["modules"]["q_proj"]["models"][0]["zero_frac"]
+    # b = base - a's delta with every 4th element's sign kept: they disagree on about 3/4
+    assert rep["total"]["sign_agreement"] == pytest.approx(0.25, abs=0.05)
+    table = format_table(rep)
+    assert "up_proj" in table and "TOTAL" in table and "sign=" in table
+
+
+def test_cli_writes_json_and_png(models, tmp_path, capsys):
+    from paft_jax.merge.cli import main
+    base, a, b = models
+    js, png = tmp_path / "s.json", tmp_path / "s.png"
+    assert main(["sparsity", "--base", str(base), "--model", str(a), "--model", str(b), "--tol", "1e-3",
+                 "--absolute", "--json", str(js), "--plot", str(png)]) == 0
+    rep = json.loads(js.read_text())
+    assert rep["tolerance_kind"] == "absolute" and rep["tolerances"] == [1e-3]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert "TOTAL" in capsys.readouterr().out
+
+
+def test_refuses_mismatched_models(hf_dir):
+    with pytest.raises(ValueError, match="architecture"):
+        analyze(hf_dir("llama"), [hf_dir("qwen2")])
