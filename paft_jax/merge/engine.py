@@ -108,21 +108,23 @@ def merge_to_hf(spec: MergeSpec, base: str | Path | TensorSource, models: Sequen
         if _is_float(base_src.dtype(n)):
             spec.resolve(n, layers)
 
+    def flat(src, name):  # sources that can slice from disk are read chunk by chunk, others mapped
+        return src.flat(name) if hasattr(src, "flat") else src.get(name).reshape(-1)
+
     def produce(name: str) -> np.ndarray:
         shape = base_src.shape(name)
-        b = base_src.get(name)
-        inputs = [s.get(name).reshape(-1) for s in srcs]
+        if not _is_float(base_src.dtype(name)) or spec.resolve(name, layers).skip:
+            b = base_src.get(name)
+            return np.array(b, dtype=target if _is_float(b.dtype) else b.dtype)
+        b = flat(base_src, name)
+        inputs = [flat(s, name) for s in srcs]
         from_models = not any(s.is_delta for s in srcs)
         if any(s.is_delta for s in srcs) and not all(s.is_delta for s in srcs):
-            inputs = [x if s.is_delta else x.astype(np.float32) - b.reshape(-1).astype(np.float32)
-                      for s, x in zip(srcs, inputs)]
+            bf = np.asarray(b[:], np.float32)
+            inputs = [x[:] if s.is_delta else x[:].astype(np.float32) - bf for s, x in zip(srcs, inputs)]
         buf = np.empty(math.prod(shape), np.float32)
-        merged = merge_array(spec, name, shape, b.reshape(-1), inputs, from_models=from_models, layers=layers,
-                             out=buf)
-        del inputs
-        if merged is None:
-            return np.array(b, dtype=target if _is_float(b.dtype) else b.dtype)
-        return merged.reshape(shape).astype(target, copy=False)
+        merge_array(spec, name, shape, b, inputs, from_models=from_models, layers=layers, out=buf)
+        return buf.reshape(shape).astype(target, copy=False)
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -69,7 +69,7 @@ def _key(seed, nhash, model_index):
 # and device memory holds a few chunks, never a whole embedding.  Whole-tensor quantities (the
 # magnitude rank cut, L1 norms, slerp's angle) are gathered in a first pass over the chunks.
 # Random masks are drawn per chunk (key folded with the chunk index), so they depend on CHUNK.
-CHUNK = 1 << 18
+CHUNK = 1 << 17
 _HI, _LO = 1 << 15, 1 << 16  # radix-select bins: high 15 and low 16 bits of |delta|'s float bits
 
 

@@ -8,6 +8,7 @@ deltas instead of subtracting the base.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Protocol
@@ -69,6 +70,41 @@ class HFDirSource:
 
     def file_of(self, name: str) -> str:
         return self._st.file_of(name)
+
+    def flat(self, name: str) -> "FlatReader":
+        """The tensor as a flat array whose slices are read from the file on demand."""
+        f = self._st.where[name]
+        start, end = f.header[name]["data_offsets"]
+        n = int(np.prod(f.shape(name), dtype=np.int64))
+        if end - start != n * f.dtype(name).itemsize:
+            raise ValueError(f"{f.path}: tensor {name!r} byte range does not match its shape")
+        return FlatReader(f.path, f._data_start + start, n, f.dtype(name))
+
+
+class FlatReader:
+    """A flat on-disk tensor sliced with pread: unlike a memory map, the pages read never count in
+    this process's resident memory (they stay in the OS page cache), so a merge that passes over an
+    embedding several times holds a few chunks of it, not three copies."""
+
+    def __init__(self, path: Path, offset: int, size: int, dtype: np.dtype):
+        self.path, self.offset, self.dtype = path, offset, np.dtype(dtype)
+        self.shape = (size,)
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        start, stop, step = sl.indices(self.shape[0])
+        if step != 1:
+            raise IndexError("FlatReader: contiguous slices only")
+        out = np.empty(max(0, stop - start), self.dtype)
+        with open(self.path, "rb", buffering=0) as fh:
+            got = os.preadv(fh.fileno(), [memoryview(out).cast("B")], self.offset + start * self.dtype.itemsize)
+        if got != out.nbytes:
+            raise ValueError(f"{self.path}: short read (truncated file?)")
+        return out
+
+    def reshape(self, *shape):
+        if shape in ((-1,), (self.shape[0],), ((-1,),)):
+            return self
+        raise ValueError("FlatReader: only flat views")
 
 
 def open_source(path: str | Path) -> TensorSource:
