@@ -102,7 +102,8 @@ def compare(a: Path, b: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", default=str(ROOT / "cache" / "merge_bench"))
-    ap.add_argument("--mergekit", default=str(ROOT / ".venv-mergekit" / "bin" / "mergekit-yaml"))
+    ap.add_argument("--mergekit", default=None,
+                    help="mergekit-yaml executable (default: .venv-mergekit/bin/, else next to this Python, else PATH)")
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--skip-in-memory", action="store_true")
     args = ap.parse_args()
@@ -123,7 +124,9 @@ def main() -> int:
     if not args.skip_in_memory:
         rows["paft_jax in memory"] = measure([sys.executable, "-c", IN_MEMORY, str(recipe), str(outs["paft_memory"])],
                                              env)
-    mk = Path(args.mergekit)
+    mk = Path(args.mergekit or next((str(p) for p in (ROOT / ".venv-mergekit" / "bin" / "mergekit-yaml",
+                                                       Path(sys.executable).parent / "mergekit-yaml")
+                                     if p.exists()), shutil.which("mergekit-yaml") or "mergekit-yaml"))
     if mk.exists():
         ver = subprocess.run([str(mk.parent / "python"), "-c", "import importlib.metadata as m; "
                               "print(m.version('mergekit'), m.version('torch'))"], capture_output=True, text=True)

@@ -422,3 +422,13 @@ def test_cli_merge_recipe_verified_with_model_card(three_models, tmp_path, capsy
     a, b = HFDirSource(out), HFDirSource(out2)
     for n in a.names():
         np.testing.assert_array_equal(np.asarray(a.get(n)), np.asarray(b.get(n)))
+
+
+def test_shipped_recipes_load():
+    from pathlib import Path
+    files = sorted((Path(__file__).parent.parent / "configs" / "merge").glob("*.yaml"))
+    assert files
+    for f in files:
+        r = load_recipe(f)
+        assert r.base and len(r.models) == r.spec.num_models == 2
+        r.spec.resolve("model.layers.0.mlp.up_proj.weight", 30)
