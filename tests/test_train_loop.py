@@ -90,3 +90,11 @@ def test_lora_branch_trains(tmp_path):
     hist = train(cfg, progress=False).history
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert np.isfinite([h["loss"] for h in hist]).all()
+
+
+@pytest.mark.parametrize("name", ["tiny_sft", "tiny_dpo", "smollm2_sft", "smollm2_dpo", "llama3_8b_sft",
+                                  "llama3_8b_dpo", "mistral_7b_sft", "mistral_7b_dpo"])
+def test_shipped_training_configs_validate(name):
+    cfg = load_train_config(f"configs/{name}.yaml")
+    sizes = cfg.mesh.axis_sizes()
+    cfg.validate(data_parallel=sizes["data"] * max(sizes["fsdp"], 1))

@@ -1,0 +1,111 @@
+"""L1 on the SFT delta: sparsity vs held-out loss, penalty and proximal modes, on SmolLM2-135M.
+
+Trains the SFT branch (configs/smollm2_sft.yaml, bundled arithmetic set) once per setting from the same
+base (loaded once), then reports the delta's exact-zero fraction, the fraction under small magnitudes,
+and the held-out loss (data/arith/test.jsonl).  Writes a table (stdout and JSON) and a plot.
+
+    XLA_FLAGS= python benchmarks/l1_tradeoff.py [--steps 20] [--settings dense,prox:0.5,pen:1e3 ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEFAULT = "dense,prox:0.25,prox:0.5,prox:0.75,prox:0.95,pen:100,pen:10000"
+TOLS = (1e-7, 1e-6, 1e-5)
+
+
+def sparsity(delta) -> dict:
+    leaves = jax.tree_util.tree_leaves(delta)
+    n = sum(x.size for x in leaves)
+    out = {"exact_zero": sum(int(jnp.sum(x == 0)) for x in leaves) / n}
+    for t in TOLS:
+        out[f"abs<={t:g}"] = sum(int(jnp.sum(jnp.abs(x) <= t)) for x in leaves) / n
+    out["l1_mean"] = sum(float(jnp.abs(x).sum()) for x in leaves) / n
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs/smollm2_sft.yaml"))
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--settings", default=DEFAULT, help="comma list: dense | prox:LAMBDA | pen:LAMBDA")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/l1_tradeoff.json"))
+    ap.add_argument("--plot", default=str(ROOT / "docs/img/l1_tradeoff.png"))
+    ap.add_argument("overrides", nargs="*", help="extra key=value for the training config")
+    args = ap.parse_args()
+
+    from paft_jax.mesh import build_mesh
+    from paft_jax.train.config import load_train_config
+    from paft_jax.train.loop import load_base, train
+    common = [f"steps={args.steps}", "eval_every=0", "optim.warmup_steps=2", *args.overrides]
+    cfg0 = load_train_config(args.config, common)
+    mesh = build_mesh(cfg0.mesh)
+    base = load_base(cfg0, mesh, cfg0.mesh.logical_rules())
+    rows = []
+    for setting in args.settings.split(","):
+        mode, _, lam = setting.partition(":")
+        extra = [] if mode == "dense" else [f"objective.l1_lambda={lam}",
+                                           f"objective.l1_mode={'proximal' if mode == 'prox' else 'penalty'}"]
+        cfg = load_train_config(args.config, common + extra + [f"output_dir=runs/l1/{setting.replace(':', '_')}"])
+        t = time.time()
+        res = train(cfg, mesh=mesh, base=base, progress=True, name=setting)
+        ev = [r for r in res.history if "eval_loss" in r][-1]
+        row = {"setting": setting, "mode": mode, "lambda": float(lam or 0), "eval_loss": ev["eval_loss"],
+               "eval_token_accuracy": ev["eval_mean_token_accuracy"],
+               "train_loss_last": [r for r in res.history if "loss" in r][-1]["loss"],
+               **sparsity(res.state.delta), "wall_s": time.time() - t}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del res
+
+    print(f"\nSFT delta sparsity vs held-out loss: SmolLM2-135M, {args.steps} steps, {Path(args.config).name}\n")
+    head = f"{'setting':12} {'eval loss':>9} {'tok acc':>8} {'exact 0':>8} " + \
+        " ".join(f"{'<=' + format(t, 'g'):>8}" for t in TOLS) + f" {'mean|d|':>9}"
+    print(head)
+    for r in rows:
+        print(f"{r['setting']:12} {r['eval_loss']:9.4f} {r['eval_token_accuracy']:8.3f} {r['exact_zero']:8.1%} " +
+              " ".join(f"{r[f'abs<={t:g}']:8.1%}" for t in TOLS) + f" {r['l1_mean']:9.2e}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"steps": args.steps, "config": args.config, "overrides": args.overrides,
+                                          "rows": rows}, indent=1))
+    plot(rows, Path(args.plot))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, marker in (("dense", "o"), ("prox", "s"), ("pen", "^")):
+        sel = [r for r in rows if r["mode"] == mode]
+        if sel:
+            ax.plot([100 * r["exact_zero"] for r in sel], [r["eval_loss"] for r in sel], marker=marker,
+                    linestyle="-" if len(sel) > 1 else "", label={"dense": "dense (no L1)", "prox": "proximal",
+                                                                  "pen": "penalty"}[mode])
+            for r in sel:
+                if r["mode"] != "dense":
+                    ax.annotate(f"{r['lambda']:g}", (100 * r["exact_zero"], r["eval_loss"]), fontsize=8,
+                                textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("exact zeros in the SFT delta (%)")
+    ax.set_ylabel("held-out loss (arith test)")
+    ax.set_title("L1 on the SFT delta: sparsity vs held-out loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
