@@ -432,3 +432,40 @@ def test_shipped_recipes_load():
         r = load_recipe(f)
         assert r.base and len(r.models) == r.spec.num_models == 2
         r.spec.resolve("model.layers.0.mlp.up_proj.weight", 30)
+
+
+class DeltaSource:
+    """A stand-in for a paft_jax delta checkpoint: the TensorSource interface with is_delta=True."""
+
+    is_delta = True
+    config = None
+
+    def __init__(self, label, tensors):
+        self.label, self.tensors = label, tensors
+
+    def names(self):
+        return list(self.tensors)
+
+    def shape(self, name):
+        return self.tensors[name].shape
+
+    def dtype(self, name):
+        return self.tensors[name].dtype
+
+    def get(self, name):
+        return self.tensors[name]
+
+
+def test_delta_sources_plug_in(three_models, tmp_path):
+    """Deltas from a checkpoint-like source, alone or mixed with HF dirs, give the HF dirs' merge."""
+    from paft_jax.merge.sources import HFDirSource
+    base, m1, m2 = three_models
+    b = HFDirSource(base)
+    deltas = [DeltaSource(f"ckpt{i}", {n: np.asarray(HFDirSource(m).get(n)) - np.asarray(b.get(n)) for n in b.names()})
+              for i, m in enumerate((m1, m2))]
+    spec = MergeSpec("dare_ties", 2, {"seed": 1}, [{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.4}])
+    want = HFDirSource(merge_to_hf(spec, base, [m1, m2], tmp_path / "a", verify=False).out)
+    for i, inputs in enumerate(([deltas[0], m2], deltas)):
+        got = HFDirSource(merge_to_hf(spec, base, inputs, tmp_path / f"b{i}", verify=False).out)
+        for n in want.names():
+            np.testing.assert_array_equal(np.asarray(got.get(n)), np.asarray(want.get(n)), err_msg=n)
