@@ -99,6 +99,60 @@ def compare(a: Path, b: Path) -> dict:
     return {"max_abs_diff": worst, "fraction_elements_differing": differ / total}
 
 
+PARITY = {  # deterministic methods both implement: the tensors should agree to rounding (and tie-breaks)
+    "linear": ({"weight": [1.0, 0.5]}, {}),
+    "task_arithmetic": ({"weight": [1.0, 0.5]}, {"lambda": 0.9}),
+    "ties": ({"weight": [1.0, 0.5], "density": [0.3, 0.6]}, {}),
+    "ties_l1": ({"weight": [1.0, 0.7], "density": [0.3, 0.6]}, {"rescale": True}),
+    "breadcrumbs": ({"weight": [1.0, 0.5], "density": [0.5, 0.7], "gamma": [0.05, 0.1]}, {}),
+    "breadcrumbs_ties": ({"weight": [1.0, 0.5], "density": [0.5, 0.7], "gamma": [0.05, 0.1]}, {}),
+    "slerp": ({}, {"t": [0.0, 0.3, 1.0]}),
+}
+
+
+def parity(mk: Path, work: Path) -> dict:
+    """Run every deterministic method with mergekit and paft_jax on small random Llama models."""
+    import torch
+    import transformers
+    import yaml
+    work.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(3):
+        p = work / f"m{i}"
+        if not (p / "config.json").exists():
+            torch.manual_seed(i)
+            cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                                           num_attention_heads=4, num_key_value_heads=2)
+            m = transformers.LlamaForCausalLM(cfg)
+            with torch.no_grad():
+                for prm in m.parameters():
+                    prm.add_(torch.randn_like(prm) * 0.02)
+            m.save_pretrained(p)
+        paths.append(p)
+    report = {}
+    for name, (per, glob) in PARITY.items():
+        method = "ties" if name == "ties_l1" else name
+        models = paths[1:2] if method == "slerp" else paths[1:]
+        entries = [{"model": str(paths[0])}] if method == "slerp" else []
+        entries += [{"model": str(m), "parameters": {k: v[i] for k, v in per.items()}} for i, m in enumerate(models)]
+        recipe = work / f"{name}.yaml"
+        data = {"merge_method": method, "base_model": str(paths[0]), "models": entries, "parameters": glob,
+                "dtype": "float32"}
+        if method == "linear":  # mergekit's linear averages base_model too (and wants a weight for it)
+            del data["base_model"]
+        recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+        outs = {k: work / f"out_{name}_{k}" for k in ("paft", "mk")}
+        for o in outs.values():
+            shutil.rmtree(o, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "paft_jax.merge.cli", "merge", "--config", str(recipe), "--out",
+                        str(outs["paft"]), "--no-verify"], check=True, cwd=ROOT, capture_output=True)
+        subprocess.run([str(mk), str(recipe), str(outs["mk"]), "--quiet"], check=True, capture_output=True)
+        report[name] = compare(outs["paft"], outs["mk"])
+        print(f"{name:<18} max |paft_jax - mergekit| = {report[name]['max_abs_diff']:.3g}, "
+              f"elements differing: {report[name]['fraction_elements_differing']:.3g}")
+    return report
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", default=str(ROOT / "cache" / "merge_bench"))
@@ -106,8 +160,19 @@ def main() -> int:
                     help="mergekit-yaml executable (default: .venv-mergekit/bin/, else next to this Python, else PATH)")
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--skip-in-memory", action="store_true")
+    ap.add_argument("--parity", action="store_true",
+                    help="instead: run each deterministic method both ways on small random models and compare")
     args = ap.parse_args()
     cache = Path(args.cache)
+    mk = Path(args.mergekit or next((str(p) for p in (ROOT / ".venv-mergekit" / "bin" / "mergekit-yaml",
+                                                       Path(sys.executable).parent / "mergekit-yaml")
+                                     if p.exists()), shutil.which("mergekit-yaml") or "mergekit-yaml"))
+    if args.parity:
+        rep = parity(mk, cache / "parity")
+        path = ROOT / "benchmarks" / "results" / f"merge_parity_{time.strftime('%Y%m%d_%H%M%S')}.json"
+        path.write_text(json.dumps(rep, indent=2) + "\n")
+        print(f"wrote {path}")
+        return 0
     base, ma, mb = prepare(cache)
     recipe = cache / "ties.yaml"
     recipe.write_text(f"merge_method: ties\nbase_model: {base}\nmodels:\n"
@@ -124,9 +189,6 @@ def main() -> int:
     if not args.skip_in_memory:
         rows["paft_jax in memory"] = measure([sys.executable, "-c", IN_MEMORY, str(recipe), str(outs["paft_memory"])],
                                              env)
-    mk = Path(args.mergekit or next((str(p) for p in (ROOT / ".venv-mergekit" / "bin" / "mergekit-yaml",
-                                                       Path(sys.executable).parent / "mergekit-yaml")
-                                     if p.exists()), shutil.which("mergekit-yaml") or "mergekit-yaml"))
     if mk.exists():
         ver = subprocess.run([str(mk.parent / "python"), "-c", "import importlib.metadata as m; "
                               "print(m.version('mergekit'), m.version('torch'))"], capture_output=True, text=True)
