@@ -138,8 +138,8 @@ def parity(mk: Path, work: Path) -> dict:
         recipe = work / f"{name}.yaml"
         data = {"merge_method": method, "base_model": str(paths[0]), "models": entries, "parameters": glob,
                 "dtype": "float32"}
-        if method == "linear":  # mergekit's linear averages base_model too (and wants a weight for it)
-            del data["base_model"]
+        if method == "linear":  # mergekit's linear averages base_model too, with the global weight
+            data["parameters"] = {"weight": 0.25}
         recipe.write_text(yaml.safe_dump(data, sort_keys=False))
         outs = {k: work / f"out_{name}_{k}" for k in ("paft", "mk")}
         for o in outs.values():

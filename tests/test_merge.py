@@ -469,3 +469,13 @@ def test_delta_sources_plug_in(three_models, tmp_path):
         got = HFDirSource(merge_to_hf(spec, base, inputs, tmp_path / f"b{i}", verify=False).out)
         for n in want.names():
             np.testing.assert_array_equal(np.asarray(got.get(n)), np.asarray(want.get(n)), err_msg=n)
+
+
+def test_linear_recipe_averages_the_base_as_mergekit_does():
+    r = load_recipe("merge_method: linear\nbase_model: /b\nmodels:\n  - {model: /a, parameters: {weight: 1.0}}\n"
+                    "parameters: {weight: 0.25}\n")
+    assert r.models == ["/a", "/b"]
+    np.testing.assert_allclose(r.spec.resolve("model.norm.weight", 2).weight, [1.0, 0.25])
+    r = load_recipe("merge_method: linear\nbase_model: /b\nmodels:\n  - {model: /a, parameters: {weight: 1.0}}\n"
+                    "  - {model: /b, parameters: {weight: 3.0}}\n")
+    assert r.models == ["/a", "/b"] and list(r.spec.resolve("x", None).weight) == [1.0, 3.0]

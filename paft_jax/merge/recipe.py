@@ -299,10 +299,13 @@ def load_recipe(source: str | Path | dict, *, where: str | None = None) -> Recip
         if not isinstance(e, dict) or "model" not in e or set(e) - {"model", "parameters"}:
             raise RecipeError(f"{where}: models[{i}]: expected {{model: PATH, parameters: {{...}}}}, got {e!r}")
         path = str(e["model"])
-        if base is not None and _same(path, base):
+        if base is not None and _same(path, base) and get_method(method).kind != "linear":
             continue  # mergekit lists the base among the models for slerp; it is the base, not a delta
         models.append(path)
         params.append(dict(e.get("parameters") or {}))
+    if base is not None and get_method(method).kind == "linear" and not any(_same(m, base) for m in models):
+        models.append(base)  # mergekit's linear averages base_model too (its weight from `parameters`)
+        params.append({})
     if base is None and get_method(method).kind != "linear":
         raise RecipeError(f"{where}: merge_method {method} needs a base_model (the deltas are taken from it)")
     overrides = []
