@@ -2,9 +2,10 @@
 
 Every method is "sparsify each model's delta, weight it, optionally elect a sign, sum, optionally
 normalize, scale by lambda, add to the base" (mergekit's generalized task arithmetic), plus `linear`
-and `slerp`, which interpolate whole tensors.  One function, `merge_tensor`, runs them all; the
-method and a few flags are static, every number that may vary per tensor or per layer (weights,
-rank windows, densities, lambda, t, the seed) is traced, so a model compiles once per tensor size.
+and `slerp`, which interpolate whole tensors.  `merge_flat` runs them all over a tensor's chunks
+with three jitted kernels (`_hist_hi`, `_hist_lo`, `_apply`); the method and a few flags are
+static, every number that may vary per tensor or per layer (weights, rank cuts, densities, lambda,
+t, the seed) is traced, so a whole model compiles each kernel once (DELLA: once per row length).
 
 Tensors are handled flat, in HF layout (row-major [out, in]): magnitude ties are broken by flat
 index and random masks are drawn in flat order, so the streamed (safetensors) and in-memory (our
@@ -247,6 +248,8 @@ def merge_flat(base, inputs, params: dict, *, method: str, rescale: str, normali
     """
     meth = METHODS[method]
     n = int(np.prod(shape, dtype=np.int64))
+    if n == 0:
+        return out if out is not None else jnp.zeros((0,), jnp.float32)
     cols = int(np.prod(shape[1:], dtype=np.int64)) if meth.sparsify == "della" and len(shape) >= 2 else (
         n if meth.sparsify == "della" else 0)
     step = max(1, CHUNK // cols) * cols if cols else CHUNK  # della: whole rows per chunk
@@ -274,13 +277,12 @@ def merge_flat(base, inputs, params: dict, *, method: str, rescale: str, normali
     p["l1"] = np.ones((m_models,), np.float32)
     p["coef"] = np.ones((2,), np.float32)
     if (rescale == "l1" and meth.sparsify is not None) or meth.kind == "slerp":
-        acc = 0
+        acc = 0.0  # per-chunk fp32 sums, combined in float64
         for b, xs, valid, c in chunks():
-            acc = acc + _apply(b, xs, valid, np.uint32(c), p, sel, carry, stats=True, **static)
+            acc = acc + np.asarray(_apply(b, xs, valid, np.uint32(c), p, sel, carry, stats=True, **static), np.float64)
         if meth.kind == "slerp":
-            p["coef"] = np.asarray(_slerp_coefs(float(params["t"]), *np.asarray(acc, np.float64)), np.float32)
+            p["coef"] = np.asarray(_slerp_coefs(float(params["t"]), *acc), np.float32)
         else:  # mergekit: match the L1 norm unless either norm is below 1e-7
-            acc = np.asarray(acc, np.float64)
             ok = (acc[:, 0] >= 1e-7) & (acc[:, 1] >= 1e-7)
             p["l1"] = np.where(ok, acc[:, 0] / np.where(ok, acc[:, 1], 1.0), 1.0).astype(np.float32)
     pieces = []
