@@ -34,9 +34,9 @@ class TrainConfig:
     grad_accum: int = 1                # micro-batches per step (lax.scan inside the step)
     eval_every: int = 0                # 0: evaluate at the end only (when eval_data is set)
     eval_batches: int = 0              # 0: the whole held-out set
-    log_every: int = 1
+    eval_at_start: bool = False        # also evaluate the untrained branch (= the base) at step 0
     ref_cache: bool = True             # dpo: precompute reference log-probs once, cached on disk
-    cache_dir: str = ".cache/paft_jax"
+    cache_dir: str = "cache/paft_jax"  # reference log-prob cache (content-addressed)
     output_dir: str = "runs/branch"
     seed: int = 0
 
@@ -44,8 +44,8 @@ class TrainConfig:
         """Every refusal that needs no devices, data or weights."""
         if self.steps < 1:
             raise ValueError(f"steps={self.steps} must be >= 1")
-        if self.grad_accum < 1 or self.eval_every < 0 or self.eval_batches < 0 or self.log_every < 1:
-            raise ValueError("grad_accum and log_every must be >= 1, eval_every and eval_batches >= 0")
+        if self.grad_accum < 1 or self.eval_every < 0 or self.eval_batches < 0:
+            raise ValueError("grad_accum must be >= 1, eval_every and eval_batches >= 0")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: expected one of {REMAT_POLICIES}")
         if self.compute_dtype not in ("auto", "float32", "bfloat16"):

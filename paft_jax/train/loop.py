@@ -185,6 +185,8 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
     t_start = time.time()
     start_step = int(jax.device_get(branch.state.step))
     try:
+        if cfg.eval_at_start and start_step == 0 and branch.eval_it is not None:
+            record({"step": 0, **branch.evaluate()})
         for step in range(start_step, cfg.steps):
             batch = next(branch.train_it)
             tokens = float(batch["loss_mask"].sum()), int((batch["segment_ids"] > 0).sum())
