@@ -479,3 +479,39 @@ def test_linear_recipe_averages_the_base_as_mergekit_does():
     r = load_recipe("merge_method: linear\nbase_model: /b\nmodels:\n  - {model: /a, parameters: {weight: 1.0}}\n"
                     "  - {model: /b, parameters: {weight: 3.0}}\n")
     assert r.models == ["/a", "/b"] and list(r.spec.resolve("x", None).weight) == [1.0, 3.0]
+
+
+def test_bfloat16_inputs_streamed_equal_in_memory(hf_dir, tmp_path):
+    from paft_jax.hf.layout import get_path, iter_hf_tensors, to_hf
+    from paft_jax.hf.load import load_model
+    from paft_jax.merge.sources import HFDirSource
+    from paft_jax.merge.tree import merge_models
+    from conftest import make_hf_model
+    import torch
+    paths = []
+    for i in range(3):
+        make_hf_model("qwen2", seed=i).to(torch.bfloat16).save_pretrained(tmp_path / f"q{i}")
+        paths.append(tmp_path / f"q{i}")
+    spec = MergeSpec("ties", 2, {}, [{"weight": 1.0, "density": 0.4}, {"weight": 0.6, "density": 0.5}])
+    out = HFDirSource(merge_to_hf(spec, paths[0], paths[1:], tmp_path / "out", verify=False).out)
+    lms = [load_model(p, with_tokenizer=False) for p in paths]
+    assert lms[0].cfg.param_dtype == "bfloat16"
+    merged = merge_models(lms[0].params, [lm.params for lm in lms[1:]], spec, cfg=lms[0].cfg)
+    for e, i, name in iter_hf_tensors(lms[0].cfg):
+        leaf = get_path(merged, e.path)
+        assert out.dtype(name) == leaf.dtype
+        np.testing.assert_array_equal(to_hf(e, np.asarray(leaf if i is None else leaf[i])), out.get(name), err_msg=name)
+
+
+def test_failed_verification_removes_the_output(three_models, tmp_path, monkeypatch):
+    import paft_jax.hf.verify as verify
+    from paft_jax.hf.verify import ExportMismatchError
+
+    def mismatch(model_dir, *a, **k):
+        raise ExportMismatchError(f"{model_dir}: logits differ")
+
+    monkeypatch.setattr(verify, "verify_export", mismatch)
+    out = tmp_path / "merged"
+    with pytest.raises(ExportMismatchError):
+        merge_to_hf(spec2(), three_models[0], [three_models[1]], out)
+    assert not out.exists() and not list(tmp_path.glob(".merged.*"))

@@ -94,12 +94,12 @@ class FlatReader:
         start, stop, step = sl.indices(self.shape[0])
         if step != 1:
             raise IndexError("FlatReader: contiguous slices only")
-        out = np.empty(max(0, stop - start), self.dtype)
+        raw = np.empty(max(0, stop - start) * self.dtype.itemsize, np.uint8)  # bytes: bfloat16 has no buffer code
         with open(self.path, "rb", buffering=0) as fh:
-            got = os.preadv(fh.fileno(), [memoryview(out).cast("B")], self.offset + start * self.dtype.itemsize)
-        if got != out.nbytes:
+            got = os.preadv(fh.fileno(), [raw], self.offset + start * self.dtype.itemsize)
+        if got != raw.nbytes:
             raise ValueError(f"{self.path}: short read (truncated file?)")
-        return out
+        return raw.view(self.dtype)
 
     def reshape(self, *shape):
         if shape in ((-1,), (self.shape[0],), ((-1,),)):
