@@ -288,12 +288,19 @@ def merge_flat(base, inputs, params: dict, *, method: str, rescale: str, normali
     pieces = []
     for b, xs, valid, c in chunks():
         res, carry = _apply(b, xs, valid, np.uint32(c), p, sel, carry, stats=False, **static)
-        start = c * step
-        if out is not None:
-            out[start:start + int(valid)] = np.asarray(res)[: int(valid)]
-        else:
-            pieces.append(res[: int(valid)])
-    return out if out is not None else jnp.concatenate(pieces)
+        pieces.append((c * step, int(valid), res))
+        if out is not None and len(pieces) > 1:  # copy chunk c-1 out while chunk c computes
+            _drain(out, pieces.pop(0))
+    if out is None:
+        return jnp.concatenate([res[:valid] for _, valid, res in pieces])
+    for piece in pieces:
+        _drain(out, piece)
+    return out
+
+
+def _drain(out, piece):
+    start, valid, res = piece
+    out[start:start + valid] = np.asarray(res)[:valid]
 
 
 def _pad(x, pad):
