@@ -26,6 +26,8 @@ def cmd_train(args) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     result = train(cfg, mesh=mesh, progress=not args.no_progress)
+    if result.preempted:
+        log.warning("stopped early by a signal; the same command resumes from the saved checkpoint")
     final = {k: v for r in result.history for k, v in r.items() if not k.startswith("time")}
     log.info("done in %.1fs; metrics in %s/metrics.jsonl", result.wall_s, cfg.output_dir)
     print(json.dumps(final))

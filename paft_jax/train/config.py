@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from paft_jax.checkpoint import CheckpointConfig
 from paft_jax.config import MeshConfig, load_config
 from paft_jax.data.config import DataConfig
 from paft_jax.models.config import REMAT_POLICIES
@@ -37,6 +38,7 @@ class TrainConfig:
     eval_at_start: bool = False        # also evaluate the untrained branch (= the base) at step 0
     ref_cache: bool = True             # dpo: precompute reference log-probs once, cached on disk
     cache_dir: str = "cache/paft_jax"  # reference log-prob cache (content-addressed)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output_dir: str = "runs/branch"
     seed: int = 0
 
@@ -51,6 +53,7 @@ class TrainConfig:
         if self.compute_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"compute_dtype={self.compute_dtype!r}: expected auto | float32 | bfloat16")
         self.objective.validate()
+        self.checkpoint.validate()
         self.optim.validate(self.steps)
         self.delta.validate()
         want = "preference" if self.objective.preference else "sft"

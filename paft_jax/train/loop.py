@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,8 @@ class BranchResult:
     state: TrainState
     history: list[dict] = field(default_factory=list)   # one record per logged step / evaluation
     wall_s: float = 0.0
+    preempted: bool = False           # stopped by SIGTERM/SIGINT after saving a checkpoint
+    resumed_from: int | None = None
     step_times: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of each step, epoch s
 
 
@@ -167,12 +170,19 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
     cfg = branch.cfg
     out = Path(cfg.output_dir)
     primary = jax.process_index() == 0
+    ckpt = _checkpointer(cfg)
+    result = BranchResult(branch.state)
+    if ckpt is not None and cfg.checkpoint.resume != "never":
+        result.resumed_from = _resume(branch, ckpt, cfg)
+    start_step = int(jax.device_get(branch.state.step))
     if primary:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+        _truncate_metrics(out / "metrics.jsonl", start_step)
     metrics_file = (out / "metrics.jsonl").open("a") if primary else None
-    result = BranchResult(branch.state)
     name = name or cfg.objective.kind
+    meta = {"config": to_dict(cfg), "base": branch.base.source, "model_config": dataclasses.asdict(branch.base.cfg),
+            "ref_cache": {k: str(t.path) for k, t in branch.ref_tables.items()}}
 
     def record(rec: dict) -> None:
         result.history.append(rec)
@@ -180,10 +190,11 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
             metrics_file.write(json.dumps(rec) + "\n")
             metrics_file.flush()
 
+    from paft_jax.checkpoint import StopRequest
     from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.steps, desc=name, disable=not (progress and primary), dynamic_ncols=True)
+    stop = StopRequest(cfg.checkpoint.on_signal)
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=name, disable=not (progress and primary), dynamic_ncols=True)
     t_start = time.time()
-    start_step = int(jax.device_get(branch.state.step))
     try:
         if cfg.eval_at_start and start_step == 0 and branch.eval_it is not None:
             record({"step": 0, **branch.evaluate()})
@@ -193,22 +204,88 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
             t0 = time.time()
             metrics = branch.step(batch)
             _log_step(record, bar, step, metrics, t0, tokens)
-            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps
+            done = step + 1
+            if stop.requested():
+                if ckpt is not None:
+                    ckpt.save(done, branch.state, branch.train_it.state(), {**meta, "step": done}, wait=True)
+                why = signal.Signals(stop.signum).name if stop.signum else "a stop request"
+                bar.write(f"[{name}] stopped by {why} after step {done}" +
+                          (f"; checkpoint saved in {ckpt.directory}" if ckpt else ""))
+                result.preempted = True
+                break
+            if ckpt is not None and ckpt.should_save(done, cfg.steps):
+                ckpt.save(done, branch.state, branch.train_it.state(), {**meta, "step": done})
+            if (cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps
                     and branch.eval_it is not None):
-                record({"step": step + 1, **branch.evaluate()})
-        if branch.eval_it is not None:
+                record({"step": done, **branch.evaluate()})
+        if branch.eval_it is not None and not result.preempted:
             ev = branch.evaluate()
             record({"step": cfg.steps, **ev})
             bar.write(f"[{name}] eval at step {cfg.steps}: " +
                       ", ".join(f"{k}={v:.4g}" for k, v in ev.items()))
     finally:
+        stop.restore_handlers()
         bar.close()
         if metrics_file:
             metrics_file.close()
+        if ckpt is not None:
+            ckpt.close()
     result.state = branch.state
     result.wall_s = time.time() - t_start
     result.step_times = [(r["time_start"], r["time_end"]) for r in result.history if "time_start" in r]
     return result
+
+
+def _checkpointer(cfg: TrainConfig):
+    if not cfg.checkpoint.enabled:
+        return None
+    from paft_jax.checkpoint import BranchCheckpointer
+    directory = cfg.checkpoint.directory or str(Path(cfg.output_dir).absolute() / "checkpoints")
+    return BranchCheckpointer(cfg.checkpoint, directory)
+
+
+def _resume(branch: Branch, ckpt, cfg: TrainConfig) -> int | None:
+    """Restore the latest complete checkpoint (or the one `checkpoint.resume` names) into the branch."""
+    from paft_jax.checkpoint import BranchCheckpointer, abstract_like
+    abstract = abstract_like(branch.state, branch.state_sh)
+    if cfg.checkpoint.resume == "auto":
+        got = ckpt.restore(abstract)
+    else:
+        path = Path(cfg.checkpoint.resume)
+        if not path.name.isdigit():
+            raise ValueError(f"checkpoint.resume={cfg.checkpoint.resume!r}: expected auto, never, or a "
+                             "checkpoint step directory such as runs/x/checkpoints/200")
+        other = BranchCheckpointer(dataclasses.replace(cfg.checkpoint, fallback=False), str(path.parent))
+        try:
+            got = other.restore(abstract, int(path.name))
+        finally:
+            other.close()
+    if got is None:
+        return None
+    step, state, data_state, meta = got
+    saved = meta.get("config", {})
+    for key in ("objective", "delta"):
+        mine = to_dict(getattr(cfg, key))
+        theirs = saved.get(key)
+        if theirs is not None and {k: theirs.get(k) for k in ("kind", "lora_rank", "lora_targets") if k in mine} \
+                != {k: mine.get(k) for k in ("kind", "lora_rank", "lora_targets") if k in mine}:
+            raise ValueError(f"checkpoint step {step} in {ckpt.directory} was written by a run with "
+                             f"{key}={theirs}, not {key}={mine}; refusing to resume it")
+    branch.state = state
+    branch.train_it.restore(data_state)
+    log.info("resumed from %s/%d", ckpt.directory if cfg.checkpoint.resume == "auto" else
+             Path(cfg.checkpoint.resume).parent, step)
+    return step
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records of steps after `step` (written before a crash, redone after the resume)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    if step == 0:
+        keep = []
+    path.write_text("".join(line + "\n" for line in keep))
 
 
 def _log_step(record, bar, step: int, metrics: dict, t0: float, tokens: tuple[float, int]) -> None:
