@@ -48,7 +48,8 @@ def main() -> None:
     from paft_jax.mesh import build_mesh
     from paft_jax.train.config import load_train_config
     from paft_jax.train.loop import load_base, train
-    common = [f"steps={args.steps}", "eval_every=0", "optim.warmup_steps=2", *args.overrides]
+    common = [f"steps={args.steps}", "eval_every=0", "eval_at_start=false", "optim.warmup_steps=2",
+              "checkpoint.enabled=false", *args.overrides]
     cfg0 = load_train_config(args.config, common)
     mesh = build_mesh(cfg0.mesh)
     base = load_base(cfg0, mesh, cfg0.mesh.logical_rules())
