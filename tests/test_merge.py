@@ -127,8 +127,11 @@ def run(method, base, deltas, per_model, params=None, from_models=False):
 
 @pytest.fixture(params=[1 << 18, 16], ids=["one-chunk", "chunked"])
 def chunk(request, monkeypatch):
-    """Run each method test with the real chunk size and with a tiny one (several chunks, padding)."""
+    """Run each method test with the real chunk size and with a tiny one (several chunks, padding,
+    re-read on every pass as an embedding is rather than kept on the device)."""
     monkeypatch.setattr(methods, "CHUNK", request.param)
+    if request.param == 16:
+        monkeypatch.setattr(methods, "CACHE_ELEMENTS", 0)
     return request.param
 
 

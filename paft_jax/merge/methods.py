@@ -71,6 +71,7 @@ def _key(seed, nhash, model_index):
 # magnitude rank cut, L1 norms, slerp's angle) are gathered in a first pass over the chunks.
 # Random masks are drawn per chunk (key folded with the chunk index), so they depend on CHUNK.
 CHUNK = 1 << 17
+CACHE_ELEMENTS = 1 << 23  # chunks of tensors up to this many input elements (32 MB fp32) stay on the device
 _HI, _LO = 1 << 15, 1 << 16  # radix-select bins: high 15 and low 16 bits of |delta|'s float bits
 
 
@@ -255,13 +256,21 @@ def merge_flat(base, inputs, params: dict, *, method: str, rescale: str, normali
     step = max(1, CHUNK // cols) * cols if cols else CHUNK  # della: whole rows per chunk
     m_models = len(inputs)
 
-    def chunks():
+    def read():
         for c, start in enumerate(range(0, n, step)):
             stop = min(n, start + step)
             pad = step - (stop - start)
             b = _pad(base[start:stop], pad)
             xs = tuple(_pad(x[start:stop], pad) for x in inputs)
             yield b, xs, np.int32(stop - start), c
+
+    # several passes read the chunks: keep them on the device between passes unless the tensor is
+    # big (an embedding is re-read from disk / the page cache instead, to keep memory to a few chunks)
+    cached = ([(jax.device_put(b), jax.device_put(xs), v, c) for b, xs, v, c in read()]
+              if n * (m_models + 1) <= CACHE_ELEMENTS else None)
+
+    def chunks():
+        return iter(cached) if cached is not None else read()
 
     p = {k: v for k, v in params.items() if k not in ("lo", "hi")}  # numpy: no eager device ops per tensor
     t_count = 2 if meth.sparsify == "outliers" else 1
