@@ -31,19 +31,26 @@ def token_logps(logits: Array, targets: Array) -> Array:
 
 
 def token_logps_chunked(hidden: Array, kernel: Array, targets: Array, chunk_size: int = 8192,
-                        with_hits: bool = False) -> Array | tuple[Array, Array]:
+                        with_hits: bool = False, vocab_major: bool = False) -> Array | tuple[Array, Array]:
     """log p(targets) from final hidden states [B, T, E] and the output kernel [E, V], vocab in chunks.
 
     A running (max, sum-exp) over vocab chunks replaces one [B, T, V] fp32 log-softmax: peak memory is
     [B, T, chunk].  The chunk body is rematerialized, so the backward pass recomputes each chunk's
     logits instead of storing all of them (which would bring the full [B, T, V] back).
     `with_hits` also returns whether each target is the argmax (token accuracy, ties count as hits).
+    `vocab_major`: the kernel is [V, E] (a tied embedding), sliced into chunks without a transpose.
     """
-    e, v = kernel.shape
+    v, e = kernel.shape if vocab_major else kernel.shape[::-1]
     n = -(-v // chunk_size)
     pad = n * chunk_size - v
-    w = jnp.pad(kernel, ((0, 0), (0, pad))) if pad else kernel
-    w = w.reshape(e, n, chunk_size).transpose(1, 0, 2)            # [n, E, C]
+    if vocab_major:
+        w = jnp.pad(kernel, ((0, pad), (0, 0))) if pad else kernel
+        w = w.reshape(n, chunk_size, e)                             # [n, C, E]: rows are contiguous
+        spec = "...e,ce->...c"
+    else:
+        w = jnp.pad(kernel, ((0, 0), (0, pad))) if pad else kernel
+        w = w.reshape(e, n, chunk_size).transpose(1, 0, 2)          # [n, E, C]
+        spec = "...e,ec->...c"
     targets = targets.astype(jnp.int32)
     lead = hidden.shape[:-1]
     acc = jnp.promote_types(hidden.dtype, jnp.float32)
@@ -52,8 +59,7 @@ def token_logps_chunked(hidden: Array, kernel: Array, targets: Array, chunk_size
     def body(carry, xs):
         m, s, picked = carry
         wc, start = xs
-        logits = jnp.einsum("...e,ec->...c", hidden, wc.astype(hidden.dtype),
-                            preferred_element_type=acc)
+        logits = jnp.einsum(spec, hidden, wc.astype(hidden.dtype), preferred_element_type=acc)
         valid = (start + jnp.arange(chunk_size)) < v               # padded vocab columns never count
         logits = jnp.where(valid, logits, -jnp.inf)
         m_new = jnp.maximum(m, logits.max(-1))

@@ -61,11 +61,15 @@ def test_chunked_logps_match_full_values_and_gradients(chunk):
     def chunked(h, w):
         return losses.token_logps_chunked(h, w, targets, chunk_size=chunk)
 
-    np.testing.assert_allclose(chunked(hidden, kernel), full(hidden, kernel), rtol=1e-12, atol=1e-12)
+    def chunked_vocab_major(h, w):  # a tied embedding [V, E]
+        return losses.token_logps_chunked(h, w.T, targets, chunk_size=chunk, vocab_major=True)
+
     g_full = jax.grad(lambda h, w: full(h, w).sum(), argnums=(0, 1))(hidden, kernel)
-    g_chunk = jax.grad(lambda h, w: chunked(h, w).sum(), argnums=(0, 1))(hidden, kernel)
-    for a, b in zip(g_chunk, g_full):
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    for fn in (chunked, chunked_vocab_major):
+        np.testing.assert_allclose(fn(hidden, kernel), full(hidden, kernel), rtol=1e-12, atol=1e-12)
+        g_chunk = jax.grad(lambda h, w: fn(h, w).sum(), argnums=(0, 1))(hidden, kernel)
+        for a, b in zip(g_chunk, g_full):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_pair_logps_from_packed_segments():

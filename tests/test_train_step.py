@@ -236,3 +236,14 @@ def test_freeze_patterns_keep_leaves_at_base():
 def test_lora_targets_that_match_nothing_are_refused():
     with pytest.raises(ValueError, match="match no module"):
         delta_lib.DeltaConfig(kind="lora", lora_targets=["qproj"]).validate()
+
+
+def test_full_logits_path_equals_chunked():
+    """logits_chunk=0 (full logits, no recompute) and the chunked path give the same step."""
+    out = []
+    for chunk in (0, 40):  # 40 does not divide the vocab of 96
+        train, _, state, base = _setup(ObjectiveConfig(kind="sft", logits_chunk=chunk), opt=optax.sgd(1.0))
+        state, m = train(state, base, sft_batch())
+        out.append((_host(state.delta), float(m["loss"]), float(m["mean_token_accuracy"])))
+    assert _max_rel(out[0][0], out[1][0]) <= 1e-5
+    assert out[0][1] == pytest.approx(out[1][1], rel=1e-6) and out[0][2] == out[1][2]

@@ -29,7 +29,7 @@ class ObjectiveConfig:
     nll_weight: float = 0.0           # simpo: weight of the chosen NLL (CPO's alpha); orpo always has weight 1
     l1_lambda: float = 0.0            # L1 on the delta (0 = off)
     l1_mode: str = "proximal"         # proximal (soft-threshold after each update: exact zeros) | penalty
-    logits_chunk: int = 8192          # vocab chunk of the log-softmax
+    logits_chunk: int = 8192          # vocab chunk of the log-softmax (0: full logits, no recompute)
 
     def validate(self) -> None:
         if self.kind not in OBJECTIVES:
@@ -43,8 +43,8 @@ class ObjectiveConfig:
         if self.l1_lambda < 0 or self.l1_mode not in ("proximal", "penalty"):
             raise ValueError(f"objective.l1_lambda={self.l1_lambda} / l1_mode={self.l1_mode!r}: "
                              "need lambda >= 0 and mode proximal | penalty")
-        if self.logits_chunk < 1:
-            raise ValueError("objective.logits_chunk must be >= 1")
+        if self.logits_chunk < 0:
+            raise ValueError("objective.logits_chunk must be >= 0 (0: no chunking)")
 
     @property
     def preference(self) -> bool:

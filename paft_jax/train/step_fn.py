@@ -41,9 +41,16 @@ def make_logp_fn(cfg: ModelConfig, mesh: Mesh | None, rules: tuple, chunk: int):
     def logp_fn(params, batch):
         hidden, _ = model.apply({"params": params}, batch["input_ids"], positions=batch["positions"],
                                 segment_ids=batch["segment_ids"], return_hidden=True)
-        kernel = params["embed_tokens"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
+        tied = cfg.tie_word_embeddings
+        kernel = params["embed_tokens"]["embedding"] if tied else params["lm_head"]["kernel"]
+        if chunk <= 0:  # full [B, T, V] fp32 logits: no recompute in the backward pass, more memory
+            logits = jnp.einsum("bte,ve->btv" if tied else "bte,ev->btv", hidden, kernel.astype(hidden.dtype),
+                                preferred_element_type=jnp.float32)
+            lp = losses.token_logps(logits, batch["targets"])
+            hits = jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0] >= logits.max(-1)
+            return lp, jax.lax.stop_gradient(hits)
         return losses.token_logps_chunked(hidden, kernel, batch["targets"], min(chunk, cfg.vocab_size),
-                                          with_hits=True)
+                                          with_hits=True, vocab_major=tied)
     return logp_fn
 
 
