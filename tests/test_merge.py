@@ -248,7 +248,7 @@ models:
       density: [{filter: mlp, value: 0.3}, {value: 0.7}]
 parameters: {normalize: true, int8_mask: true, lambda: 1e-0}
 dtype: bfloat16
-overrides: [{pattern: "model.embed_tokens.*", skip: true}]
+overrides: [{pattern: "model.embed_tokens.*", skip: true}, {pattern: "*.k_proj.*", parameters: {density: 0.9}}]
 """)
     assert r.models == ["/m1", "/m2"] and r.base == "/base"  # the base listed among models is the base
     tp = r.spec.resolve("model.layers.1.mlp.up_proj.weight", 3)  # t = 1/2
@@ -257,6 +257,7 @@ overrides: [{pattern: "model.embed_tokens.*", skip: true}]
     np.testing.assert_allclose(tp.density, [0.5, 0.7])
     np.testing.assert_allclose(r.spec.resolve("model.norm.weight", 3).density, [0.1, 0.7])  # t = 0
     assert r.spec.resolve("model.embed_tokens.weight", 3).skip
+    np.testing.assert_allclose(r.spec.resolve("model.layers.0.self_attn.k_proj.weight", 3).density, [0.9, 0.9])
     assert r.spec.dtype == "bfloat16"
 
 
