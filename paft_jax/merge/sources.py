@@ -1,9 +1,8 @@
 """Tensor sources for the streaming merge: anything with names, shapes, dtypes and get(name).
 
-Today: HF model directories (safetensors, single or sharded, memory-mapped through
-`paft_jax.hf.load.SafetensorsSource`).  A paft_jax delta checkpoint (Orbax, a later issue) plugs in
-by implementing the same five members with `is_delta = True`: the merge then uses its tensors as
-deltas instead of subtracting the base.
+HF model directories (safetensors, single or sharded, memory-mapped through
+`paft_jax.hf.load.SafetensorsSource`), and paft_jax branch checkpoints (`train.restore.CheckpointSource`,
+`is_delta = True`: the merge uses their tensors as deltas instead of subtracting the base).
 """
 from __future__ import annotations
 
@@ -107,7 +106,17 @@ class FlatReader:
         raise ValueError("FlatReader: only flat views")
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """A paft_jax branch run / checkpoints dir / step dir (Orbax), as opposed to an HF model directory."""
+    p = Path(path)
+    return str(path).startswith("gs://") or (p / "checkpoints").is_dir() or (p / "_CHECKPOINT_METADATA").exists() \
+        or (p.is_dir() and any(c.name.isdigit() and (c / "state").is_dir() for c in p.iterdir()))
+
+
 def open_source(path: str | Path) -> TensorSource:
+    if is_checkpoint(path):
+        from paft_jax.train.restore import CheckpointSource
+        return CheckpointSource(path)
     return HFDirSource(path)
 
 

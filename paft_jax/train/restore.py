@@ -25,8 +25,10 @@ log = logging.getLogger("paft_jax")
 
 
 def locate(path: str | Path) -> tuple[str, int | None]:
-    """A run directory, its checkpoints/ directory, or one step directory -> (checkpoints dir, step|None)."""
-    p = Path(path)
+    """A run directory, its checkpoints/ directory, or one step directory -> (checkpoints dir, step|None).
+    Local paths and gs:// (through etils.epath, as Orbax itself)."""
+    from etils import epath
+    p = epath.Path(path)
     if p.name.isdigit() and p.is_dir():
         return str(p.parent), int(p.name)
     if (p / "checkpoints").is_dir():
@@ -71,6 +73,85 @@ def restore_branch(path: str | Path, mesh: Mesh, rules: tuple, *, base=None):
     delta = delta_lib.materialize(state.delta, cfg.delta, base.params)
     log.info("restored %s step %d (%s delta of a %s branch)", directory, step, cfg.delta.kind, cfg.objective.kind)
     return cfg, base, step, delta
+
+
+def model_config_from_meta(meta: dict):
+    from paft_jax.models.config import ModelConfig
+    d = dict(meta["model_config"])
+    if d.get("rope_scaling") is not None:  # JSON turned the tuple of pairs into lists
+        d["rope_scaling"] = tuple(tuple(kv) for kv in d["rope_scaling"])
+    if isinstance(d.get("eos_token_id"), list):
+        d["eos_token_id"] = tuple(d["eos_token_id"])
+    return ModelConfig(**d)
+
+
+def restore_delta(path: str | Path, mesh: Mesh | None = None, rules: tuple = ()):
+    """-> (TrainConfig, ModelConfig, step, dense delta pytree) without loading the base's weights
+    (LoRA is folded with the base's shapes only)."""
+    from paft_jax.mesh import build_mesh
+    from paft_jax.models.decoder import abstract_params
+    from paft_jax.config import MeshConfig
+    directory, step = locate(path)
+    step, meta = read_meta(directory, step)
+    cfg = from_dict(TrainConfig, meta["config"])
+    mcfg = model_config_from_meta(meta).replace(remat="none")
+    mesh = mesh or build_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    shapes, _ = abstract_params(mcfg)
+    mask = delta_lib.freeze_mask(shapes, cfg.delta)
+    opt = make_optimizer(cfg.optim, cfg.steps, mask)
+    d_abs, _ = delta_lib.delta_abstract(mcfg, cfg.delta)
+    sh = state_shardings(opt, d_abs, delta_lib.delta_shardings(mcfg, cfg.delta, mesh, rules), mesh)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), delta=d_abs,
+                          opt_state=jax.eval_shape(opt.init, d_abs))
+    ckpt = BranchCheckpointer(dataclasses.replace(cfg.checkpoint, fallback=False), directory)
+    try:
+        _, state, _, _ = ckpt.restore(abstract_like(abstract, sh), step)
+    finally:
+        ckpt.close()
+    return cfg, mcfg, step, delta_lib.materialize(state.delta, cfg.delta, shapes)
+
+
+class CheckpointSource:
+    """A branch checkpoint as a merge input: its delta under HF tensor names (`is_delta`).
+
+    The whole delta is restored to host memory once (float32); the merge then reads it tensor by
+    tensor like any other source."""
+
+    is_delta = True
+
+    def __init__(self, path: str | Path):
+        from paft_jax.hf.config import hf_config_dict
+        from paft_jax.hf.layout import get_path, iter_hf_tensors, to_hf
+        self.label = str(path)
+        cfg, mcfg, self.step, delta = restore_delta(path)
+        delta = jax.device_get(delta)
+        self.config = hf_config_dict(mcfg)
+        self._get = {}
+        for entry, layer, name in iter_hf_tensors(mcfg):
+            self._get[name] = (entry, layer)
+        self._delta, self._to_hf, self._path = delta, to_hf, get_path
+        self._shapes = {n: self._tensor(n).shape for n in self._get}
+
+    def _tensor(self, name: str):
+        import numpy as np
+        entry, layer = self._get[name]
+        x = np.asarray(self._path(self._delta, entry.path))
+        return self._to_hf(entry, x if layer is None else x[layer])
+
+    def names(self) -> list[str]:
+        return list(self._get)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._shapes[name])
+
+    def dtype(self, name: str):
+        import numpy as np
+        return np.dtype(np.float32)
+
+    def get(self, name: str):
+        if name not in self._get:
+            raise KeyError(f"{self.label}: no tensor {name!r} in this checkpoint's delta")
+        return self._tensor(name)
 
 
 def merged_params(base_params: Any, delta: Any) -> Any:
