@@ -175,7 +175,6 @@ def main() -> None:
 
     from paft_jax.hf.bundled import smollm2_gguf_path
     from paft_jax.hf.load import load_tokenizer
-    from paft_jax.models.config import ModelConfig  # noqa: F401
     g = smollm2_gguf_path()
     tok = load_tokenizer(g.parent, g)
     rows = texts(tok, args.batch, args.length)

@@ -11,7 +11,6 @@ import logging
 import signal
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from paft_jax.checkpoint import BranchCheckpointer, CheckpointConfig, CheckpointError
+from paft_jax.checkpoint import BranchCheckpointer, CheckpointError
 from paft_jax.config import MeshConfig
 from paft_jax.mesh import build_mesh
 from paft_jax.train.config import load_train_config

@@ -1,7 +1,6 @@
 """`launch train|sft|dpo|orpo|simpo --config CFG [key=value ...]`: one branch."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 

@@ -54,24 +54,9 @@ def read_meta(directory: str, step: int | None) -> tuple[int, dict]:
 def restore_branch(path: str | Path, mesh: Mesh, rules: tuple, *, base=None):
     """-> (TrainConfig, Base, step, dense delta pytree), the delta in the base's shardings."""
     from paft_jax.train.loop import load_base
-    directory, step = locate(path)
-    step, meta = read_meta(directory, step)
-    cfg = from_dict(TrainConfig, meta["config"])
+    cfg, _, step, delta = restore_delta(path, mesh, rules)
     base = base or load_base(dataclasses.replace(cfg, remat="none"), mesh, rules)
-    mask = delta_lib.freeze_mask(base.params, cfg.delta)
-    opt = make_optimizer(cfg.optim, cfg.steps, mask)
-    d_abs, _ = delta_lib.delta_abstract(base.cfg, cfg.delta)
-    sh = state_shardings(opt, d_abs, delta_lib.delta_shardings(base.cfg, cfg.delta, mesh, rules), mesh)
-    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), delta=d_abs,
-                          opt_state=jax.eval_shape(opt.init, d_abs))
-    ckpt = BranchCheckpointer(dataclasses.replace(cfg.checkpoint, fallback=False), directory)
-    try:
-        got = ckpt.restore(abstract_like(abstract, sh), step)
-    finally:
-        ckpt.close()
-    _, state, _, _ = got
-    delta = delta_lib.materialize(state.delta, cfg.delta, base.params)
-    log.info("restored %s step %d (%s delta of a %s branch)", directory, step, cfg.delta.kind, cfg.objective.kind)
+    log.info("restored %s step %d (%s delta of a %s branch)", path, step, cfg.delta.kind, cfg.objective.kind)
     return cfg, base, step, delta
 
 
