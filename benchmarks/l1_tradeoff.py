@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--settings", default=DEFAULT, help="comma list: dense | prox:LAMBDA | pen:LAMBDA")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/l1_tradeoff.json"))
     ap.add_argument("--plot", default=str(ROOT / "docs/img/l1_tradeoff.png"))
+    ap.add_argument("--append", action="store_true", help="add these settings to the rows already in --out")
     ap.add_argument("overrides", nargs="*", help="extra key=value for the training config")
     args = ap.parse_args()
 
@@ -53,6 +54,11 @@ def main() -> None:
     mesh = build_mesh(cfg0.mesh)
     base = load_base(cfg0, mesh, cfg0.mesh.logical_rules())
     rows = []
+    if args.append and Path(args.out).exists():
+        prev = json.loads(Path(args.out).read_text())
+        if prev["steps"] != args.steps or prev["overrides"] != args.overrides:
+            raise SystemExit(f"--append: {args.out} was made with other steps/overrides")
+        rows = [r for r in prev["rows"] if r["setting"] not in args.settings.split(",")]
     for setting in args.settings.split(","):
         mode, _, lam = setting.partition(":")
         extra = [] if mode == "dense" else [f"objective.l1_lambda={lam}",
@@ -73,6 +79,8 @@ def main() -> None:
     head = f"{'setting':12} {'eval loss':>9} {'tok acc':>8} {'exact 0':>8} " + \
         " ".join(f"{'<=' + format(t, 'g'):>8}" for t in TOLS) + f" {'mean|d|':>9}"
     print(head)
+    order = {"dense": 0, "prox": 1, "pen": 2}
+    rows.sort(key=lambda r: (order[r["mode"]], r["lambda"]))
     for r in rows:
         print(f"{r['setting']:12} {r['eval_loss']:9.4f} {r['eval_token_accuracy']:8.3f} {r['exact_zero']:8.1%} " +
               " ".join(f"{r[f'abs<={t:g}']:8.1%}" for t in TOLS) + f" {r['l1_mean']:9.2e}")
