@@ -73,15 +73,12 @@ def cmd_export(args) -> int:
 
 def _load_checkpoint(args):
     """A branch checkpoint as a model: its base (from the saved config) + its delta (LoRA folded in)."""
-    from types import SimpleNamespace
+    import dataclasses
     from paft_jax.train.restore import merged_params, restore_branch
     mesh, rules = _mesh(args.mesh)
     cfg, base, step, delta = restore_branch(args.checkpoint, mesh, rules)
-    params = merged_params(base.params, delta)
-    del delta
-    return SimpleNamespace(cfg=base.cfg.replace(remat="none"), params=params, tokenizer=base.tokenizer,
-                           hf_config=base.hf_config, generation_config=base.generation_config,
-                           source=f"{base.source} + {cfg.objective.kind} delta ({args.checkpoint}, step {step})")
+    return dataclasses.replace(base, params=merged_params(base.params, delta), cfg=base.cfg.replace(remat="none"),
+                               source=f"{base.source} + {cfg.objective.kind} delta ({args.checkpoint}, step {step})")
 
 
 def _export_verified(lm, out: Path, *, dtype: str, max_shard_size: str, base_model: str, how: str, overwrite: bool,

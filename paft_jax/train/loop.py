@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from paft_jax.config import to_dict
 from paft_jax.data import global_steps_per_epoch, make_loader, to_global
+from paft_jax.hf.load import LoadedModel, _resolve, load_model, load_tokenizer
 from paft_jax.mesh import build_mesh, tree_shardings
 from paft_jax.models.config import ModelConfig
 from paft_jax.models.decoder import abstract_params, init_params
@@ -31,15 +32,8 @@ from paft_jax.train.step_fn import TrainState, batch_spec, build_steps, init_sta
 log = logging.getLogger("paft_jax")
 
 
-@dataclass
-class Base:
-    """The frozen base every branch of a run shares (loaded once)."""
-    cfg: ModelConfig
-    params: Any
-    tokenizer: Any
-    source: str
-    hf_config: dict | None = None
-    generation_config: dict | None = None
+# The frozen base every branch of a run shares (loaded once): the imported model itself.
+Base = LoadedModel
 
 
 @dataclass
@@ -66,7 +60,6 @@ def resolve_tokenizer(spec: str | None, fallback: Any):
     if spec == "llama3-test":
         from paft_jax.data.testing import llama3_style_tokenizer
         return llama3_style_tokenizer()
-    from paft_jax.hf.load import _resolve, load_tokenizer
     directory, gguf = _resolve(spec)
     tok = load_tokenizer(directory, gguf)
     if tok is None:
@@ -85,13 +78,12 @@ def load_base(cfg: TrainConfig, mesh: Mesh, rules: tuple) -> Base:
         if cfg.param_dtype != "auto":
             mcfg = mcfg.replace(param_dtype=cfg.param_dtype)
         params = init_params(mcfg, jax.random.key(cfg.seed), mesh, rules)
-        return Base(mcfg, params, tok, f"random({mc})")
-    from paft_jax.hf.load import load_model
+        return Base(mcfg, params, tok, hf_config=None, source=f"random({mc})")
     lm = load_model(cfg.model, mesh=mesh, rules=rules, param_dtype=cfg.param_dtype, dtype=dtype,
                     with_tokenizer=cfg.tokenizer is None)
     tok = resolve_tokenizer(cfg.tokenizer, lm.tokenizer)
-    mcfg = lm.cfg.replace(remat=cfg.remat)
-    return Base(mcfg, lm.params, tok, lm.source, lm.hf_config, lm.generation_config)
+    lm.cfg, lm.tokenizer = lm.cfg.replace(remat=cfg.remat), tok
+    return lm
 
 
 class Branch:
