@@ -70,6 +70,19 @@ def batch_totals(ocfg: ObjectiveConfig, batch: dict) -> dict[str, jax.Array]:
     return out
 
 
+def reference_params(base: Any) -> Any:
+    """The DPO reference is the base itself (delta = 0), in the policy's float32 numerics."""
+    return jax.tree_util.tree_map(lambda w: w.astype(jnp.float32), base)
+
+
+def reference_pair_logps(logp_fn: LogpFn, ref_params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """The reference's summed chosen / rejected completion log-probs, [B, P] each (no gradient)."""
+    lp, _ = logp_fn(ref_params, batch)
+    out = losses.pair_logps(jax.lax.stop_gradient(lp), batch["loss_mask"].astype(jnp.float32),
+                            batch["segment_ids"], batch["pair_valid"].shape[1])
+    return out["chosen"], out["rejected"]
+
+
 def micro_loss(ocfg: ObjectiveConfig, logp_fn: LogpFn, params: Any, ref_params: Any, batch: dict,
                totals: dict) -> tuple[jax.Array, dict]:
     lp, hits = logp_fn(params, batch)
@@ -94,9 +107,7 @@ def micro_loss(ocfg: ObjectiveConfig, logp_fn: LogpFn, params: Any, ref_params: 
         if "ref_chosen" in batch:  # precomputed reference log-probs (sums over completion tokens)
             ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
         else:
-            ref_lp, _ = logp_fn(ref_params, batch)
-            ref = losses.pair_logps(jax.lax.stop_gradient(ref_lp), mask, batch["segment_ids"], pairs_per_row)
-            ref_c, ref_r = ref["chosen"], ref["rejected"]
+            ref_c, ref_r = reference_pair_logps(logp_fn, ref_params, batch)
         pc, pr = pol["chosen"], pol["rejected"]
         if ocfg.loss_type == "ipo":  # IPO regresses length-averaged log-ratios
             pc, pr = c_avg, r_avg

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paft_jax import losses
 from paft_jax.data import global_steps_per_epoch
+from paft_jax.train.objectives import reference_pair_logps, reference_params
 from paft_jax.train.step_fn import make_logp_fn
 
 log = logging.getLogger("paft_jax")
@@ -83,13 +83,9 @@ def reference_table(branch, it, split: str) -> RefTable:
         return table
 
     logp_fn = make_logp_fn(base.cfg, branch.mesh, branch.rules, cfg.objective.logits_chunk)
-    pairs = it.pairs
 
-    def ref(base_params, batch):
-        params = jax.tree_util.tree_map(lambda w: w.astype(jnp.float32), base_params)  # as the step's reference
-        lp, _ = logp_fn(params, batch)
-        out = losses.pair_logps(lp, batch["loss_mask"], batch["segment_ids"], pairs)
-        return out["chosen"], out["rejected"], batch["example_index"]
+    def ref(base_params, batch):  # exactly what the step computes when nothing is cached
+        return (*reference_pair_logps(logp_fn, reference_params(base_params), batch), batch["example_index"])
 
     replicated = jax.sharding.NamedSharding(branch.mesh, jax.sharding.PartitionSpec())
     ref = jax.jit(ref, in_shardings=(branch.base_sh, branch.data_sharding), out_shardings=replicated)

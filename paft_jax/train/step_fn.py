@@ -75,8 +75,7 @@ def build_steps(cfg: ModelConfig, dcfg: DeltaConfig, ocfg: ObjectiveConfig, opt:
         return objectives.micro_loss(ocfg, logp_fn, params, ref_params, mb, totals)
 
     def reference(base):
-        # the DPO reference is the base itself: delta = 0, same numerics as the policy at step 0
-        return jax.tree_util.tree_map(lambda w: w.astype(jnp.float32), base) if ocfg.needs_reference else None
+        return objectives.reference_params(base) if ocfg.needs_reference else None
 
     def train_step(state: TrainState, base: Any, batch: dict):
         totals = objectives.batch_totals(ocfg, batch)
