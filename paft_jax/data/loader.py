@@ -216,6 +216,19 @@ def global_steps_per_epoch(it: BatchIterator, epoch: int = 0) -> int:
     return int(np.max(multihost_utils.process_allgather(np.asarray(n, np.int32))))
 
 
+def one_pass(it: BatchIterator, max_batches: int = 0):
+    """Batches of one unshuffled pass over `it`'s examples (same tokenization and layout).  Every process
+    yields the same number of batches (the largest over processes, at most `max_batches` when > 0):
+    one that runs out first yields empty rows, so collectives stay in step."""
+    view = BatchIterator(it.ds, dataclasses.replace(it.cfg, shuffle=False, num_epochs=1, drop_remainder=False))
+    n = global_steps_per_epoch(view)
+    for _ in range(min(n, max_batches) if max_batches else n):
+        try:
+            yield next(view)
+        except StopIteration:
+            yield view.batch(view.cfg.seq_len, [])
+
+
 def batch_sharding(mesh, spec=None):
     """NamedSharding splitting dim 0 over the mesh's ('data', 'fsdp') axes (those the mesh has)."""
     from jax.sharding import NamedSharding, PartitionSpec

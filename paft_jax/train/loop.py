@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from paft_jax.config import to_dict
-from paft_jax.data import global_steps_per_epoch, make_loader, to_global
+from paft_jax.data import make_loader, one_pass, to_global
 from paft_jax.hf.load import LoadedModel, _resolve, load_model, load_tokenizer
 from paft_jax.mesh import build_mesh, tree_shardings
 from paft_jax.models.config import ModelConfig
@@ -130,17 +130,8 @@ class Branch:
 
     def evaluate(self) -> dict[str, float]:
         """The held-out set once (all processes run the same number of batches), TRL's eval_ names."""
-        it = self.eval_it
-        it.restore({**it.state(), "step": 0, "epoch": 0, "position": 0})
-        n = global_steps_per_epoch(it)
-        if self.cfg.eval_batches:
-            n = min(n, self.cfg.eval_batches)
         total = None
-        for _ in range(n):
-            try:
-                batch = next(it)
-            except StopIteration:  # this process ran out first: empty rows keep the collectives in step
-                batch = it.batch(self.cfg.eval_data.seq_len, [])
+        for batch in one_pass(self.eval_it, self.cfg.eval_batches):
             sums = jax.device_get(self.eval_sums(self.state.delta, self.base.params, self.device_batch(batch, "eval")))
             total = sums if total is None else jax.tree_util.tree_map(np.add, total, sums)
         metrics = objectives.finalize(self.cfg.objective, total)
@@ -176,6 +167,9 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
     meta = {"config": to_dict(cfg), "base": branch.base.source, "model_config": dataclasses.asdict(branch.base.cfg),
             "ref_cache": {k: str(t.path) for k, t in branch.ref_tables.items()}}
 
+    def save(step: int, wait: bool = False) -> None:
+        ckpt.save(step, branch.state, branch.train_it.state(), {**meta, "step": step}, wait=wait)
+
     def record(rec: dict) -> None:
         result.history.append(rec)
         if metrics_file:
@@ -199,14 +193,14 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
             done = step + 1
             if stop.requested():
                 if ckpt is not None:
-                    ckpt.save(done, branch.state, branch.train_it.state(), {**meta, "step": done}, wait=True)
+                    save(done, wait=True)
                 why = signal.Signals(stop.signum).name if stop.signum else "a stop request"
                 bar.write(f"[{name}] stopped by {why} after step {done}" +
                           (f"; checkpoint saved in {ckpt.directory}" if ckpt else ""))
                 result.preempted = True
                 break
             if ckpt is not None and ckpt.should_save(done, cfg.steps):
-                ckpt.save(done, branch.state, branch.train_it.state(), {**meta, "step": done})
+                save(done)
             if (cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps
                     and branch.eval_it is not None):
                 record({"step": done, **branch.evaluate()})
@@ -274,9 +268,10 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records of steps after `step` (written before a crash, redone after the resume)."""
     if not path.exists():
         return
+    if step == 0:  # a fresh run
+        path.unlink()
+        return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    if step == 0:
-        keep = []
     path.write_text("".join(line + "\n" for line in keep))
 
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paft_jax.data import global_steps_per_epoch
+from paft_jax.data import one_pass
 from paft_jax.train.objectives import reference_pair_logps, reference_params
 from paft_jax.train.step_fn import make_logp_fn
 
@@ -89,15 +89,9 @@ def reference_table(branch, it, split: str) -> RefTable:
 
     replicated = jax.sharding.NamedSharding(branch.mesh, jax.sharding.PartitionSpec())
     ref = jax.jit(ref, in_shardings=(branch.base_sh, branch.data_sharding), out_shardings=replicated)
-    view = _one_pass(it)
     idx, ch, rj = [], [], []
     from tqdm.auto import tqdm
-    n = global_steps_per_epoch(view)
-    for _ in tqdm(range(n), desc=f"reference log-probs ({split})", disable=jax.process_index() != 0):
-        try:
-            batch = next(view)
-        except StopIteration:
-            batch = view.batch(view.cfg.seq_len, [])
+    for batch in tqdm(one_pass(it), desc=f"reference log-probs ({split})", disable=jax.process_index() != 0):
         c, r, i = jax.device_get(ref(base.params, branch.device_batch(batch, "none")))
         keep = np.asarray(i) >= 0
         idx.append(np.asarray(i)[keep]), ch.append(np.asarray(c)[keep]), rj.append(np.asarray(r)[keep])
@@ -108,10 +102,3 @@ def reference_table(branch, it, split: str) -> RefTable:
     os.replace(tmp, path)
     log.info("reference log-probs for %s: %d pairs computed, saved to %s", split, len(index), path)
     return RefTable(it.ds.total_rows, index, chosen, rejected, path)
-
-
-def _one_pass(it):
-    """An unshuffled single pass over the same tokenized examples and batch layout."""
-    import dataclasses
-    from paft_jax.data.loader import BatchIterator
-    return BatchIterator(it.ds, dataclasses.replace(it.cfg, shuffle=False, num_epochs=1, drop_remainder=False))
