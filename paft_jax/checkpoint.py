@@ -4,10 +4,21 @@ Orbax writes each checkpoint under a temporary name and renames it when complete
 midway is never listed, and `resume: auto` picks the latest complete one.  Restores take the target
 shardings of the *current* mesh, so a checkpoint saved on one mesh restores on another.  A checkpoint
 that exists but cannot be read is an error naming it, unless `fallback: true` asks for the previous one.
+A save that fails (a full disk, a lost bucket) is a `CheckpointError` naming the step and the latest
+complete checkpoint, which the failed save never touches; its partial files are removed.
+
+Test-only hook: `PAFT_TEST_SLOW_SAVE=STEP:SECONDS` holds the save of STEP in its temporary, unfinalized
+state for SECONDS (an extra item whose background write sleeps first), so a test can kill a run while
+an async save is in flight, deterministically.  Never set it outside tests.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
+import functools
 import logging
+import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -57,6 +68,9 @@ class BranchCheckpointer:
             max_to_keep=cfg.keep_last, keep_period=cfg.keep_every or None, create=True,
             enable_async_checkpointing=cfg.async_save, save_interval_steps=1)
         self.manager = ocp.CheckpointManager(directory, options=opts)
+        self._in_flight: int | None = None   # step of the async save not yet waited for
+        self._failed: CheckpointError | None = None
+        self._slow = slow_save_hook()
 
     # ------------------------------------------------------------------------------------------ save
     def should_save(self, step: int, last_step: int) -> bool:
@@ -64,20 +78,61 @@ class BranchCheckpointer:
 
     def save(self, step: int, state: Any, data_state: dict, meta: dict, *, wait: bool = False) -> None:
         ocp = _ocp()
+        self.wait()  # a failed previous save is reported as that step's failure, before starting this one
         if step in self.manager.all_steps():
             return
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave(meta)), force=True)
+        items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                     meta=ocp.args.JsonSave(meta))
+        if self._slow and self._slow[0] == step:
+            log.warning("PAFT_TEST_SLOW_SAVE (test-only): holding the save of step %d unfinalized for %gs",
+                        step, self._slow[1])
+            items["test_slow_save"] = _slow_save_args()({"delay_s": self._slow[1]})
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # noqa: BLE001  (tensorstore/Orbax raise ValueError, OSError, ...)
+            raise self._save_failed(step, e) from e
+        self._in_flight = step
         if wait:
-            self.manager.wait_until_finished()
+            self.wait()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until the async save in flight is complete; its failure is a CheckpointError naming it."""
+        step, self._in_flight = self._in_flight, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(step, e) from e
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        if self._failed is not None:  # already reported; Orbax would re-raise the same failure
+            with contextlib.suppress(Exception):
+                self.manager.close()
+            return
+        try:
+            self.wait()
+        except CheckpointError:
+            with contextlib.suppress(Exception):
+                self.manager.close()
+            raise
         self.manager.close()
+
+    def _save_failed(self, step: int | None, e: Exception) -> CheckpointError:
+        """The error for a failed save; removes the step's partial (temporary) files to free the space."""
+        if self._failed is not None:
+            return self._failed
+        if step is not None and jax.process_index() == 0:
+            _remove_partial(self.directory, step)
+        done = [s for s in self.manager.all_steps() if s != step]
+        latest = (f"the latest complete checkpoint, {self.directory}/{max(done)}, is intact" if done
+                  else "there is no earlier complete checkpoint")
+        detail = " ".join(str(e).split())
+        full = "No space left on device" in detail or getattr(e, "errno", None) == 28
+        self._failed = CheckpointError(
+            f"checkpoint step {step if step is not None else '?'} could not be saved to {self.directory} "
+            f"({type(e).__name__}: {detail[:400]}); {latest}"
+            + ("; the disk is full: free space, then run the same command to resume" if full else ""))
+        log.error("%s", self._failed)
+        return self._failed
 
     # ------------------------------------------------------------------------------------------ restore
     def steps(self) -> list[int]:
@@ -115,6 +170,49 @@ class BranchCheckpointer:
         raise CheckpointError(f"no readable checkpoint in {self.directory} (tried {tried})")
 
 
+def _remove_partial(directory: str, step: int) -> None:
+    """Delete Orbax's temporary directory of `step` (a save that failed); never a finalized step."""
+    from etils import epath
+    ocp = _ocp()
+    root = epath.Path(directory)
+    try:
+        for p in root.glob(f"{step}{ocp.utils.TMP_DIR_SUFFIX}*"):
+            p.rmtree()
+    except Exception as e:  # noqa: BLE001  (best effort: the error being reported matters more)
+        log.warning("could not remove the partial checkpoint of step %d in %s: %s", step, directory, e)
+
+
+def slow_save_hook() -> tuple[int, float] | None:
+    """PAFT_TEST_SLOW_SAVE=STEP:SECONDS (test-only) -> (step, seconds), or None when unset."""
+    spec = os.environ.get("PAFT_TEST_SLOW_SAVE")
+    if not spec:
+        return None
+    step, sep, seconds = spec.partition(":")
+    try:
+        return int(step), float(seconds)
+    except ValueError:
+        raise ValueError(f"PAFT_TEST_SLOW_SAVE={spec!r}: expected STEP:SECONDS, e.g. 5:60") from None
+
+
+@functools.cache
+def _slow_save_args():
+    """Checkpoint args whose handler sleeps in the background write before writing a small JSON file:
+    the whole checkpoint stays under its temporary name until then (Orbax finalizes after every item)."""
+    ocp = _ocp()
+
+    class SlowJsonHandler(ocp.JsonCheckpointHandler):
+        async def _save_fn(self, x, directory):
+            await asyncio.sleep(float(x["delay_s"]))
+            await super()._save_fn(x, directory)
+
+    @ocp.args.register_with_handler(SlowJsonHandler, for_save=True)
+    @dataclasses.dataclass
+    class SlowSave(ocp.args.CheckpointArgs):
+        item: dict
+
+    return SlowSave
+
+
 def abstract_like(state: Any, shardings: Any) -> Any:
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
@@ -127,6 +225,7 @@ class StopRequest:
 
     def __init__(self, enabled: bool = True):
         self.signum: int | None = None
+        self.reason: str | None = None    # a stop asked for by code (e.g. the other PAFT branch failed)
         self._old: dict = {}
         if enabled and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -139,13 +238,23 @@ class StopRequest:
         log.warning("received %s: finishing the current step, then saving a checkpoint",
                     signal.Signals(signum).name)
 
-    def requested(self) -> bool:
-        flag = self.signum is not None
+    def requested(self, mesh=None) -> bool:
+        """Whether to stop now; with `mesh`, agreed among that mesh's processes only (one branch)."""
+        flag = self.signum is not None or self.reason is not None
+        if mesh is not None:
+            from paft_jax.mesh import mesh_max
+            return bool(mesh_max(float(flag), mesh))
         if jax.process_count() > 1:
             import numpy as np
             from jax.experimental import multihost_utils
             flag = bool(np.max(multihost_utils.process_allgather(np.asarray(int(flag)))))
         return flag
+
+    def request(self, reason: str) -> None:
+        self.reason = reason
+
+    def describe(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else (self.reason or "a stop request")
 
     def restore_handlers(self) -> None:
         for sig, old in self._old.items():

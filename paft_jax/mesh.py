@@ -6,6 +6,7 @@ import math
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -153,3 +154,38 @@ def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh, rules: Sequence
     out = [named_sharding(a, getattr(s, "shape", s), mesh, rules, what=p)
            for a, s, p in zip(flat_axes, flat_shapes, paths)]
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# a mesh's processes: a PAFT branch's sub-mesh may span only some processes of a multi-host job, and
+# everything a branch agrees on (epoch lengths, stop requests, checkpoint barriers) is scoped to them.
+
+
+def mesh_processes(mesh: Mesh) -> list[int]:
+    """The sorted process indices owning the mesh's devices."""
+    return sorted({d.process_index for d in mesh.devices.flat})
+
+
+def process_rank(mesh: Mesh) -> tuple[int, int]:
+    """(this process's rank among the mesh's processes, their count); refuses a process outside it."""
+    procs = mesh_processes(mesh)
+    if jax.process_index() not in procs:
+        raise ValueError(f"process {jax.process_index()} owns no device of this mesh (processes {procs})")
+    return procs.index(jax.process_index()), len(procs)
+
+
+def is_mesh_primary(mesh: Mesh) -> bool:
+    """True on the lowest-index process of the mesh: the one that writes files for it."""
+    return jax.process_index() == mesh_processes(mesh)[0]
+
+
+def mesh_max(value: float, mesh: Mesh) -> float:
+    """The largest `value` over the mesh's processes: a collective over this mesh's devices only, so a
+    branch agrees with itself while the other branch's processes run something else."""
+    if len(mesh_processes(mesh)) == 1:
+        return value
+    sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+    shards = [jax.device_put(np.asarray([value], np.float32), d) for d in sharding.addressable_devices]
+    arr = jax.make_array_from_single_device_arrays((mesh.size,), sharding, shards)
+    out = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))(arr)
+    return float(np.asarray(out.addressable_data(0)))

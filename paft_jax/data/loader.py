@@ -205,23 +205,27 @@ def make_loader(cfg: DataConfig, tokenizer, *, batch_size: int | None = None, se
                                        process_count=process_count), cfg)
 
 
-def global_steps_per_epoch(it: BatchIterator, epoch: int = 0) -> int:
+def global_steps_per_epoch(it: BatchIterator, epoch: int = 0, mesh=None) -> int:
     """The largest `steps_per_epoch` over all processes (a collective when there are several), e.g. to
-    size LR schedules: packing per process gives processes slightly different epoch lengths."""
+    size LR schedules: packing per process gives processes slightly different epoch lengths.  With
+    `mesh`, only that mesh's processes take part (a branch's sub-mesh in a multi-host PAFT run)."""
     import jax
     n = it.steps_per_epoch(epoch)
+    if mesh is not None:
+        from paft_jax.mesh import mesh_max
+        return int(mesh_max(n, mesh))
     if jax.process_count() == 1:
         return n
     from jax.experimental import multihost_utils
     return int(np.max(multihost_utils.process_allgather(np.asarray(n, np.int32))))
 
 
-def one_pass(it: BatchIterator, max_batches: int = 0):
+def one_pass(it: BatchIterator, max_batches: int = 0, mesh=None):
     """Batches of one unshuffled pass over `it`'s examples (same tokenization and layout).  Every process
-    yields the same number of batches (the largest over processes, at most `max_batches` when > 0):
-    one that runs out first yields empty rows, so collectives stay in step."""
+    (of `mesh`, when given) yields the same number of batches (the largest over them, at most
+    `max_batches` when > 0): one that runs out first yields empty rows, so collectives stay in step."""
     view = BatchIterator(it.ds, dataclasses.replace(it.cfg, shuffle=False, num_epochs=1, drop_remainder=False))
-    n = global_steps_per_epoch(view)
+    n = global_steps_per_epoch(view, mesh=mesh)
     for _ in range(min(n, max_batches) if max_batches else n):
         try:
             yield next(view)

@@ -209,12 +209,9 @@ def load_tokenizer(directory: Path, gguf_file: Path | None = None):
         return None
 
 
-def load_model(path: str | Path, *, mesh: Mesh | None = None, rules: tuple = (), param_dtype: str = "auto",
-               dtype: str = "float32", allow_pickle: bool = False, with_tokenizer: bool = True,
-               **cfg_overrides: Any) -> LoadedModel:
-    """Import an HF directory or GGUF file; params land in the shardings the logical rules give."""
+def read_model_config(path: str | Path, dtype: str = "float32", **cfg_overrides: Any) -> tuple[dict, ModelConfig]:
+    """(HF config dict, ModelConfig) of an HF directory or GGUF file, without reading any weights."""
     directory, gguf_file = _resolve(path)
-    notes: list[str] = []
     if gguf_file is not None:
         from transformers import AutoConfig
         try:
@@ -226,7 +223,16 @@ def load_model(path: str | Path, *, mesh: Mesh | None = None, rules: tuple = (),
     else:
         hf_dict = read_config_json(directory / "config.json")
         where = str(directory / "config.json")
-    cfg = model_config_from_hf(hf_dict, where, dtype=dtype, **cfg_overrides)
+    return hf_dict, model_config_from_hf(hf_dict, where, dtype=dtype, **cfg_overrides)
+
+
+def load_model(path: str | Path, *, mesh: Mesh | None = None, rules: tuple = (), param_dtype: str = "auto",
+               dtype: str = "float32", allow_pickle: bool = False, with_tokenizer: bool = True,
+               **cfg_overrides: Any) -> LoadedModel:
+    """Import an HF directory or GGUF file; params land in the shardings the logical rules give."""
+    directory, gguf_file = _resolve(path)
+    notes: list[str] = []
+    hf_dict, cfg = read_model_config(path, dtype=dtype, **cfg_overrides)
 
     if gguf_file is not None:
         source: Any = GGUFSource(gguf_file, cfg, hf_dict.get("model_type"))

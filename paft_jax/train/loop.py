@@ -7,7 +7,6 @@ import dataclasses
 import json
 import logging
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,8 @@ from jax.sharding import Mesh
 from paft_jax.config import to_dict
 from paft_jax.data import make_loader, one_pass, to_global
 from paft_jax.hf.load import LoadedModel, _resolve, load_model, load_tokenizer
-from paft_jax.mesh import build_mesh, tree_shardings
+from paft_jax.mesh import build_mesh, is_mesh_primary, mesh_processes, process_rank, tree_shardings
+from paft_jax.models import flops as flops_lib
 from paft_jax.models.config import ModelConfig
 from paft_jax.models.decoder import abstract_params, init_params
 from paft_jax.train import delta as delta_lib
@@ -96,8 +96,11 @@ class Branch:
         if len(base.tokenizer) > base.cfg.vocab_size:
             raise ValueError(f"tokenizer has {len(base.tokenizer)} tokens but the model's vocab is "
                              f"{base.cfg.vocab_size}")
-        self.train_it = make_loader(cfg.data, base.tokenizer)
-        self.eval_it = make_loader(eval_view(cfg.eval_data), base.tokenizer) if cfg.eval_data else None
+        # each process reads its share of the rows among this branch's processes only
+        rank, count = process_rank(mesh)
+        self.train_it = make_loader(cfg.data, base.tokenizer, process_index=rank, process_count=count)
+        self.eval_it = (make_loader(eval_view(cfg.eval_data), base.tokenizer, process_index=rank,
+                                    process_count=count) if cfg.eval_data else None)
         mask = delta_lib.freeze_mask(base.params, cfg.delta)
         self.lr = schedule(cfg.optim, cfg.steps)
         opt = make_optimizer(cfg.optim, cfg.steps, mask)
@@ -111,6 +114,10 @@ class Branch:
         delta = delta_lib.init_delta(base.cfg, cfg.delta, jax.random.key(cfg.seed + 1), mesh, rules)
         self.state = init_state(delta, opt, self.state_sh)
         self.data_sharding = jax.sharding.NamedSharding(mesh, batch_spec(rules))
+        reference = cfg.objective.needs_reference and not cfg.ref_cache
+        self.flops_per_step = flops_lib.step_flops(base.cfg, cfg.data.batch_size, cfg.data.seq_len,
+                                                   reference_forward=reference)
+        self.peak_flops = flops_lib.peak_flops(list(mesh.devices.flat))
         self.ref_tables: dict[str, Any] = {}
         if cfg.objective.needs_reference and cfg.ref_cache:
             from paft_jax.train.ref_cache import reference_table
@@ -131,7 +138,7 @@ class Branch:
     def evaluate(self) -> dict[str, float]:
         """The held-out set once (all processes run the same number of batches), TRL's eval_ names."""
         total = None
-        for batch in one_pass(self.eval_it, self.cfg.eval_batches):
+        for batch in one_pass(self.eval_it, self.cfg.eval_batches, mesh=self.mesh):
             sums = jax.device_get(self.eval_sums(self.state.delta, self.base.params, self.device_batch(batch, "eval")))
             total = sums if total is None else jax.tree_util.tree_map(np.add, total, sums)
         metrics = objectives.finalize(self.cfg.objective, total)
@@ -149,11 +156,14 @@ def train(cfg: TrainConfig, *, mesh: Mesh | None = None, base: Base | None = Non
     return run_branch(branch, progress=progress, name=name)
 
 
-def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None) -> BranchResult:
+def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None, stop=None,
+               bar_position: int = 0) -> BranchResult:
+    """Train `branch` to `cfg.steps` (resuming from its checkpoints).  `stop`: a shared StopRequest when
+    the caller runs several branches (signal handlers live in the main thread only)."""
     cfg = branch.cfg
     out = Path(cfg.output_dir)
-    primary = jax.process_index() == 0
-    ckpt = _checkpointer(cfg)
+    primary = is_mesh_primary(branch.mesh)
+    ckpt = _checkpointer(cfg, mesh_processes(branch.mesh))
     result = BranchResult(branch.state)
     if ckpt is not None and cfg.checkpoint.resume != "never":
         result.resumed_from = _resume(branch, ckpt, cfg)
@@ -178,8 +188,11 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
 
     from paft_jax.checkpoint import StopRequest
     from tqdm.auto import tqdm
-    stop = StopRequest(cfg.checkpoint.on_signal)
-    bar = tqdm(total=cfg.steps, initial=start_step, desc=name, disable=not (progress and primary), dynamic_ncols=True)
+    own_stop = stop is None
+    stop = stop if stop is not None else StopRequest(cfg.checkpoint.on_signal)
+    scope = branch.mesh if jax.process_count() > 1 else None
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=name, disable=not (progress and primary),
+               dynamic_ncols=True, position=bar_position)
     t_start = time.time()
     try:
         if cfg.eval_at_start and start_step == 0 and branch.eval_it is not None:
@@ -189,13 +202,12 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
             tokens = float(batch["loss_mask"].sum()), int((batch["segment_ids"] > 0).sum())
             t0 = time.time()
             metrics = branch.step(batch)
-            _log_step(record, bar, step, metrics, t0, tokens)
+            _log_step(record, bar, step, metrics, t0, tokens, branch.flops_per_step, branch.peak_flops)
             done = step + 1
-            if stop.requested():
+            if stop.requested(scope):
                 if ckpt is not None:
                     save(done, wait=True)
-                why = signal.Signals(stop.signum).name if stop.signum else "a stop request"
-                bar.write(f"[{name}] stopped by {why} after step {done}" +
+                bar.write(f"[{name}] stopped by {stop.describe()} after step {done}" +
                           (f"; checkpoint saved in {ckpt.directory}" if ckpt else ""))
                 result.preempted = True
                 break
@@ -210,7 +222,8 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
             bar.write(f"[{name}] eval at step {cfg.steps}: " +
                       ", ".join(f"{k}={v:.4g}" for k, v in ev.items()))
     finally:
-        stop.restore_handlers()
+        if own_stop:
+            stop.restore_handlers()
         bar.close()
         if metrics_file:
             metrics_file.close()
@@ -222,12 +235,12 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
     return result
 
 
-def _checkpointer(cfg: TrainConfig):
+def _checkpointer(cfg: TrainConfig, processes: list[int] | None = None):
     if not cfg.checkpoint.enabled:
         return None
     from paft_jax.checkpoint import BranchCheckpointer
     directory = cfg.checkpoint.directory or str(Path(cfg.output_dir).absolute() / "checkpoints")
-    return BranchCheckpointer(cfg.checkpoint, directory)
+    return BranchCheckpointer(cfg.checkpoint, directory, processes)
 
 
 def _resume(branch: Branch, ckpt, cfg: TrainConfig) -> int | None:
@@ -241,7 +254,8 @@ def _resume(branch: Branch, ckpt, cfg: TrainConfig) -> int | None:
         if not path.name.isdigit():
             raise ValueError(f"checkpoint.resume={cfg.checkpoint.resume!r}: expected auto, never, or a "
                              "checkpoint step directory such as runs/x/checkpoints/200")
-        other = BranchCheckpointer(dataclasses.replace(cfg.checkpoint, fallback=False), str(path.parent))
+        other = BranchCheckpointer(dataclasses.replace(cfg.checkpoint, fallback=False), str(path.parent),
+                                   mesh_processes(branch.mesh))
         try:
             got = other.restore(abstract, int(path.name))
         finally:
@@ -275,14 +289,18 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def _log_step(record, bar, step: int, metrics: dict, t0: float, tokens: tuple[float, int]) -> None:
+def _log_step(record, bar, step: int, metrics: dict, t0: float, tokens: tuple[float, int], flops: float,
+              peak: float | None) -> None:
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step to finish
     t1 = time.time()
     if not math.isfinite(m["loss"]):
         raise FloatingPointError(f"step {step}: loss is {m['loss']} (metrics {m}); stopping, the last good "
                                  "state is the previous step's")
     rec = {"step": step + 1, **m, "trained_tokens": tokens[0], "tokens": tokens[1],
-           "time_start": t0, "time_end": t1, "tokens_per_second": tokens[1] / max(t1 - t0, 1e-9)}
+           "time_start": t0, "time_end": t1, "tokens_per_second": tokens[1] / max(t1 - t0, 1e-9),
+           "model_tflops_per_second": flops / max(t1 - t0, 1e-9) / 1e12}
+    if peak:  # known accelerators only (flops.PEAK_FLOPS)
+        rec["mfu"] = flops / max(t1 - t0, 1e-9) / peak
     record(rec)
     bar.update(1)
     bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)

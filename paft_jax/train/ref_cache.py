@@ -91,7 +91,9 @@ def reference_table(branch, it, split: str) -> RefTable:
     ref = jax.jit(ref, in_shardings=(branch.base_sh, branch.data_sharding), out_shardings=replicated)
     idx, ch, rj = [], [], []
     from tqdm.auto import tqdm
-    for batch in tqdm(one_pass(it), desc=f"reference log-probs ({split})", disable=jax.process_index() != 0):
+    from paft_jax.mesh import is_mesh_primary
+    for batch in tqdm(one_pass(it, mesh=branch.mesh), desc=f"reference log-probs ({split})",
+                      disable=not is_mesh_primary(branch.mesh)):
         c, r, i = jax.device_get(ref(base.params, branch.device_batch(batch, "none")))
         keep = np.asarray(i) >= 0
         idx.append(np.asarray(i)[keep]), ch.append(np.asarray(c)[keep]), rj.append(np.asarray(r)[keep])

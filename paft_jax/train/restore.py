@@ -40,7 +40,11 @@ def locate(path: str | Path) -> tuple[str, int | None]:
 
 def read_meta(directory: str, step: int | None) -> tuple[int, dict]:
     import orbax.checkpoint as ocp
-    mgr = ocp.CheckpointManager(directory)
+    me = jax.process_index()  # a read by this process alone (e.g. the merge on process 0): no barriers
+    mgr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        read_only=True, multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"read-{me}"))
+        if jax.process_count() > 1 else None)
     try:
         step = mgr.latest_step() if step is None else step
         if step is None:
@@ -80,7 +84,7 @@ def restore_delta(path: str | Path, mesh: Mesh | None = None, rules: tuple = ())
     step, meta = read_meta(directory, step)
     cfg = from_dict(TrainConfig, meta["config"])
     mcfg = model_config_from_meta(meta).replace(remat="none")
-    mesh = mesh or build_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    mesh = mesh or build_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.local_devices()[:1])
     shapes, _ = abstract_params(mcfg)
     mask = delta_lib.freeze_mask(shapes, cfg.delta)
     opt = make_optimizer(cfg.optim, cfg.steps, mask)
@@ -88,7 +92,8 @@ def restore_delta(path: str | Path, mesh: Mesh | None = None, rules: tuple = ())
     sh = state_shardings(opt, d_abs, delta_lib.delta_shardings(mcfg, cfg.delta, mesh, rules), mesh)
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), delta=d_abs,
                           opt_state=jax.eval_shape(opt.init, d_abs))
-    ckpt = BranchCheckpointer(dataclasses.replace(cfg.checkpoint, fallback=False), directory)
+    ckpt = BranchCheckpointer(dataclasses.replace(cfg.checkpoint, fallback=False), directory,
+                              processes=sorted({d.process_index for d in mesh.devices.flat}))
     try:
         _, state, _, _ = ckpt.restore(abstract_like(abstract, sh), step)
     finally:

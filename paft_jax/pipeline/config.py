@@ -1,0 +1,160 @@
+"""`PaftConfig`: one PAFT run (both branches, the device split, the merge, the report), validated before
+anything is loaded.
+
+Each branch is a TrainConfig: `sft: {config: configs/smollm2_sft.yaml, steps: 30, ...}` loads the file
+and applies the other keys on top (nested mappings merge key by key).  The base model keys are the
+run's, shared by both branches: a branch file that names a different base is refused, since PAFT's
+point is that both branches start from the same weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from paft_jax.config import DistributedConfig, from_dict, load_config, yaml_load
+from paft_jax.train.config import TrainConfig
+
+BRANCHES = ("sft", "preference")
+# keys that define the base both branches start from (the run's, not a branch's)
+SHARED_KEYS = ("model", "model_config", "tokenizer", "param_dtype", "compute_dtype", "remat", "cache_dir", "seed")
+MODES = ("parallel", "sequential")
+SCHEDULES = ("concurrent", "serial")
+
+
+@dataclass
+class MergeStage:
+    """The merge of the two branch deltas into the base (mergekit's method names and parameters)."""
+    method: str = "ties"
+    sft: dict[str, Any] = field(default_factory=lambda: {"weight": 1.0, "density": 0.5})
+    preference: dict[str, Any] = field(default_factory=lambda: {"weight": 1.0, "density": 0.5})
+    parameters: dict[str, Any] = field(default_factory=dict)   # global: normalize, lambda, seed, ...
+    overrides: list[dict[str, Any]] = field(default_factory=list)
+    dtype: str | None = None           # output dtype (default: the base's)
+    max_shard_size: str = "2GB"
+    verify: bool = True                # load the export in transformers and compare logits
+    atol: float = 1e-3
+
+    def recipe(self, base: str, sft: str, preference: str, mode: str) -> dict:
+        """A mergekit-format recipe over the two branch checkpoints.  Sequential mode trains the preference
+        delta on top of the SFT model, so its final model is exactly base + d_sft + d_pref."""
+        if mode == "sequential":
+            models = [{"model": sft, "parameters": {"weight": 1.0}},
+                      {"model": preference, "parameters": {"weight": 1.0}}]
+            out = {"merge_method": "task_arithmetic", "base_model": base, "models": models,
+                   "parameters": {"normalize": False}}
+        else:
+            out = {"merge_method": self.method, "base_model": base,
+                   "models": [{"model": sft, "parameters": dict(self.sft)},
+                              {"model": preference, "parameters": dict(self.preference)}],
+                   "parameters": dict(self.parameters)}
+            if self.overrides:
+                out["overrides"] = list(self.overrides)
+        if self.dtype:
+            out["dtype"] = self.dtype
+        return out
+
+
+@dataclass
+class PaftConfig:
+    mode: str = "parallel"             # parallel (PAFT) | sequential (SFT, then preference on the SFT model)
+    schedule: str = "concurrent"       # parallel mode: concurrent (both branches at once) | serial (for timing)
+    output_dir: str = "runs/paft"
+    # the shared base (null: take it from the branch configs, which must then agree)
+    model: str | None = None
+    model_config: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    param_dtype: str | None = None
+    compute_dtype: str | None = None
+    remat: str | None = None
+    cache_dir: str | None = None
+    seed: int | None = None            # a random base is initialized from it; LoRA factors too
+    devices: int = 0                   # devices to use (0: all); the branches split them
+    split: Any = "auto"                # auto (by estimated work) | [n_sft, n_pref] counts | [f_sft, f_pref] shares
+    sft: dict[str, Any] = field(default_factory=lambda: {"config": "configs/smollm2_sft.yaml"})
+    preference: dict[str, Any] = field(default_factory=lambda: {"config": "configs/smollm2_dpo.yaml"})
+    merge: MergeStage = field(default_factory=MergeStage)
+    prompts: list[str] = field(default_factory=list)   # answered by the exported model in transformers
+    max_new_tokens: int = 48
+    report: bool = True
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}: expected one of {MODES}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}: expected one of {SCHEDULES}")
+        if self.devices < 0:
+            raise ValueError(f"devices={self.devices} must be >= 0 (0: all)")
+        if self.split != "auto":
+            if not (isinstance(self.split, (list, tuple)) and len(self.split) == 2
+                    and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in self.split)):
+                raise ValueError(f"split={self.split!r}: expected auto, two device counts [n_sft, n_pref] or "
+                                 "two positive shares [f_sft, f_pref]")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+
+    def shared(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in SHARED_KEYS if getattr(self, k) is not None}
+
+
+def _deep_merge(into: dict, over: dict) -> dict:
+    out = dict(into)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def branch_config(cfg: PaftConfig, name: str, root: str | Path = ".") -> TrainConfig:
+    """The TrainConfig of branch `name`: its file (if any) + its keys + the run's shared base keys."""
+    spec = dict(getattr(cfg, name))
+    data: dict[str, Any] = {}
+    path = spec.pop("config", None)
+    if path is not None:
+        file = Path(root) / path if not Path(path).is_absolute() else Path(path)
+        if not file.exists():
+            raise FileNotFoundError(f"{name}.config: {file} does not exist")
+        data = yaml_load(file.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{file}: top level must be a mapping")
+    data = _deep_merge(data, spec)
+    for key, value in cfg.shared().items():
+        if key in data and data[key] != value and key in spec:
+            raise ValueError(f"{name}.{key}={data[key]!r} differs from the run's {key}={value!r}: both branches "
+                             "start from the same base (set it once, at the top level)")
+        data[key] = value
+    data["output_dir"] = str(Path(cfg.output_dir) / name)
+    data.setdefault("checkpoint", {})
+    try:
+        tc = from_dict(TrainConfig, data, f"{name}.")
+    except ValueError as e:
+        raise ValueError(f"{name}{f' ({path})' if path else ''}: {e}") from None
+    want_pref = name == "preference"
+    if tc.objective.preference != want_pref:
+        raise ValueError(f"{name}.objective.kind={tc.objective.kind!r}: the {name} branch needs "
+                         f"{'a preference objective (dpo, orpo, simpo)' if want_pref else 'objective.kind: sft'}")
+    if tc.checkpoint.directory is not None:
+        raise ValueError(f"{name}.checkpoint.directory: a PAFT run keeps each branch's checkpoints in its run "
+                         "directory (output_dir/<branch>/checkpoints); set output_dir instead")
+    return tc
+
+
+def branch_configs(cfg: PaftConfig, root: str | Path = ".") -> dict[str, TrainConfig]:
+    tcs = {name: branch_config(cfg, name, root) for name in BRANCHES}
+    a, b = tcs["sft"], tcs["preference"]
+    for key in SHARED_KEYS:
+        if getattr(a, key) != getattr(b, key):
+            raise ValueError(f"the branches disagree on the base: sft.{key}={getattr(a, key)!r} but "
+                             f"preference.{key}={getattr(b, key)!r}; set `{key}` at the top level of the PAFT config")
+    return tcs
+
+
+def load_paft_config(path: str | None, overrides: list[str] | None = None) -> PaftConfig:
+    cfg = load_config(PaftConfig, path, overrides)
+    cfg.validate()
+    return cfg
+
+
+def summary_config(cfg: PaftConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,243 @@
+"""The PAFT run report: report.json (everything measured), report.md (the reading), img/*.png (loss
+curves, the two branches' step timelines, delta sparsity)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from paft_jax.pipeline import split as split_lib
+from paft_jax.pipeline.config import BRANCHES, PaftConfig
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def step_intervals(records: list[dict]) -> list[tuple[float, float]]:
+    return [(r["time_start"], r["time_end"]) for r in records if "time_start" in r]
+
+
+def overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> dict:
+    """How much the two branches' steps ran at the same time: seconds of wall time during which both
+    had a step in flight, and for each branch the share of its step time spent overlapping the other."""
+    def union_len(iv):
+        total, end = 0.0, -float("inf")
+        for s, e in sorted(iv):
+            if e > end:
+                total += e - max(s, end)
+                end = e
+        return total
+
+    def intersect(x, y):
+        out, i, j = [], 0, 0
+        x, y = sorted(x), sorted(y)
+        while i < len(x) and j < len(y):
+            s, e = max(x[i][0], y[j][0]), min(x[i][1], y[j][1])
+            if s < e:
+                out.append((s, e))
+            if x[i][1] < y[j][1]:
+                i += 1
+            else:
+                j += 1
+        return out
+
+    both = union_len(intersect(a, b))
+    return {"both_stepping_s": both,
+            "sft_share": both / max(union_len(a), 1e-9) if a else 0.0,
+            "preference_share": both / max(union_len(b), 1e-9) if b else 0.0}
+
+
+def _last(records: list[dict], key: str):
+    vals = [r[key] for r in records if key in r]
+    return vals[-1] if vals else None
+
+
+def _first(records: list[dict], key: str):
+    vals = [r[key] for r in records if key in r]
+    return vals[0] if vals else None
+
+
+def summarize(cfg: PaftConfig, tcs: dict, plan, trained: dict, merge: dict, answers: list[dict], mcfg,
+              total_s: float) -> dict:
+    out = Path(cfg.output_dir)
+    metrics = {n: read_metrics(out / n / "metrics.jsonl") for n in BRANCHES}
+    branches = {}
+    for n in BRANCHES:
+        rec, done = metrics[n], trained["branches"].get(n) or {}
+        evals = [r for r in rec if any(k.startswith("eval_") for k in r)]
+        est = split_lib.estimate(tcs[n], mcfg)
+        branches[n] = {
+            "objective": tcs[n].objective.kind, "steps": tcs[n].steps, "l1_lambda": tcs[n].objective.l1_lambda,
+            "devices": done.get("devices"), "mesh": done.get("mesh"), "wall_s": done.get("wall_s"),
+            "start": done.get("start"), "end": done.get("end"), "resumed_from": done.get("resumed_from"),
+            "estimated_tflop": est.total / 1e12, "step_tflop": est.step_flops / 1e12,
+            "first_loss": _first(rec, "loss"), "last_loss": _last(rec, "loss"),
+            "eval_first": {k: v for k, v in (evals[0] if evals else {}).items() if k.startswith("eval_")},
+            "eval_last": {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")},
+            "mean_step_s": (sum(e - s for s, e in step_intervals(rec)) / max(len(step_intervals(rec)), 1)),
+            "tokens_per_second": _mean([r["tokens_per_second"] for r in rec if "tokens_per_second" in r]),
+        }
+    a, b = (step_intervals(metrics[n]) for n in BRANCHES)
+    starts = [branches[n]["start"] for n in BRANCHES if branches[n]["start"]]
+    ends = [branches[n]["end"] for n in BRANCHES if branches[n]["end"]]
+    t0 = min(starts) if starts else None
+    return {
+        "mode": cfg.mode, "schedule": cfg.schedule if cfg.mode == "parallel" else "serial",
+        "output_dir": str(out), "base": tcs["sft"].model,
+        "devices": len(plan.devices), "split": plan.counts,
+        "estimate": {"sft_tflop": plan.works[0] / 1e12, "preference_tflop": plan.works[1] / 1e12,
+                     "ideal_devices": split_lib.ideal_counts(plan.works, len(plan.devices)),
+                     "predicted_end": split_lib.predicted_end(plan.works, plan.counts)},
+        "branches": branches,
+        "training_wall_s": (max(ends) - t0) if starts and ends else None,
+        "branch_wall_sum_s": sum(branches[n]["wall_s"] or 0 for n in BRANCHES),
+        "end_s": {n: (branches[n]["end"] - t0) if t0 and branches[n]["end"] else None for n in BRANCHES},
+        "overlap": overlap(a, b),
+        "merge": merge, "answers": answers, "pipeline_wall_s_this_invocation": total_s,
+    }
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def write_report(out: Path, summary: dict, bases: dict, tcs: dict) -> dict[str, Path]:
+    img = out / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    paths = {"loss": plot_losses(out, img / "loss.png"), "timeline": plot_timeline(out, img / "timeline.png")}
+    try:  # sparsity of both deltas (reads every tensor of the base and both checkpoints once)
+        from paft_jax.merge.sparsity import analyze, plot
+        from paft_jax.pipeline.run import base_source
+        from paft_jax.train.restore import CheckpointSource
+        rep = analyze(base_source(tcs["sft"], bases, out), [CheckpointSource(out / n) for n in BRANCHES])
+        summary["sparsity"] = {"tolerances": rep["tolerances"], "tolerance_kind": rep["tolerance_kind"],
+                               "total": rep["total"], "modules": rep["modules"]}
+        paths["sparsity"] = plot(rep, img / "sparsity.png")
+    except Exception as e:  # noqa: BLE001 - the report must not lose the run's other results
+        summary["sparsity_error"] = f"{type(e).__name__}: {e}"
+    (out / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    paths["md"] = out / "report.md"
+    paths["md"].write_text(markdown(summary))
+    return paths
+
+
+def markdown(s: dict) -> str:
+    br = s["branches"]
+    lines = [f"# PAFT run: {s['output_dir']}", "",
+             f"- Mode: **{s['mode']}** (schedule: {s['schedule']}); base: `{s['base']}`; {s['devices']} devices.",
+             ]
+    if s["mode"] == "parallel":
+        e = s["estimate"]
+        lines += [f"- Device split sft / preference: **{s['split'][0]} / {s['split'][1]}** "
+                  f"(estimated work {e['sft_tflop']:.2f} / {e['preference_tflop']:.2f} TFLOP; proportional share "
+                  f"{e['ideal_devices'][0]:.2f} / {e['ideal_devices'][1]:.2f} devices; predicted end times on "
+                  f"independent devices {e['predicted_end'][0]:.2f} / {e['predicted_end'][1]:.2f} of the later)."]
+    ends = s["end_s"]
+    if all(v is not None for v in ends.values()):
+        lines.append(f"- Measured end times (s after the first branch started): sft {ends['sft']:.1f}, "
+                     f"preference {ends['preference']:.1f}.")
+    if s["training_wall_s"] is not None:
+        lines.append(f"- Training wall time: **{s['training_wall_s']:.1f} s**; the branches' own wall times "
+                     f"(set-up, compile, steps, evaluation) sum to {s['branch_wall_sum_s']:.1f} s.")
+    ov = s["overlap"]
+    lines.append(f"- Overlap: both branches had a step in flight for {ov['both_stepping_s']:.1f} s "
+                 f"({ov['sft_share']:.0%} of sft's step time, {ov['preference_share']:.0%} of preference's).")
+    lines += ["", "| branch | objective | steps | devices | wall s | mean step s | tokens/s | loss first -> last |"
+              " held-out first -> last |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for n, b in br.items():
+        ev = _eval_text(b)
+        lines.append(f"| {n} | {b['objective']}{' +L1 ' + format(b['l1_lambda'], 'g') if b['l1_lambda'] else ''} "
+                     f"| {b['steps']} | {len(b['devices'] or [])} | {_f(b['wall_s'])} | {_f(b['mean_step_s'], 2)} "
+                     f"| {_f(b['tokens_per_second'])} | {_f(b['first_loss'], 4)} -> {_f(b['last_loss'], 4)} | {ev} |")
+    m = s.get("merge") or {}
+    lines += ["", "## Merge and export", "",
+              f"- {m.get('method')} merge written to `{m.get('dir')}` in {_f(m.get('seconds'))} s "
+              f"({m.get('tensors')} tensors)."]
+    if m.get("verified"):
+        lines.append(f"- Loaded in transformers: max |logit diff| vs paft_jax {m['verify_max_abs_diff']:.2e} "
+                     f"(atol {m['verify_atol']:g}).")
+    lines += ["", "```yaml", (m.get("recipe") or "").rstrip(), "```"]
+    sp = s.get("sparsity")
+    if sp:
+        lines += ["", "## Delta sparsity", "", "| branch | exact zeros | " +
+                  " | ".join(f"abs(d) <= {t:g} x abs(base)" if sp["tolerance_kind"] == "relative"
+                             else f"abs(d) <= {t:g}" for t in sp["tolerances"]) + " |",
+                  "| --- | ---: | " + " | ".join("---:" for _ in sp["tolerances"]) + " |"]
+        for i, n in enumerate(BRANCHES):
+            t = sp["total"]["models"][i]
+            lines.append(f"| {n} | {t['zero_frac']:.1%} | " +
+                         " | ".join(f"{t['under_frac'][format(x, 'g')]:.1%}" for x in sp["tolerances"]) + " |")
+        if sp["total"].get("sign_agreement") is not None:
+            lines.append(f"\nWhere both deltas are nonzero, their signs agree on "
+                         f"{sp['total']['sign_agreement']:.1%} of entries.")
+    if s.get("answers"):
+        lines += ["", "## The merged model answers (transformers, greedy)", ""]
+        for a in s["answers"]:
+            lines += [f"**Q:** {a['prompt']}", "", f"**A:** {a['answer'].strip()}", ""]
+    lines += ["", "![loss](img/loss.png)", "", "![timeline](img/timeline.png)"]
+    if sp:
+        lines += ["", "![sparsity](img/sparsity.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def _eval_text(b: dict) -> str:
+    first, last = b["eval_first"], b["eval_last"]
+    keys = [k for k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_token_accuracy")
+            if k in last]
+    same = first == last  # evaluated once (at the end)
+    return ", ".join(f"{k[5:]} {_f(last[k], 3)}" if same else f"{k[5:]} {_f(first.get(k), 3)} -> {_f(last[k], 3)}"
+                     for k in keys) or "-"
+
+
+def _f(x, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def plot_losses(out: Path, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, n in zip(axes, BRANCHES):
+        rec = read_metrics(out / n / "metrics.jsonl")
+        tr = [(r["step"], r["loss"]) for r in rec if "loss" in r and "time_start" in r]
+        ev = [(r["step"], r["eval_loss"]) for r in rec if "eval_loss" in r]
+        if tr:
+            ax.plot(*zip(*tr), label="train loss", lw=1)
+        if ev:
+            ax.plot(*zip(*ev), "o-", label="held-out loss")
+        acc = [(r["step"], r["eval_rewards/accuracies"]) for r in rec if "eval_rewards/accuracies" in r]
+        if acc:
+            ax2 = ax.twinx()
+            ax2.plot(*zip(*acc), "s--", color="tab:green", label="held-out reward accuracy")
+            ax2.set_ylim(0, 1.05)
+            ax2.legend(loc="center right", fontsize=8)
+        ax.set_title(n)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_timeline(out: Path, path: Path) -> Path:
+    """Each branch's steps as bars on one wall-clock axis: overlap is visible, not assumed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ivs = {n: step_intervals(read_metrics(out / n / "metrics.jsonl")) for n in BRANCHES}
+    t0 = min((iv[0][0] for iv in ivs.values() if iv), default=0.0)
+    fig, ax = plt.subplots(figsize=(12, 2.6))
+    for row, (n, iv) in enumerate(ivs.items()):
+        ax.broken_barh([(s - t0, e - s) for s, e in iv], (row - 0.35, 0.7),
+                       facecolors="tab:blue" if n == "sft" else "tab:orange", edgecolor="white", linewidth=0.5)
+    ax.set_yticks(range(len(ivs)), list(ivs))
+    ax.set_xlabel("seconds since the first training step")
+    ax.set_title("train steps of each branch over wall time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

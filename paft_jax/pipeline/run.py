@@ -1,0 +1,334 @@
+"""`launch paft`: both branches from one base, concurrently on disjoint sub-meshes, then merge, export,
+verify, report.  Every stage leaves a marker in the run directory, so the same command run again after
+an interruption continues: finished branches are not retrained (an unfinished one resumes from its
+checkpoint), a finished merge is not redone, a half-written export is removed and redone.
+
+    output_dir/
+      sft/ preference/        each branch: config.json, metrics.jsonl, checkpoints/, done.json
+      merged/                 the exported HF model (atomic rename; verified in transformers)
+      merge.json              written after the export verified: the merge is complete
+      report.md report.json   the summary; plots in img/
+
+Single process: one thread per branch drives its sub-mesh (JAX releases the GIL while devices compute).
+Several processes (a multi-host slice): each process drives the one branch its devices belong to;
+checkpoints, stop requests and epoch agreements are scoped to the branch's processes; everyone meets at
+a global barrier before process 0 merges.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from paft_jax.checkpoint import StopRequest
+from paft_jax.mesh import build_mesh, init_distributed, split_devices, tree_shardings
+from paft_jax.models.config import ModelConfig
+from paft_jax.models.decoder import abstract_params
+from paft_jax.pipeline import split as split_lib
+from paft_jax.pipeline.config import BRANCHES, PaftConfig, branch_configs
+from paft_jax.train.config import TrainConfig
+from paft_jax.train.loop import Base, Branch, load_base, resolve_compute_dtype, resolve_tokenizer, run_branch
+
+log = logging.getLogger("paft_jax")
+
+
+def say(msg: str) -> None:
+    if jax.process_index() == 0:
+        from tqdm.auto import tqdm
+        tqdm.write(f"[paft] {msg}")
+
+
+def base_model_config(tc: TrainConfig) -> ModelConfig:
+    """The base's ModelConfig without loading its weights (for the work estimate)."""
+    if tc.model == "random":
+        mc = dict(tc.model_config)
+        if "vocab_size" not in mc:
+            mc["vocab_size"] = len(resolve_tokenizer(tc.tokenizer, None))
+        return ModelConfig(**mc)
+    from paft_jax.hf.load import read_model_config
+    return read_model_config(tc.model, dtype=resolve_compute_dtype(tc.compute_dtype))[1]
+
+
+def place(base: Base, mesh, rules) -> Base:
+    """The same base on another (sub-)mesh: a copy of the weights onto that mesh's devices."""
+    shapes, axes = abstract_params(base.cfg)
+    return dataclasses.replace(base, params=jax.device_put(base.params, tree_shardings(axes, shapes, mesh, rules)))
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomically (temporary name, then rename): a marker is either absent or complete."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def branch_done(out: Path, name: str, tc: TrainConfig) -> dict | None:
+    done = read_json(out / name / "done.json")
+    return done if done and done.get("steps") == tc.steps else None
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+@dataclasses.dataclass
+class Plan:
+    mode: str
+    devices: list
+    counts: list[int]
+    works: list[float]
+    meshes: dict
+    rules: dict
+    mine: list[str]
+
+
+def plan(cfg: PaftConfig, tcs: dict[str, TrainConfig], mcfg: ModelConfig) -> Plan:
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    if cfg.devices:
+        if cfg.devices > len(devices):
+            raise ValueError(f"devices={cfg.devices} but only {len(devices)} are available")
+        devices = devices[:cfg.devices]
+    works = [split_lib.estimate(tcs[n], mcfg).total for n in BRANCHES]
+    rules = {n: tcs[n].mesh.logical_rules() for n in BRANCHES}
+    if cfg.mode == "sequential":  # one branch after the other, each on every device
+        for n in BRANCHES:
+            why = split_lib.fits(tcs[n], len(devices))
+            if why:
+                raise ValueError(f"sequential mode runs {n} on all {len(devices)} devices: {why}")
+        meshes = {n: build_mesh(tcs[n].mesh, devices) for n in BRANCHES}
+        return Plan("sequential", devices, [len(devices)] * 2, works, meshes, rules, list(BRANCHES))
+    if len(devices) < 2:
+        raise ValueError("parallel mode needs at least 2 devices (one per branch); on CPU set "
+                         "XLA_FLAGS=--xla_force_host_platform_device_count=8, or use mode: sequential")
+    multi = jax.process_count() > 1
+    granularity = jax.local_device_count() if multi else 1
+    counts = split_lib.choose_split(len(devices), works, [tcs[n] for n in BRANCHES], granularity, cfg.split)
+    groups = split_devices(devices, counts)
+    meshes = {n: build_mesh(tcs[n].mesh, g) for n, g in zip(BRANCHES, groups)}
+    me = jax.process_index()
+    mine = [n for n in BRANCHES if any(d.process_index == me for d in meshes[n].devices.flat)]
+    if multi and len(mine) != 1:
+        raise ValueError(f"process {me} owns devices of {len(mine)} branches; each process must drive exactly one "
+                         f"(split {counts} over {jax.process_count()} processes of {granularity} devices)")
+    return Plan("parallel", devices, counts, works, meshes, rules, mine)
+
+
+def train_branches(cfg: PaftConfig, tcs: dict[str, TrainConfig], p: Plan, progress: bool) -> dict[str, Any]:
+    """Train what is not finished yet; returns per-branch info (done.json contents) and the loaded base."""
+    out = Path(cfg.output_dir)
+    info: dict[str, Any] = {n: branch_done(out, n, tcs[n]) for n in BRANCHES}
+    todo = [n for n in p.mine if info[n] is None]
+    for n in p.mine:
+        if info[n] is not None:
+            say(f"{n}: already trained ({tcs[n].steps} steps, {out / n}); not retrained")
+    bases: dict[str, Base] = {}
+    if not todo:
+        return {"branches": info, "bases": bases, "train_wall_s": None}
+    first = todo[0]
+    t_load = time.time()
+    base = load_base(tcs[first], p.meshes[first], p.rules[first])
+    bases[first] = base
+    say(f"base {base.source} loaded in {time.time() - t_load:.1f}s")
+    stop = StopRequest(enabled=True)
+    errors: dict[str, BaseException] = {}
+    t0 = time.time()
+
+    def run(name: str, position: int, base_for: Base) -> None:
+        try:
+            t_start = time.time()
+            branch = Branch(tcs[name], base_for, p.meshes[name], p.rules[name])
+            res = run_branch(branch, progress=progress, name=name, stop=stop, bar_position=position)
+            if res.preempted:
+                return
+            record = {"branch": name, "steps": tcs[name].steps, "objective": tcs[name].objective.kind,
+                      "devices": [d.id for d in p.meshes[name].devices.flat],
+                      "mesh": dict(p.meshes[name].shape), "wall_s": time.time() - t_start,
+                      "start": t_start, "end": time.time(), "resumed_from": res.resumed_from,
+                      "first_step": res.step_times[0][0] if res.step_times else None,
+                      "last_step": res.step_times[-1][1] if res.step_times else None}
+            from paft_jax.mesh import is_mesh_primary
+            if is_mesh_primary(p.meshes[name]):
+                write_json(out / name / "done.json", record)
+            info[name] = record
+        except BaseException as e:  # noqa: BLE001 - the other branch must stop and save, then we re-raise
+            errors[name] = e
+            stop.request(f"the {name} branch failing ({type(e).__name__})")
+
+    try:
+        if p.mode == "sequential":
+            for name in todo:
+                b = base if name == "sft" else _stacked_base(base, out / "sft", p.meshes[name], p.rules[name])
+                run(name, 0, b)
+                if errors or stop.requested():
+                    break
+        elif cfg.schedule == "serial" or len(todo) == 1:
+            for i, name in enumerate(todo):
+                run(name, 0, base if name == first else place(base, p.meshes[name], p.rules[name]))
+                if errors or stop.requested():
+                    break
+        else:  # both at once, each thread driving its own sub-mesh
+            placed = {n: base if n == first else place(base, p.meshes[n], p.rules[n]) for n in todo}
+            bases.update(placed)
+            threads = [threading.Thread(target=run, args=(n, i, placed[n]), name=f"paft-{n}", daemon=True)
+                       for i, n in enumerate(todo)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                while t.is_alive():  # join with a timeout so the main thread still receives signals
+                    t.join(0.5)
+    finally:
+        stop.restore_handlers()
+    if errors:
+        name, err = next(iter(errors.items()))
+        raise RuntimeError(f"the {name} branch failed: {type(err).__name__}: {err}") from err
+    return {"branches": info, "bases": bases, "train_wall_s": time.time() - t0,
+            "stopped": stop.describe() if stop.requested() else None}
+
+
+def _stacked_base(base: Base, sft_dir: Path, mesh, rules) -> Base:
+    """Sequential mode: the preference branch starts from (and is referenced to) the SFT model."""
+    from paft_jax.train.restore import merged_params, restore_delta
+    _, _, step, delta = restore_delta(sft_dir, mesh, rules)
+    say(f"sequential: the preference branch starts from the SFT model (step {step} of {sft_dir})")
+    return dataclasses.replace(base, params=merged_params(place(base, mesh, rules).params, delta),
+                               source=f"{base.source} + SFT delta of {sft_dir}")
+
+
+# ------------------------------------------------------------------------------------ merge and export
+
+
+def base_source(tc: TrainConfig, bases: dict[str, Base], out: Path):
+    """The merge's base: an HF directory is streamed from disk; anything else (GGUF, random) is the loaded
+    base (loaded now on one device if this process trained nothing, e.g. on a rerun)."""
+    from paft_jax.merge.params_source import ParamsSource
+    from paft_jax.merge.sources import HFDirSource
+    if tc.model != "random" and Path(tc.model).is_dir() and any(Path(tc.model).glob("*.safetensors")):
+        return HFDirSource(tc.model)
+    base = bases.get("sft") or bases.get("preference")
+    if base is None:
+        from paft_jax.config import MeshConfig
+        one = MeshConfig(data=1, fsdp=1, tensor=1)
+        base = load_base(tc, build_mesh(one, jax.local_devices()[:1]), one.logical_rules())
+    side = out / "base_files"  # tokenizer + generation config, copied into the export
+    if not side.exists():
+        tmp = out / f".base_files.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if base.tokenizer is not None:
+            base.tokenizer.save_pretrained(str(tmp))
+        if base.generation_config:
+            (tmp / "generation_config.json").write_text(json.dumps(base.generation_config, indent=2))
+        os.replace(tmp, side)
+    return ParamsSource(base.params, base.cfg, base.source, hf_config=base.hf_config, side_dir=side)
+
+
+def merge_and_export(cfg: PaftConfig, tcs: dict[str, TrainConfig], bases: dict[str, Base]) -> dict:
+    """Merge the two branch checkpoints into the base and export (atomic), verified; skipped if done."""
+    from paft_jax.merge import load_recipe, merge_to_hf
+    from paft_jax.train.restore import CheckpointSource
+    out = Path(cfg.output_dir)
+    merged, marker = out / "merged", out / "merge.json"
+    done = read_json(marker)
+    if done is not None and merged.is_dir():
+        say(f"merge: already done ({merged}); not redone")
+        return done
+    for stale in out.glob(".merged.tmp-*"):  # a killed export's temporary directory
+        say(f"merge: removing the unfinished export {stale}")
+        shutil.rmtree(stale, ignore_errors=True)
+    if merged.exists():  # renamed but not verified (killed during verification): redo it
+        shutil.rmtree(merged)
+    base_src = base_source(tcs["sft"], bases, out)
+    ckpts = {str(out / n): CheckpointSource(out / n) for n in BRANCHES}
+    recipe = load_recipe(cfg.merge.recipe(base_src.label, str(out / "sft"), str(out / "preference"), cfg.mode))
+    models = [ckpts.get(m) or (base_src if m == base_src.label else None) for m in recipe.models]
+    if any(m is None for m in models):
+        raise ValueError(f"merge: cannot place inputs {recipe.models}")
+    say(f"merge: {recipe.spec.method} of {[Path(m).name for m in recipe.models]} into the base -> {merged}")
+    t0 = time.time()
+    res = merge_to_hf(recipe.spec, base_src, models, merged, recipe_text=recipe.text, overwrite=True,
+                      max_shard_size=cfg.merge.max_shard_size, verify=cfg.merge.verify, atol=cfg.merge.atol)
+    rep = res.verify
+    info = {"method": recipe.spec.method, "recipe": recipe.text, "seconds": time.time() - t0,
+            "merge_seconds": res.seconds, "tensors": res.tensors, "bytes": res.bytes_written, "dir": str(merged),
+            "verified": rep is not None,
+            "verify_max_abs_diff": getattr(rep, "max_abs_diff", None), "verify_atol": cfg.merge.atol}
+    write_json(marker, info)
+    say(f"merge: done in {info['seconds']:.1f}s" + (f", verified in transformers (max |logit diff| "
+                                                   f"{info['verify_max_abs_diff']:.2e})" if rep else ""))
+    return info
+
+
+def answer(merged: Path, prompts: list[str], max_new_tokens: int) -> list[dict]:
+    """The exported model, loaded by transformers, answers each prompt (chat template, greedy)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(merged))
+    model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32)
+    out = []
+    for q in prompts:
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+        out.append({"prompt": q, "answer": tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)})
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+
+def run_paft(cfg: PaftConfig, *, progress: bool = True) -> dict:
+    """The whole pipeline; returns the summary (also written to output_dir/report.json on process 0)."""
+    init_distributed(cfg.distributed)
+    tcs = branch_configs(cfg)
+    for n in BRANCHES:
+        tcs[n].validate()
+    mcfg = base_model_config(tcs["sft"])
+    p = plan(cfg, tcs, mcfg)
+    out = Path(cfg.output_dir)
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        from paft_jax.config import to_dict
+        (out / "paft_config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str) + "\n")
+    say(f"{cfg.mode} run of sft ({tcs['sft'].objective.kind}, {tcs['sft'].steps} steps) and preference "
+        f"({tcs['preference'].objective.kind}, {tcs['preference'].steps} steps) from {tcs['sft'].model} into {out}")
+    if p.mode == "parallel":
+        say(split_lib.describe(p.works, p.counts) + f"; schedule {cfg.schedule}")
+    t0 = time.time()
+    trained = train_branches(cfg, tcs, p, progress)
+    if trained.get("stopped"):
+        say(f"stopped by {trained['stopped']}: checkpoints saved; run the same command again to continue")
+        return {"status": "stopped", "reason": trained["stopped"]}
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("paft: branches trained")
+    summary: dict[str, Any] = {"status": "done"}  # processes other than 0 only train
+    if jax.process_index() == 0:
+        merge = merge_and_export(cfg, tcs, trained["bases"])
+        answers = answer(out / "merged", cfg.prompts, cfg.max_new_tokens) if cfg.prompts else []
+        for a in answers:
+            say(f"merged model (transformers) answers {a['prompt']!r}:\n    {a['answer'].strip()}")
+        from paft_jax.pipeline import report as report_lib
+        summary = {"status": "done", **report_lib.summarize(cfg, tcs, p, trained, merge, answers, mcfg,
+                                                            time.time() - t0)}
+        if cfg.report:
+            paths = report_lib.write_report(out, summary, trained["bases"], tcs)
+            say(f"report: {paths['md']}")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("paft: done")
+    return summary
