@@ -60,13 +60,21 @@ def _ocp():
 class BranchCheckpointer:
     """One branch's checkpoints: `save(step, state, data_state, meta)`, `restore(...)`."""
 
-    def __init__(self, cfg: CheckpointConfig, directory: str):
+    def __init__(self, cfg: CheckpointConfig, directory: str, processes: list[int] | None = None):
+        """`processes`: the processes owning the branch's mesh (default: all); with several branches on
+        disjoint sub-meshes each checkpointer's barriers involve only its own processes."""
         ocp = _ocp()
         cfg.validate()
         self.cfg, self.directory = cfg, directory
+        self.primary = processes[0] if processes else 0   # the process that writes files alone
+        mp = ocp.options.MultiprocessingOptions()
+        if processes and jax.process_count() > 1:
+            mp = ocp.options.MultiprocessingOptions(
+                primary_host=processes[0], active_processes=set(processes),
+                barrier_sync_key_prefix="branch-" + "-".join(map(str, processes)))
         opts = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep_last, keep_period=cfg.keep_every or None, create=True,
-            enable_async_checkpointing=cfg.async_save, save_interval_steps=1)
+            enable_async_checkpointing=cfg.async_save, save_interval_steps=1, multiprocessing_options=mp)
         self.manager = ocp.CheckpointManager(directory, options=opts)
         self._in_flight: int | None = None   # step of the async save not yet waited for
         self._failed: CheckpointError | None = None
@@ -120,7 +128,7 @@ class BranchCheckpointer:
         """The error for a failed save; removes the step's partial (temporary) files to free the space."""
         if self._failed is not None:
             return self._failed
-        if step is not None and jax.process_index() == 0:
+        if step is not None and jax.process_index() == self.primary:
             _remove_partial(self.directory, step)
         done = [s for s in self.manager.all_steps() if s != step]
         latest = (f"the latest complete checkpoint, {self.directory}/{max(done)}, is intact" if done
@@ -209,6 +217,11 @@ def _slow_save_args():
     @dataclasses.dataclass
     class SlowSave(ocp.args.CheckpointArgs):
         item: dict
+
+    @ocp.args.register_with_handler(SlowJsonHandler, for_restore=True)  # Orbax wants both directions
+    @dataclasses.dataclass
+    class SlowRestore(ocp.args.CheckpointArgs):
+        item: dict | None = None
 
     return SlowSave
 
