@@ -1,10 +1,13 @@
-"""L1 on the SFT delta: sparsity vs held-out loss, penalty and proximal modes, on SmolLM2-135M.
+"""L1 on the SFT delta: sparsity vs held-out loss, penalty and both proximal modes, on SmolLM2-135M.
 
 Trains the SFT branch (configs/smollm2_sft.yaml, bundled arithmetic set) once per setting from the same
 base (loaded once), then reports the delta's exact-zero fraction, the fraction under small magnitudes,
 and the held-out loss (data/arith/test.jsonl).  Writes a table (stdout and JSON) and a plot.
 
-    XLA_FLAGS= python benchmarks/l1_tradeoff.py [--steps 20] [--settings dense,prox:0.5,pen:1e3 ...]
+    XLA_FLAGS= python benchmarks/l1_tradeoff.py [--steps 20] [--settings dense,prox:0.5,padam:1e-4,pen:1e3 ...]
+
+Settings: `dense` (no L1), `prox:LAMBDA` (l1_mode proximal), `padam:LAMBDA` (proximal_adam),
+`pen:LAMBDA` (penalty).
 """
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ import jax.numpy as jnp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DEFAULT = "dense,prox:0.25,prox:0.5,prox:0.75,prox:0.95,pen:100,pen:10000"
+DEFAULT = "dense,prox:0.25,prox:0.5,prox:0.75,prox:0.95,padam:1e-5,padam:1e-4,pen:100,pen:10000"
+MODES = {"prox": "proximal", "padam": "proximal_adam", "pen": "penalty"}
+LABELS = {"dense": "dense (no L1)", "prox": "proximal", "padam": "proximal_adam", "pen": "penalty"}
 TOLS = (1e-7, 1e-6, 1e-5)
 
 
@@ -38,7 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs/smollm2_sft.yaml"))
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--settings", default=DEFAULT, help="comma list: dense | prox:LAMBDA | pen:LAMBDA")
+    ap.add_argument("--settings", default=DEFAULT, help="comma list: dense | prox:LAMBDA | padam:LAMBDA | pen:LAMBDA")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/l1_tradeoff.json"))
     ap.add_argument("--plot", default=str(ROOT / "docs/img/l1_tradeoff.png"))
     ap.add_argument("--append", action="store_true", help="add these settings to the rows already in --out")
@@ -61,8 +66,9 @@ def main() -> None:
         rows = [r for r in prev["rows"] if r["setting"] not in args.settings.split(",")]
     for setting in args.settings.split(","):
         mode, _, lam = setting.partition(":")
-        extra = [] if mode == "dense" else [f"objective.l1_lambda={lam}",
-                                           f"objective.l1_mode={'proximal' if mode == 'prox' else 'penalty'}"]
+        if mode != "dense" and mode not in MODES:
+            raise SystemExit(f"unknown setting {setting!r}: expected dense | prox:L | padam:L | pen:L")
+        extra = [] if mode == "dense" else [f"objective.l1_lambda={lam}", f"objective.l1_mode={MODES[mode]}"]
         cfg = load_train_config(args.config, common + extra + [f"output_dir=runs/l1/{setting.replace(':', '_')}"])
         t = time.time()
         res = train(cfg, mesh=mesh, base=base, progress=True, name=setting)
@@ -79,7 +85,7 @@ def main() -> None:
     head = f"{'setting':12} {'eval loss':>9} {'tok acc':>8} {'exact 0':>8} " + \
         " ".join(f"{'<=' + format(t, 'g'):>8}" for t in TOLS) + f" {'mean|d|':>9}"
     print(head)
-    order = {"dense": 0, "prox": 1, "pen": 2}
+    order = {"dense": 0, "prox": 1, "padam": 2, "pen": 3}
     rows.sort(key=lambda r: (order[r["mode"]], r["lambda"]))
     for r in rows:
         print(f"{r['setting']:12} {r['eval_loss']:9.4f} {r['eval_token_accuracy']:8.3f} {r['exact_zero']:8.1%} " +
@@ -95,12 +101,11 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mode, marker in (("dense", "o"), ("prox", "s"), ("pen", "^")):
+    for mode, marker in (("dense", "o"), ("prox", "s"), ("padam", "D"), ("pen", "^")):
         sel = [r for r in rows if r["mode"] == mode]
         if sel:
             ax.plot([100 * r["exact_zero"] for r in sel], [r["eval_loss"] for r in sel], marker=marker,
-                    linestyle="-" if len(sel) > 1 else "", label={"dense": "dense (no L1)", "prox": "proximal",
-                                                                  "pen": "penalty"}[mode])
+                    linestyle="-" if len(sel) > 1 else "", label=LABELS[mode])
             for r in sel:
                 if r["mode"] != "dense":
                     ax.annotate(f"{r['lambda']:g}", (100 * r["exact_zero"], r["eval_loss"]), fontsize=8,

@@ -56,6 +56,7 @@ class TrainConfig:
         self.checkpoint.validate()
         self.optim.validate(self.steps)
         self.delta.validate()
+        self.objective.check_delta(self.delta.kind)
         want = "preference" if self.objective.preference else "sft"
         for name, d in (("data", self.data), ("eval_data", self.eval_data)):
             if d is not None and d.kind != want:

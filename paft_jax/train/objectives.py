@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from paft_jax import losses
 
 OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
+L1_MODES = ("proximal", "proximal_adam", "penalty")
 PREFERENCE = ("dpo", "orpo", "simpo")
 
 
@@ -28,7 +29,7 @@ class ObjectiveConfig:
     simpo_gamma: float = 0.5          # simpo target margin (gamma; TRL's simpo_gamma)
     nll_weight: float = 0.0           # simpo: weight of the chosen NLL (CPO's alpha); orpo always has weight 1
     l1_lambda: float = 0.0            # L1 on the delta (0 = off)
-    l1_mode: str = "proximal"         # proximal (soft-threshold after each update: exact zeros) | penalty
+    l1_mode: str = "proximal"         # proximal | proximal_adam (exact zeros) | penalty (docs/training.md)
     logits_chunk: int = 8192          # vocab chunk of the log-softmax (0: full logits, no recompute)
 
     def validate(self) -> None:
@@ -40,11 +41,19 @@ class ObjectiveConfig:
             raise ValueError(f"objective.beta={self.beta} must be > 0")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"objective.label_smoothing={self.label_smoothing} must be within [0, 0.5)")
-        if self.l1_lambda < 0 or self.l1_mode not in ("proximal", "penalty"):
+        if self.l1_lambda < 0 or self.l1_mode not in L1_MODES:
             raise ValueError(f"objective.l1_lambda={self.l1_lambda} / l1_mode={self.l1_mode!r}: "
-                             "need lambda >= 0 and mode proximal | penalty")
+                             f"need lambda >= 0 and a mode in {L1_MODES}")
         if self.logits_chunk < 0:
             raise ValueError("objective.logits_chunk must be >= 0 (0: no chunking)")
+
+    def check_delta(self, delta_kind: str) -> None:
+        """proximal_adam is for dense deltas.  On LoRA factors it would wipe A's random init at step 1 (A has
+        no gradient while B = 0, so Adam's metric gives it the threshold lr * lambda / eps), and sparse
+        factors do not make a sparse delta anyway."""
+        if self.l1_lambda and self.l1_mode == "proximal_adam" and delta_kind != "dense":
+            raise ValueError(f"objective.l1_mode=proximal_adam needs delta.kind=dense (got {delta_kind!r}): on "
+                             "LoRA factors it zeroes A at step 1, where A has no gradient yet")
 
     @property
     def preference(self) -> bool:

@@ -1,10 +1,15 @@
-"""Optimizer of a branch: global-norm clipping + AdamW on the delta, warmup then cosine/linear decay."""
+"""Optimizer of a branch: global-norm clipping + AdamW on the delta, warmup then cosine/linear decay.
+
+The step may need to see the optimizer the way AdamW sees the gradient (the proximal L1 step in Adam's
+metric): `clip_factor` and `adam_state` read that from the optimizer `make_optimizer` built and its state.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -52,7 +57,13 @@ def schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
     return optax.join_schedules([warm, after], [cfg.warmup_steps])
 
 
-def make_optimizer(cfg: OptimConfig, steps: int, trainable_mask: Any | None = None) -> optax.GradientTransformation:
+class BranchOptimizer(optax.GradientTransformationExtraArgs):
+    """optax's (init, update) pair as `make_optimizer` builds it, carrying the `OptimConfig` and trainable
+    mask it was built from (attributes `config`, `trainable_mask`), so the step can reproduce what the chain
+    does to a gradient.  A subclass of the NamedTuple: whatever takes a GradientTransformation takes it."""
+
+
+def make_optimizer(cfg: OptimConfig, steps: int, trainable_mask: Any | None = None) -> BranchOptimizer:
     parts = []
     if trainable_mask is not None:
         # frozen leaves: gradients zeroed before clipping, so their moments and updates stay exactly 0
@@ -62,7 +73,37 @@ def make_optimizer(cfg: OptimConfig, steps: int, trainable_mask: Any | None = No
         parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
     parts.append(optax.adamw(schedule(cfg, steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay))
-    return optax.chain(*parts)
+    opt = BranchOptimizer(*optax.chain(*parts))
+    opt.config, opt.trainable_mask = cfg, trainable_mask
+    return opt
+
+
+def branch_config(opt: optax.GradientTransformation) -> OptimConfig:
+    if not isinstance(opt, BranchOptimizer):
+        raise ValueError("l1_mode proximal_adam reads Adam's state as make_optimizer builds it; got another "
+                         f"optimizer ({type(opt).__name__})")
+    return opt.config
+
+
+def clip_factor(opt: BranchOptimizer, grads: Any) -> jax.Array:
+    """The factor global-norm clipping multiplies these (raw) gradients by in `opt`: 1 when off or under the
+    limit.  Frozen leaves are left out of the norm, as the chain zeroes them before clipping."""
+    cfg = branch_config(opt)
+    if cfg.max_grad_norm <= 0:
+        return jnp.ones((), jnp.float32)
+    if opt.trainable_mask is not None:
+        grads = jax.tree_util.tree_map(lambda g, keep: g if keep else jnp.zeros_like(g), grads, opt.trainable_mask)
+    norm = optax.tree.norm(grads)
+    return jnp.where(norm < cfg.max_grad_norm, 1.0, cfg.max_grad_norm / norm).astype(jnp.float32)
+
+
+def adam_state(opt_state: Any) -> optax.ScaleByAdamState:
+    """The one ScaleByAdamState (count, mu, nu) inside a chain's state."""
+    found = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+             if isinstance(s, optax.ScaleByAdamState)]
+    if len(found) != 1:
+        raise ValueError(f"expected one Adam state in the optimizer state, found {len(found)}")
+    return found[0]
 
 
 def _zero_frozen(trainable_mask: Any) -> optax.GradientTransformation:

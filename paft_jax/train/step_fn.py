@@ -19,7 +19,7 @@ from paft_jax import losses
 from paft_jax.mesh import logical_to_spec
 from paft_jax.models.config import ModelConfig
 from paft_jax.models.decoder import Decoder
-from paft_jax.train import objectives
+from paft_jax.train import objectives, optim
 from paft_jax.train.delta import DeltaConfig, apply_delta
 from paft_jax.train.objectives import ObjectiveConfig
 
@@ -63,9 +63,30 @@ def _tree_add(a, b):
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
+def l1_prox(ocfg: ObjectiveConfig, opt: optax.GradientTransformation, delta: Any, opt_state: Any, grads: Any,
+            lr: jax.Array) -> Any:
+    """The L1 proximal step after an optimizer update (`delta` and `opt_state` already updated, `grads` the
+    raw gradients of that update, `lr` its learning rate); the identity for penalty mode or lambda 0."""
+    if not ocfg.l1_lambda or ocfg.l1_mode == "penalty":
+        return delta
+    if ocfg.l1_mode == "proximal":
+        # Euclidean prox: shrink by lr * lambda (exact zeros, unlike a penalty's gradient)
+        return losses.soft_threshold(delta, lr * ocfg.l1_lambda)
+    # proximal_adam: the prox in the metric Adam stepped in.  Clipping scaled the loss by c this step, so the
+    # L1 term is scaled alike (c * lambda): lambda stays in the loss's units whatever max_grad_norm is.
+    cfg = optim.branch_config(opt)
+    adam = optim.adam_state(opt_state)
+    scale = lr * ocfg.l1_lambda * optim.clip_factor(opt, grads)
+    return losses.soft_threshold_tree(delta, losses.adam_l1_threshold(adam.nu, adam.count, scale, b2=cfg.b2,
+                                                                      eps=cfg.eps))
+
+
 def build_steps(cfg: ModelConfig, dcfg: DeltaConfig, ocfg: ObjectiveConfig, opt: optax.GradientTransformation,
                 lr_schedule: optax.Schedule, *, grad_accum: int = 1, mesh: Mesh | None = None, rules: tuple = ()):
     """-> (train_step(state, base, batch) -> (state, metrics), eval_sums(delta, base, batch) -> sums)."""
+    ocfg.check_delta(dcfg.kind)
+    if ocfg.l1_lambda and ocfg.l1_mode == "proximal_adam":
+        optim.branch_config(opt)  # refused now rather than at the first step
     logp_fn = make_logp_fn(cfg, mesh, rules, ocfg.logits_chunk)
     constrain = (lambda x: x) if mesh is None else partial(
         jax.lax.with_sharding_constraint, shardings=NamedSharding(mesh, batch_spec(rules)))
@@ -104,9 +125,7 @@ def build_steps(cfg: ModelConfig, dcfg: DeltaConfig, ocfg: ObjectiveConfig, opt:
         metrics["learning_rate"] = lr_schedule(state.step)
         updates, opt_state = opt.update(grads, state.opt_state, state.delta)
         delta = optax.apply_updates(state.delta, updates)
-        if ocfg.l1_lambda and ocfg.l1_mode == "proximal":
-            # proximal L1: shrink by lr * lambda after the update (exact zeros, unlike a penalty's gradient)
-            delta = losses.soft_threshold(delta, lr_schedule(state.step) * ocfg.l1_lambda)
+        delta = l1_prox(ocfg, opt, delta, opt_state, grads, lr_schedule(state.step))
         return TrainState(step=state.step + 1, delta=delta, opt_state=opt_state), metrics
 
     def eval_sums(delta: Any, base: Any, batch: dict):
