@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 import jax
 
 from paft_jax.checkpoint import StopRequest
+from paft_jax.faults import fault_point
 from paft_jax.mesh import build_mesh, init_distributed, split_devices, tree_shardings
 from paft_jax.models.config import ModelConfig
 from paft_jax.models.decoder import abstract_params
@@ -43,7 +45,7 @@ log = logging.getLogger("paft_jax")
 def say(msg: str) -> None:
     if jax.process_index() == 0:
         from tqdm.auto import tqdm
-        tqdm.write(f"[paft] {msg}")
+        tqdm.write(f"[paft] {msg}", file=sys.stderr)  # stdout carries only the final JSON line
 
 
 def base_model_config(tc: TrainConfig) -> ModelConfig:
@@ -218,8 +220,9 @@ def base_source(tc: TrainConfig, bases: dict[str, Base], out: Path):
     from paft_jax.merge.sources import HFDirSource
     if tc.model != "random" and Path(tc.model).is_dir() and any(Path(tc.model).glob("*.safetensors")):
         return HFDirSource(tc.model)
-    base = bases.get("sft") or bases.get("preference")
-    if base is None:
+    base = next((b for b in bases.values() if all(
+        leaf.is_fully_addressable for leaf in jax.tree_util.tree_leaves(b.params))), None)
+    if base is None:  # nothing loaded here, or only a base spread over other processes too
         from paft_jax.config import MeshConfig
         one = MeshConfig(data=1, fsdp=1, tensor=1)
         base = load_base(tc, build_mesh(one, jax.local_devices()[:1]), one.logical_rules())
@@ -234,6 +237,22 @@ def base_source(tc: TrainConfig, bases: dict[str, Base], out: Path):
             (tmp / "generation_config.json").write_text(json.dumps(base.generation_config, indent=2))
         os.replace(tmp, side)
     return ParamsSource(base.params, base.cfg, base.source, hf_config=base.hf_config, side_dir=side)
+
+
+class _CountingSource:
+    """The base source, with a fault point after each tensor read (`export-tensor-<n>`): the export
+    reads the base once per output tensor, in order, so kill tests can stop it half-written."""
+
+    def __init__(self, src):
+        self._src, self._reads = src, 0
+
+    def __getattr__(self, name):
+        return getattr(self._src, name)
+
+    def get(self, name: str):
+        self._reads += 1
+        fault_point(f"export-tensor-{self._reads}")
+        return self._src.get(name)
 
 
 def merge_and_export(cfg: PaftConfig, tcs: dict[str, TrainConfig], bases: dict[str, Base]) -> dict:
@@ -251,7 +270,7 @@ def merge_and_export(cfg: PaftConfig, tcs: dict[str, TrainConfig], bases: dict[s
         shutil.rmtree(stale, ignore_errors=True)
     if merged.exists():  # renamed but not verified (killed during verification): redo it
         shutil.rmtree(merged)
-    base_src = base_source(tcs["sft"], bases, out)
+    base_src = _CountingSource(base_source(tcs["sft"], bases, out))
     ckpts = {str(out / n): CheckpointSource(out / n) for n in BRANCHES}
     recipe = load_recipe(cfg.merge.recipe(base_src.label, str(out / "sft"), str(out / "preference"), cfg.mode))
     models = [ckpts.get(m) or (base_src if m == base_src.label else None) for m in recipe.models]
@@ -310,6 +329,7 @@ def run_paft(cfg: PaftConfig, *, progress: bool = True) -> dict:
         say(split_lib.describe(p.works, p.counts) + f"; schedule {cfg.schedule}")
     t0 = time.time()
     trained = train_branches(cfg, tcs, p, progress)
+    fault_point("after-training")
     if trained.get("stopped"):
         say(f"stopped by {trained['stopped']}: checkpoints saved; run the same command again to continue")
         return {"status": "stopped", "reason": trained["stopped"]}

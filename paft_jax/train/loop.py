@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 from paft_jax.config import to_dict
 from paft_jax.data import make_loader, one_pass, to_global
+from paft_jax.faults import fault_point
 from paft_jax.hf.load import LoadedModel, _resolve, load_model, load_tokenizer
 from paft_jax.mesh import build_mesh, is_mesh_primary, mesh_processes, process_rank, tree_shardings
 from paft_jax.models import flops as flops_lib
@@ -204,6 +205,7 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
             metrics = branch.step(batch)
             _log_step(record, bar, step, metrics, t0, tokens, branch.flops_per_step, branch.peak_flops)
             done = step + 1
+            fault_point(f"{name}-step-{done}")
             if stop.requested(scope):
                 if ckpt is not None:
                     save(done, wait=True)
