@@ -11,7 +11,7 @@
 #                  smoke test; the real runs read their base model from the bucket (stage_model.sh)
 #
 # The repository goes over as `git archive HEAD`: commit what the workers should run.  Reinstalling keeps
-# the workers' .venv and cache/ and replaces everything else.
+# the workers' .venv, cache/ and runs/ and replaces everything else.
 # Needs PROJECT, ZONE, TPU_NAME.  Optional: JAX_SPEC (jax[tpu]==0.10.2, the jax this repo is tested
 # with), PYTHON (python3.11, from apt: the TPU images are Ubuntu 22.04 with Python 3.10),
 # TORCH_INDEX (https://download.pytorch.org/whl/cpu).
@@ -47,7 +47,7 @@ remote="set -e
 $apt update
 $apt install -y $PYTHON ${PYTHON}-venv
 mkdir -p $REMOTE_DIR
-find $REMOTE_DIR -mindepth 1 -maxdepth 1 ! -name .venv ! -name cache -exec rm -rf {} +
+find $REMOTE_DIR -mindepth 1 -maxdepth 1 ! -name .venv ! -name cache ! -name runs -exec rm -rf {} +
 tar -xzf ~/$(basename "$archive") -C $REMOTE_DIR
 [ -x $REMOTE_DIR/.venv/bin/python ] || $PYTHON -m venv $REMOTE_DIR/.venv
 . $REMOTE_DIR/.venv/bin/activate
