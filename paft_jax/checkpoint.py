@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import functools
 import logging
 import os
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import numpy as np
 
 log = logging.getLogger("paft_jax")
 
@@ -72,8 +74,12 @@ class BranchCheckpointer:
             mp = ocp.options.MultiprocessingOptions(
                 primary_host=processes[0], active_processes=set(processes),
                 barrier_sync_key_prefix="branch-" + "-".join(map(str, processes)))
+        scoped = mp.active_processes is not None
+        if scoped:  # Orbax refuses create=True with active_processes: every branch process makes it (idempotent)
+            from etils import epath
+            epath.Path(directory).mkdir(parents=True, exist_ok=True)
         opts = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep_last, keep_period=cfg.keep_every or None, create=True,
+            max_to_keep=cfg.keep_last, keep_period=cfg.keep_every or None, create=not scoped,
             enable_async_checkpointing=cfg.async_save, save_interval_steps=1, multiprocessing_options=mp)
         self.manager = ocp.CheckpointManager(directory, options=opts)
         self._in_flight: int | None = None   # step of the async save not yet waited for
@@ -89,6 +95,8 @@ class BranchCheckpointer:
         self.wait()  # a failed previous save is reported as that step's failure, before starting this one
         if step in self.manager.all_steps():
             return
+        if _host_local(state):  # Orbax refuses host-local jax.Arrays in a multi-process job: save host copies
+            state = jax.device_get(state)
         items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                      meta=ocp.args.JsonSave(meta))
         if self._slow and self._slow[0] == step:
@@ -134,12 +142,13 @@ class BranchCheckpointer:
         latest = (f"the latest complete checkpoint, {self.directory}/{max(done)}, is intact" if done
                   else "there is no earlier complete checkpoint")
         detail = " ".join(str(e).split())
-        full = "No space left on device" in detail or getattr(e, "errno", None) == 28
+        full = "No space left on device" in detail or getattr(e, "errno", None) == errno.ENOSPC
+        reason = ("the disk is full (No space left on device)" if full
+                  else f"{type(e).__name__}: {detail[:400]}")  # the full cause is chained to the error
         self._failed = CheckpointError(
-            f"checkpoint step {step if step is not None else '?'} could not be saved to {self.directory} "
-            f"({type(e).__name__}: {detail[:400]}); {latest}"
-            + ("; the disk is full: free space, then run the same command to resume" if full else ""))
-        log.error("%s", self._failed)
+            f"checkpoint step {step if step is not None else '?'} could not be saved to {self.directory}: "
+            f"{reason}; {latest}" + ("; free space, then run the same command to resume" if full else ""))
+        log.error("%s (%s: %s)", self._failed, type(e).__name__, detail)
         return self._failed
 
     # ------------------------------------------------------------------------------------------ restore
@@ -155,11 +164,18 @@ class BranchCheckpointer:
         if not candidates:
             return None
         tried = []
+        local = _host_local(abstract_state)
+        # host-local state (see save) comes back as numpy (np.zeros: untouched pages cost no memory), then placed
+        target = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), abstract_state) if local \
+            else abstract_state
         for s in reversed(candidates):
             try:
                 got = self.manager.restore(s, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                    state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
                     meta=ocp.args.JsonRestore()))
+                if local:
+                    got["state"] = jax.tree_util.tree_map(lambda x, a: jax.device_put(x, a.sharding),
+                                                          got["state"], abstract_state)
                 if tried:
                     log.warning("resuming from step %d: the later checkpoint(s) %s could not be read", s, tried)
                 return s, got["state"], dict(got["data"]), dict(got["meta"])
@@ -176,6 +192,16 @@ class BranchCheckpointer:
                           where, type(e).__name__, str(e)[:200])
                 tried.append(s)
         raise CheckpointError(f"no readable checkpoint in {self.directory} (tried {tried})")
+
+
+def _host_local(tree: Any) -> bool:
+    """A multi-process job whose branch is driven by this process alone: every array (or target
+    sharding) lives on this process's devices, which Orbax treats as pmap-style host-local data."""
+    if jax.process_count() == 1:
+        return False
+    leaves = jax.tree_util.tree_leaves(tree)
+    return all((x.sharding.is_fully_addressable if getattr(x, "sharding", None) is not None
+                else getattr(x, "is_fully_addressable", True)) for x in leaves)
 
 
 def _remove_partial(directory: str, step: int) -> None:

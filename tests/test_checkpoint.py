@@ -1,8 +1,10 @@
-"""Faults with real processes: SIGKILL then resume (bitwise equal to an uninterrupted run), SIGTERM
-(checkpoint, exit 0, resume), a checkpoint restored on another mesh, a corrupted checkpoint."""
+"""Faults with real processes: SIGKILL then resume (bitwise equal to an uninterrupted run), SIGKILL while
+an async save is in flight, SIGTERM (checkpoint, exit 0, resume), a full disk during a save, a checkpoint
+restored on another mesh, a corrupted checkpoint."""
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,8 +27,8 @@ ARGS = [f"steps={STEPS}", "eval_data=null", "checkpoint.save_every=1", "checkpoi
         "optim.warmup_steps=1"]
 
 
-def launch(out: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONUNBUFFERED="1")
+def launch(out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.Popen([sys.executable, "-m", "paft_jax.launch", "sft", "--config", "configs/tiny_sft.yaml",
                              *ARGS, f"output_dir={out}", "--no-progress", *extra], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -63,10 +65,26 @@ def losses(out: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in records(out) if "loss" in r]
 
 
-@pytest.mark.slow
-def test_sigkill_at_random_steps_then_resume_equals_uninterrupted(tmp_path):
-    ref = launch(tmp_path / "ref")
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run the killed ones are compared with."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    ref = launch(out)
     assert ref.wait(timeout=600) == 0, ref.stdout.read()[-3000:]
+    return out
+
+
+def assert_same_as(reference: Path, run: Path) -> None:
+    assert losses(run) == losses(reference)                  # same metrics, step by step, exactly
+    step_a, a = final_delta(reference)
+    step_b, b = final_delta(run)
+    assert step_a == step_b == STEPS
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        assert np.array_equal(x, y)                          # bitwise
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_steps_then_resume_equals_uninterrupted(reference, tmp_path):
     run = tmp_path / "killed"
     rng = random.Random(int(os.environ.get("PAFT_FAULT_SEED", "0")))
     for kill_at in sorted(rng.sample(range(2, STEPS), 2)):  # two kills, at random steps, then finish
@@ -78,12 +96,41 @@ def test_sigkill_at_random_steps_then_resume_equals_uninterrupted(tmp_path):
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-3000:]
     assert "resumed from" in out
-    assert losses(run) == losses(tmp_path / "ref")          # same metrics, step by step, exactly
-    step_a, a = final_delta(tmp_path / "ref")
-    step_b, b = final_delta(run)
-    assert step_a == step_b == STEPS
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        assert np.array_equal(x, y)                          # bitwise
+    assert_same_as(reference, run)
+
+
+def wait_for_held_save(proc: subprocess.Popen, ckpts: Path, step: int, timeout: float = 300) -> Path:
+    """Orbax's temporary directory of `step` once its arrays and array metadata are written: a checkpoint
+    that looks nearly complete but is not finalized."""
+    t = time.time()
+    while time.time() - t < timeout:
+        for tmp in ckpts.glob(f"{step}.orbax-checkpoint-tmp*"):
+            if list(tmp.glob("state*/_METADATA")):
+                return tmp
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before saving step {step}: {proc.stdout.read()[-3000:]}")
+        time.sleep(0.02)
+    raise AssertionError(f"no in-flight save of step {step} within {timeout}s")
+
+
+@pytest.mark.slow
+def test_sigkill_during_an_async_save_resumes_from_the_previous_checkpoint(reference, tmp_path):
+    """The test-only hook PAFT_TEST_SLOW_SAVE holds step 5's async save unfinalized (its arrays written),
+    so the SIGKILL lands inside the save every time, not by chance."""
+    run, held = tmp_path / "killed", 5
+    proc = launch(run, env={"PAFT_TEST_SLOW_SAVE": f"{held}:300"})
+    partial = wait_for_held_save(proc, run / "checkpoints", held)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert partial.exists()                                     # the half-written step is on disk ...
+    complete = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert complete == [held - 2, held - 1]                     # ... and never listed as a checkpoint
+    proc = launch(run)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert f"resumed from {run / 'checkpoints'}/{held - 1}" in out
+    assert_same_as(reference, run)
+    assert not list((run / "checkpoints").glob("*orbax-checkpoint-tmp*"))  # rewritten by the resumed run
 
 
 @pytest.mark.slow
@@ -164,3 +211,61 @@ def test_export_of_a_lora_checkpoint_is_base_plus_folded_delta(tmp_path):
         np.testing.assert_allclose(got[name], to_hf(entry, w), rtol=0, atol=1e-6)
         checked += "o_proj" in name and float(np.abs(np.asarray(get_path(dense, entry.path))).max()) > 0
     assert checked  # the LoRA delta really moved o_proj, and the export carries it
+
+
+FULL_DISK = r"""
+set -u
+mount -t tmpfs -o size=64m paft_full_disk "$MNT" || exit 99
+run() { "$PY" -m paft_jax.launch sft --config configs/tiny_sft.yaml eval_data=null optim.warmup_steps=1 \
+          checkpoint.save_every=2 "checkpoint.directory=$MNT/checkpoints" "output_dir=$OUT/run" --no-progress "$@"; }
+run steps=2 > "$OUT/1.log" 2>&1; echo $? > "$OUT/1.rc"
+# fill the disk so that only half of a checkpoint still fits
+avail=$(df --output=avail -B1 "$MNT" | tail -1); size=$(du -sb "$MNT/checkpoints/2" | cut -f1)
+fallocate -l $((avail - size / 2)) "$MNT/filler" || exit 98
+run steps=4 > "$OUT/2.log" 2>&1; echo $? > "$OUT/2.rc"
+cp "$OUT/run/metrics.jsonl" "$OUT/2.metrics.jsonl"; ls -A "$MNT/checkpoints" > "$OUT/2.ls"
+rm "$MNT/filler"
+run steps=4 > "$OUT/3.log" 2>&1; echo $? > "$OUT/3.rc"
+ls -A "$MNT/checkpoints" > "$OUT/3.ls"
+"""
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_save_is_an_error_and_the_previous_checkpoint_restores(tmp_path):
+    """A real ENOSPC: the checkpoint directory is a 64 MiB tmpfs in a private mount namespace (unshare;
+    a user namespace when not root), filled with fallocate so the next checkpoint does not fit."""
+    if not shutil.which("unshare"):
+        pytest.skip("needs unshare(1) to mount a private tmpfs")
+    ns = ["--mount"] if os.geteuid() == 0 else ["--user", "--map-root-user", "--mount"]
+    mnt, out = tmp_path / "disk", tmp_path / "out"
+    mnt.mkdir()
+    out.mkdir()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", MNT=str(mnt), OUT=str(out),
+               PY=sys.executable)
+    proc = subprocess.run(["unshare", *ns, "bash", "-c", FULL_DISK], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    if proc.returncode == 99 or (proc.returncode and "unshare:" in proc.stderr):
+        pytest.skip(f"cannot mount a tmpfs in a private namespace here: {proc.stderr.strip()[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = {k: (out / f"{k}.log").read_text() for k in (1, 2, 3)}
+    rc = {k: int((out / f"{k}.rc").read_text()) for k in (1, 2, 3)}
+    assert rc[1] == 0, log[1][-3000:]
+    ckpts = f"{mnt}/checkpoints"
+    # the failing run: a clear error naming the step, the cause and the intact checkpoint; no success claimed
+    assert rc[2] != 0
+    # the main thread's exception (tensorstore's cancelled writes may print "Event loop is closed" after it)
+    errors = [line for line in log[2].splitlines() if line.startswith("paft_jax.checkpoint.CheckpointError")]
+    assert len(errors) == 1, log[2][-3000:]
+    last = errors[0]
+    assert last.startswith("paft_jax.checkpoint.CheckpointError: checkpoint step 4 could not be saved to " + ckpts)
+    assert "the disk is full (No space left on device)" in last
+    assert f"latest complete checkpoint, {ckpts}/2, is intact; free space, then run the same command" in last
+    assert "done in" not in log[2] and '"step": 4' not in log[2]   # no final metrics printed
+    assert (out / "2.ls").read_text().split() == ["2"]          # no step 4, its partial files removed
+    # space freed: the same command resumes from step 2 and recomputes steps 3-4 exactly
+    assert rc[3] == 0, log[3][-3000:]
+    assert f"resumed from {ckpts}/2" in log[3]
+    failed = [json.loads(line) for line in (out / "2.metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in failed if r["step"] > 2] == \
+        [(s, v) for s, v in losses(out / "run") if s > 2]
+    assert (out / "3.ls").read_text().split() == ["2", "4"]
