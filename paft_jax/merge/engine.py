@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,19 +61,29 @@ def merge_array(spec: MergeSpec, name: str, shape: tuple[int, ...], base, inputs
                       rescale=tp.rescale, normalize=tp.normalize, from_models=from_models, shape=tuple(shape), out=out)
 
 
-def check_output_path(out: str | Path, inputs: Sequence[str | Path]) -> Path:
-    """The output may be none of the inputs, nor inside one, nor contain one."""
-    o = Path(out).expanduser().resolve()
+def _location(path: str | Path) -> tuple[str, ...]:
+    """Path components for comparing locations: a URL by its text, a local path resolved."""
+    from paft_jax import storage
+    if storage.is_url(path):
+        scheme, _, rest = str(path).partition("://")
+        return (scheme + "://", *[c for c in rest.split("/") if c])
+    return Path(path).expanduser().resolve().parts
+
+
+def check_output_path(out: str | Path, inputs: Sequence[str | Path]) -> Path | str:
+    """The output may be none of the inputs, nor inside one, nor contain one (local paths or gs:// URLs)."""
+    from paft_jax import storage
+    o = _location(out)
     for i in inputs:
-        p = Path(i).expanduser().resolve()
-        if o == p or p in o.parents or o in p.parents:
+        p = _location(i)
+        if o[:len(p)] == p or p[:len(o)] == o:
             raise ValueError(f"output {out} would overwrite or nest with the input {i}: choose another --out")
-    return o
+    return str(out).rstrip("/") if storage.is_url(out) else Path(out).expanduser().resolve()
 
 
 @dataclass
 class MergeResult:
-    out: Path
+    out: Path | str  # a gs:// output stays a URL
     seconds: float
     tensors: int
     bytes_written: int
@@ -88,13 +99,19 @@ def merge_to_hf(spec: MergeSpec, base: str | Path | TensorSource, models: Sequen
     The directory (weights, config, tokenizer files, model card with the recipe) is written under a
     temporary name and renamed when complete; then, unless verify=False or torch is missing, it is
     loaded with transformers and its logits compared with paft_jax's import of the same files.
+    Inputs and `out` may be gs:// URLs: inputs are fetched whole to a local temporary directory; a gs://
+    output is built and verified locally, then published by `paft_jax.storage.publish_dir`.
     """
+    from paft_jax import storage
     t0 = time.perf_counter()
     if len(models) != spec.num_models:
         raise ValueError(f"the spec is for {spec.num_models} models, {len(models)} given")
     paths = [getattr(s, "label", s) for s in [base, *models]]
     out = check_output_path(out, paths)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    remote = storage.is_url(out)
+    if remote:
+        storage.check_destination(out, overwrite)
+    elif out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: exists and is not empty (overwrite=True / --overwrite replaces it)")
     base_src = base if hasattr(base, "get") else open_source(base)
     srcs = [m if hasattr(m, "get") else open_source(m) for m in models]
@@ -126,9 +143,12 @@ def merge_to_hf(spec: MergeSpec, base: str | Path | TensorSource, models: Sequen
         merge_array(spec, name, shape, b, inputs, from_models=from_models, layers=layers, out=buf)
         return buf.reshape(shape).astype(target, copy=False)
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    # a local output is built beside itself and renamed; a gs:// one in a local staging directory
+    stage = Path(tempfile.mkdtemp(prefix="paft_merge_")) if remote else out.parent
+    name = storage.split_url(out)[1] if remote else out.name
+    tmp = stage / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    stage.mkdir(parents=True, exist_ok=True)
     written = 0
     try:
         tmp.mkdir()
@@ -145,15 +165,23 @@ def merge_to_hf(spec: MergeSpec, base: str | Path | TensorSource, models: Sequen
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
         _write_side_files(tmp, spec, base_src, srcs, target, recipe_text)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        seconds = time.perf_counter() - t0
+        if remote:  # transformers cannot read gs://: verify the staged copy, publish only a good one
+            report = verify_merged(tmp, atol) if verify else None
+            storage.publish_dir(tmp, out, overwrite=overwrite)
+        else:
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    seconds = time.perf_counter() - t0
+    finally:
+        if remote:
+            shutil.rmtree(stage, ignore_errors=True)
     log.info("merged %d tensors (%s, %d models) into %s in %.1fs", len(names), spec.method, len(srcs), out, seconds)
-    report = verify_merged(out, atol) if verify else None
+    if not remote:
+        report = verify_merged(out, atol) if verify else None
     return MergeResult(out, seconds, len(names), written, report)
 
 

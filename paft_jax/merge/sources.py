@@ -2,13 +2,18 @@
 
 HF model directories (safetensors, single or sharded, memory-mapped through
 `paft_jax.hf.load.SafetensorsSource`), and paft_jax branch checkpoints (`train.restore.CheckpointSource`,
-`is_delta = True`: the merge uses their tensors as deltas instead of subtracting the base).
+`is_delta = True`: the merge uses their tensors as deltas instead of subtracting the base).  Both may be
+gs:// URLs: checkpoints are read by Orbax in place; an HF directory is fetched whole into a local
+temporary directory (removed with the source), since safetensors are memory-mapped.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
+import tempfile
+import weakref
 from pathlib import Path
 from typing import Protocol
 
@@ -41,8 +46,15 @@ class HFDirSource:
     is_delta = False
 
     def __init__(self, path: str | Path):
-        self.dir = Path(path)
-        self.label = str(self.dir)
+        from paft_jax import storage
+        self.label = str(path)
+        if storage.is_url(path):  # fetched whole (refused if incomplete); removed when this source goes
+            local = tempfile.mkdtemp(prefix="paft_merge_input_")
+            weakref.finalize(self, shutil.rmtree, local, True)
+            self.dir = storage.fetch_dir(str(path), local)
+        else:
+            self.dir = Path(path)
+            self.label = str(self.dir)
         if not self.dir.is_dir():
             raise FileNotFoundError(f"{self.dir}: no such model directory")
         if not (list(self.dir.glob("*.safetensors")) or (self.dir / "model.safetensors.index.json").exists()):
@@ -107,9 +119,15 @@ class FlatReader:
 
 
 def is_checkpoint(path: str | Path) -> bool:
-    """A paft_jax branch run / checkpoints dir / step dir (Orbax), as opposed to an HF model directory."""
+    """A paft_jax branch run / checkpoints dir / step dir (Orbax), as opposed to an HF model directory.
+    Local paths and gs:// (any fsspec) URLs."""
+    from paft_jax import storage
+    if storage.is_url(path):
+        names = storage.child_names(str(path))
+        return "checkpoints" in names or "_CHECKPOINT_METADATA" in names or any(
+            n.isdigit() and "state" in storage.child_names(f"{str(path).rstrip('/')}/{n}") for n in names)
     p = Path(path)
-    return str(path).startswith("gs://") or (p / "checkpoints").is_dir() or (p / "_CHECKPOINT_METADATA").exists() \
+    return (p / "checkpoints").is_dir() or (p / "_CHECKPOINT_METADATA").exists() \
         or (p.is_dir() and any(c.name.isdigit() and (c / "state").is_dir() for c in p.iterdir()))
 
 

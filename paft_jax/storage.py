@@ -1,0 +1,154 @@
+"""Whole directories on object stores (gs://, or any fsspec URL): published atomically, fetched whole.
+
+Orbax checkpoints reach gs:// through tensorstore and etils by themselves.  This module is for the
+directories paft_jax writes as a unit (HF exports, merge outputs) and reads as a unit (HF model
+directories given to the merge).  Each is built or read in a local directory; the store sees whole files.
+
+What "atomic" means on GCS: each object write is atomic, but there is no directory rename.  `publish_dir`
+therefore (1) uploads every file under a hidden temporary prefix beside the destination
+(`.NAME.tmp-<id>/`): a failure there leaves the destination untouched; (2) writes the marker object
+`INCOMPLETE` at the destination, removes what an overwrite replaces, and copies each object server-side
+from the temporary prefix (no second upload); (3) deletes the marker last, then the temporary prefix.
+A reader that honours the marker (`fetch_dir`, hence the merge's inputs) sees no directory, a directory
+it refuses as incomplete, or the complete one, never a mix; and it re-lists after downloading, so a
+directory rewritten while being read is refused too.  A reader that ignores the marker (transformers
+through gcsfs, gsutil) can see a partial copy during step 2.  A writer killed in step 2 leaves the marker:
+the directory stays refused until it is written again with overwrite.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+
+log = logging.getLogger("paft_jax")
+
+INCOMPLETE = ".paft-incomplete"  # present at a destination while it is being (re)written
+
+
+class IncompleteDirectoryError(RuntimeError):
+    pass
+
+
+def is_url(path) -> bool:
+    """gs://bucket/x and other fsspec URLs; plain and file:// paths are local."""
+    s = str(path)
+    return "://" in s and not s.startswith("file://")
+
+
+def _fs(url: str):
+    import fsspec
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs, root.rstrip("/")
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """gs://b/runs/x/ -> ("gs://b/runs", "x")."""
+    head, _, name = str(url).rstrip("/").rpartition("/")
+    if not name or head.endswith(":/"):
+        raise ValueError(f"{url}: expected a directory below a bucket, e.g. gs://bucket/models/name")
+    return head, name
+
+
+def _listing(fs, root: str) -> dict[str, tuple]:
+    """{relative name: (size, version)} of every object under `root` (fresh, not from fsspec's cache)."""
+    fs.invalidate_cache(root)
+    try:
+        found = fs.find(root, detail=True)
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for path, info in found.items():
+        rel = path[len(root):].lstrip("/")
+        if rel and info.get("type", "file") != "directory":
+            version = info.get("generation") or info.get("updated") or info.get("mtime") or info.get("created")
+            out[rel] = (info.get("size"), str(version))
+    return out
+
+
+def child_names(url: str) -> set[str]:
+    """Names directly under `url` (objects and prefixes); empty when there is nothing."""
+    fs, root = _fs(url)
+    fs.invalidate_cache(root)
+    try:
+        return {str(c).rstrip("/").rsplit("/", 1)[-1] for c in fs.ls(root, detail=False)}
+    except FileNotFoundError:
+        return set()
+
+
+def exists(url: str) -> bool:
+    """Whether any object lives under `url` (a prefix: object stores have no empty directories)."""
+    fs, root = _fs(url)
+    return bool(_listing(fs, root))
+
+
+def check_destination(url: str, overwrite: bool) -> None:
+    """Refuse a non-empty destination unless overwriting (checked before the work, and again when publishing)."""
+    split_url(url)
+    if not overwrite and exists(url):
+        raise FileExistsError(f"{url}: exists and is not empty (pass overwrite=True / --overwrite)")
+
+
+def _local_files(local: Path) -> list[str]:
+    return sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+
+
+def publish_dir(local: str | Path, url: str, *, overwrite: bool = False) -> str:
+    """Upload the local directory `local` to `url` atomically for marker-honouring readers (module doc)."""
+    local = Path(local)
+    names = _local_files(local)
+    if not names:
+        raise ValueError(f"{local}: nothing to publish (empty directory)")
+    check_destination(url, overwrite)
+    fs, root = _fs(url)
+    parent, name = root.rsplit("/", 1)
+    tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        fs.put([str(local / n) for n in names], [f"{tmp}/{n}" for n in names])
+    except BaseException:
+        _remove_quietly(fs, tmp)
+        raise
+    try:
+        fs.pipe_file(f"{root}/{INCOMPLETE}", f"being written from {tmp} by pid {os.getpid()}\n".encode())
+        stale = [f"{root}/{n}" for n in _listing(fs, root) if n != INCOMPLETE]
+        if stale:  # only with overwrite: an old directory is replaced as a whole, never mixed with the new
+            fs.rm(stale)
+        fs.copy([f"{tmp}/{n}" for n in names], [f"{root}/{n}" for n in names])
+        fs.rm_file(f"{root}/{INCOMPLETE}")
+    except BaseException as e:
+        _remove_quietly(fs, tmp)
+        raise IncompleteDirectoryError(f"{url}: publishing failed midway ({type(e).__name__}: {e}); the "
+                                       f"directory is marked incomplete ({INCOMPLETE}) until written again "
+                                       "with overwrite") from e
+    _remove_quietly(fs, tmp)
+    return url
+
+
+def _remove_quietly(fs, prefix: str) -> None:
+    try:
+        fs.rm(prefix, recursive=True)
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # noqa: BLE001  (a leftover hidden prefix is untidy, not wrong)
+        log.warning("could not remove the temporary prefix %s: %s", prefix, e)
+
+
+def fetch_dir(url: str, local: str | Path) -> Path:
+    """Download the directory at `url` into `local`; refuses a missing, incomplete or changing directory."""
+    local = Path(local)
+    fs, root = _fs(url)
+    before = _listing(fs, root)
+    if not before:
+        raise FileNotFoundError(f"{url}: no such directory (no objects under this prefix)")
+    if INCOMPLETE in before:
+        raise IncompleteDirectoryError(f"{url}: incomplete ({INCOMPLETE} is present): it is being written, or "
+                                       "its upload was interrupted (write it again with overwrite)")
+    names = sorted(before)
+    for n in names:
+        (local / n).parent.mkdir(parents=True, exist_ok=True)
+    fs.get([f"{root}/{n}" for n in names], [str(local / n) for n in names])
+    if _listing(fs, root) != before:
+        raise IncompleteDirectoryError(f"{url}: changed while it was being read (rewritten concurrently?); "
+                                       "read it again")
+    return local
