@@ -92,6 +92,8 @@ class BranchCheckpointer:
 
     def save(self, step: int, state: Any, data_state: dict, meta: dict, *, wait: bool = False) -> None:
         ocp = _ocp()
+        if self._failed is not None:  # no save after a failed one: nothing may look safe that is not
+            raise self._failed
         self.wait()  # a failed previous save is reported as that step's failure, before starting this one
         if step in self.manager.all_steps():
             return
