@@ -133,7 +133,7 @@ def soft_threshold(delta: Any, threshold: Array | float) -> Any:
 
 
 def adam_l1_threshold(nu: Any, count: Array, scale: Array | float, *, b2: float, eps: float) -> Any:
-    """Per-entry thresholds of the proximal step of `scale * |x|` in Adam's metric.
+    """Per-entry thresholds of the proximal step of `scale * |x|` in Adam's metric (eps > 0).
 
     Adam's update is a gradient step in the norm ||x||_D^2 with D = sqrt(v_hat) + eps (v_hat = nu / (1 - b2^t),
     the bias correction AdamW applies, t = the state's count); the L1 proximal operator in that norm
@@ -142,11 +142,7 @@ def adam_l1_threshold(nu: Any, count: Array, scale: Array | float, *, b2: float,
     """
     correction = 1 - b2 ** jnp.asarray(count)  # as optax computes it (in float32 before casting), so D is AdamW's own
 
-    def one(v):
-        denom = jnp.sqrt(v / correction.astype(v.dtype)) + eps
-        # denom = 0 only when eps = 0 and no gradient ever reached the entry (which is then 0): no 0/0
-        return scale / jnp.maximum(denom, jnp.finfo(v.dtype).tiny)
-    return jax.tree_util.tree_map(one, nu)
+    return jax.tree_util.tree_map(lambda v: scale / (jnp.sqrt(v / correction.astype(v.dtype)) + eps), nu)
 
 
 def soft_threshold_tree(delta: Any, thresholds: Any) -> Any:

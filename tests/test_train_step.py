@@ -247,3 +247,55 @@ def test_full_logits_path_equals_chunked():
         out.append((_host(state.delta), float(m["loss"]), float(m["mean_token_accuracy"])))
     assert _max_rel(out[0][0], out[1][0]) <= 1e-5
     assert out[0][1] == pytest.approx(out[1][1], rel=1e-6) and out[0][2] == out[1][2]
+
+
+def test_proximal_adam_step_soft_thresholds_adams_update_per_entry():
+    """Step 1 with proximal_adam = the plain AdamW step, then entry i shrunk by lr_1 * c * lambda / D_i
+    (D_i = sqrt(v_hat_i) + eps from the updated state, c the clip factor), written out here in NumPy."""
+    from paft_jax.train.optim import adam_state
+    batch, lam = sft_batch(), 2e-3
+    train, _, state, base = _setup(ObjectiveConfig(kind="sft"))
+    state, m = train(state, base, batch)
+    plain, adam = _host(state.delta), _host(adam_state(state.opt_state))
+    train, _, state, base = _setup(ObjectiveConfig(kind="sft", l1_lambda=lam, l1_mode="proximal_adam"))
+    state, m2 = train(state, base, batch)
+    got = _host(state.delta)
+    opt_cfg = OptimConfig(learning_rate=1e-3, warmup_steps=2)   # what _setup uses
+    clip = min(1.0, opt_cfg.max_grad_norm / float(m["grad_norm"]))
+    lr1 = float(m["learning_rate"])
+    zeros = 0
+    for x, nu, y in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(adam.nu),
+                        jax.tree_util.tree_leaves(got)):
+        # b2 as the float32 AdamW holds it: 1 - b2 at t = 1 amplifies its rounding to 1.3e-5 relative
+        d = np.sqrt(nu.astype(np.float64) / (1 - float(np.float32(opt_cfg.b2)) ** int(adam.count))) + opt_cfg.eps
+        thr = lr1 * clip * lam / d
+        ref = np.where(np.abs(x) <= thr, 0.0, x - thr * np.sign(x))
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-9)
+        zeros += int((y == 0).sum())
+    total = sum(x.size for x in jax.tree_util.tree_leaves(got))
+    assert 0.1 < zeros / total < 0.99 and float(m2["loss"]) == float(m["loss"])
+
+
+def test_proximal_adam_keeps_frozen_leaves_at_zero():
+    """Frozen leaves have nu = 0 (no gradient reaches Adam): threshold lr * lambda / eps, and they stay 0."""
+    dcfg = delta_lib.DeltaConfig(freeze=["embed_tokens"])
+    mask = delta_lib.freeze_mask(init_params(CFG, jax.random.key(0)), dcfg)
+    opt = make_optimizer(OptimConfig(learning_rate=1e-2), 5, mask)
+    train, _, state, base = _setup(ObjectiveConfig(kind="sft", l1_lambda=1e-2, l1_mode="proximal_adam"), dcfg=dcfg,
+                                   opt=opt)
+    for _ in range(3):
+        state, m = train(state, base, sft_batch())
+    leaves = jax.tree_util.tree_leaves(_host(state.delta))
+    assert all(np.isfinite(x).all() for x in leaves) and np.isfinite(float(m["loss"]))
+    assert float(jnp.abs(state.delta["embed_tokens"]["embedding"]).max()) == 0
+    up = np.asarray(state.delta["layers"]["mlp"]["up_proj"]["kernel"])
+    assert 0 < (up == 0).mean() < 1
+
+
+def test_proximal_adam_refused_on_lora_and_with_a_foreign_optimizer():
+    dcfg = delta_lib.DeltaConfig(kind="lora", lora_rank=4, lora_alpha=8)
+    ocfg = ObjectiveConfig(kind="sft", l1_lambda=1e-3, l1_mode="proximal_adam")
+    with pytest.raises(ValueError, match="needs delta.kind=dense"):
+        build_steps(CFG, dcfg, ocfg, make_optimizer(OptimConfig(), 5), schedule(OptimConfig(), 5))
+    with pytest.raises(ValueError, match="make_optimizer"):
+        build_steps(CFG, delta_lib.DeltaConfig(), ocfg, optax.adamw(1e-3), schedule(OptimConfig(), 5))

@@ -39,6 +39,9 @@ class OptimConfig:
             raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be within [0, 1]")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("optim.weight_decay and optim.max_grad_norm must be >= 0")
+        if not self.eps > 0:
+            # an entry whose gradients have all been 0 (a frozen leaf, an unused embedding row) would get 0/0
+            raise ValueError(f"optim.eps={self.eps} must be > 0")
 
 
 def schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
