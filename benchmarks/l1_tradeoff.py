@@ -47,8 +47,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/l1_tradeoff.json"))
     ap.add_argument("--plot", default=str(ROOT / "docs/img/l1_tradeoff.png"))
     ap.add_argument("--append", action="store_true", help="add these settings to the rows already in --out")
+    ap.add_argument("--replot", action="store_true", help="only redraw --plot from the rows in --out")
     ap.add_argument("overrides", nargs="*", help="extra key=value for the training config")
     args = ap.parse_args()
+    if args.replot:
+        return plot(json.loads(Path(args.out).read_text())["rows"], Path(args.plot))
 
     from paft_jax.mesh import build_mesh
     from paft_jax.train.config import load_train_config
@@ -110,6 +113,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 if r["mode"] != "dense":
                     ax.annotate(f"{r['lambda']:g}", (100 * r["exact_zero"], r["eval_loss"]), fontsize=8,
                                 textcoords="offset points", xytext=(4, 4))
+    ax.axvline(90, color="gray", linestyle=":", linewidth=1)  # the bar: >= 90% exact zeros
     ax.set_xlabel("exact zeros in the SFT delta (%)")
     ax.set_ylabel("held-out loss (arith test)")
     ax.set_title("L1 on the SFT delta: sparsity vs held-out loss")
