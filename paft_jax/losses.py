@@ -140,8 +140,7 @@ def adam_l1_threshold(nu: Any, count: Array, scale: Array | float, *, b2: float,
     soft-thresholds entry i by scale / D_i.  With scale = lr_t * lambda, an entry at 0 stays there exactly
     when |m_hat_i| <= lambda: the optimality condition of loss + lambda * sum|x|.
     """
-    correction = 1 - b2 ** jnp.asarray(count)  # as optax computes it (in float32 before casting), so D is AdamW's own
-
+    correction = 1 - b2 ** jnp.asarray(count)  # in float32 as optax computes it: D is AdamW's own, bit for bit
     return jax.tree_util.tree_map(lambda v: scale / (jnp.sqrt(v / correction.astype(v.dtype)) + eps), nu)
 
 

@@ -102,8 +102,9 @@ def clip_factor(opt: BranchOptimizer, grads: Any) -> jax.Array:
 
 def adam_state(opt_state: Any) -> optax.ScaleByAdamState:
     """The one ScaleByAdamState (count, mu, nu) inside a chain's state."""
-    found = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-             if isinstance(s, optax.ScaleByAdamState)]
+    def is_adam(x):
+        return isinstance(x, optax.ScaleByAdamState)
+    found = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=is_adam) if is_adam(s)]
     if len(found) != 1:
         raise ValueError(f"expected one Adam state in the optimizer state, found {len(found)}")
     return found[0]
