@@ -18,6 +18,8 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import math
+import json
 import logging
 import os
 import signal
@@ -78,10 +80,16 @@ class BranchCheckpointer:
         if scoped:  # Orbax refuses create=True with active_processes: every branch process makes it (idempotent)
             from etils import epath
             epath.Path(directory).mkdir(parents=True, exist_ok=True)
+            _array_primary(mp.primary_host)
         opts = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep_last, keep_period=cfg.keep_every or None, create=not scoped,
             enable_async_checkpointing=cfg.async_save, save_interval_steps=1, multiprocessing_options=mp)
-        self.manager = ocp.CheckpointManager(directory, options=opts)
+        # the handlers need the branch's primary host too (by default process 0 writes the JSON items)
+        handlers = ({"state": ocp.StandardCheckpointHandler(multiprocessing_options=mp),
+                     "host_state": _host_state_args()[2](mp.primary_host),
+                     "data": ocp.JsonCheckpointHandler(multiprocessing_options=mp),
+                     "meta": ocp.JsonCheckpointHandler(multiprocessing_options=mp)} if scoped else None)
+        self.manager = ocp.CheckpointManager(directory, options=opts, item_handlers=handlers)
         self._in_flight: int | None = None   # step of the async save not yet waited for
         self._failed: CheckpointError | None = None
         self._slow = slow_save_hook()
@@ -97,10 +105,11 @@ class BranchCheckpointer:
         self.wait()  # a failed previous save is reported as that step's failure, before starting this one
         if step in self.manager.all_steps():
             return
-        if _host_local(state):  # Orbax refuses host-local jax.Arrays in a multi-process job: save host copies
-            state = jax.device_get(state)
-        items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-                     meta=ocp.args.JsonSave(meta))
+        if _host_local(state):  # see _host_state_args: Orbax cannot save this branch's arrays itself
+            items = dict(host_state=_host_state_args()[0](jax.device_get(state)))
+        else:
+            items = dict(state=ocp.args.StandardSave(state))
+        items.update(data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta))
         if self._slow and self._slow[0] == step:
             log.warning("PAFT_TEST_SLOW_SAVE (test-only): holding the save of step %d unfinalized for %gs",
                         step, self._slow[1])
@@ -167,20 +176,26 @@ class BranchCheckpointer:
             return None
         tried = []
         local = _host_local(abstract_state)
-        # host-local state (see save) comes back as numpy (np.zeros: untouched pages cost no memory), then placed
+        # a process reading alone in a multi-process job restores as numpy (np.zeros: untouched pages cost no
+        # memory), then places the arrays itself
         target = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), abstract_state) if local \
             else abstract_state
+        from etils import epath
         for s in reversed(candidates):
             try:
+                if (epath.Path(self.directory) / str(s) / "host_state").exists():
+                    item = dict(host_state=_host_state_args()[1](abstract_state))
+                else:
+                    item = dict(state=ocp.args.StandardRestore(target))
                 got = self.manager.restore(s, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
-                    meta=ocp.args.JsonRestore()))
-                if local:
-                    got["state"] = jax.tree_util.tree_map(lambda x, a: jax.device_put(x, a.sharding),
-                                                          got["state"], abstract_state)
+                    **item, data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+                state = got["host_state"] if "host_state" in item else got["state"]
+                if local or "host_state" in item:
+                    state = jax.tree_util.tree_map(lambda x, a: jax.device_put(np.asarray(x), a.sharding),
+                                                   state, abstract_state)
                 if tried:
                     log.warning("resuming from step %d: the later checkpoint(s) %s could not be read", s, tried)
-                return s, got["state"], dict(got["data"]), dict(got["meta"])
+                return s, state, dict(got["data"]), dict(got["meta"])
             except Exception as e:  # noqa: BLE001  (Orbax/tensorstore raise many kinds)
                 where = f"{self.directory}/{s}"
                 if not self.cfg.fallback or step is not None:
@@ -254,6 +269,72 @@ def _slow_save_args():
     return SlowSave
 
 
+def _array_primary(primary: int) -> None:
+    """Orbax's jax.Array handler (a process-wide registry entry) writes array metadata from its primary
+    host, process 0 by default: a branch without process 0 would finalize a checkpoint with no metadata.
+    In a multi-process PAFT run each process saves for exactly one branch, so pointing the process's
+    handler at its branch's primary is consistent (reads do not depend on it)."""
+    ocp = _ocp()
+    from orbax.checkpoint._src.metadata import array_metadata_store
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(primary_host=primary, array_metadata_store=array_metadata_store.Store()),
+        override=True)
+
+
+@functools.cache
+def _host_state_args():
+    """(Save args, Restore args, handler class) for the train state of a branch driven by one process of
+    a multi-process job.  Its arrays live on that process's devices only, which Orbax takes for pmap-style
+    host-local data and refuses to save (and its numpy handler writes on process 0 only).  This handler
+    writes the leaves as raw bytes in one file from the branch's primary process; the checkpoint is still
+    an Orbax step (temporary name until every item is written, then renamed)."""
+    ocp = _ocp()
+
+    class HostStateHandler(ocp.CheckpointHandler):
+        def __init__(self, primary: int | None = 0):
+            self.primary = primary or 0
+
+        def save(self, directory, args):
+            leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(args.state)]  # tobytes() is C order
+            if jax.process_index() == self.primary:
+                index = [{"dtype": x.dtype.name, "shape": list(x.shape)} for x in leaves]
+                (directory / "index.json").write_text(json.dumps(index))
+                with (directory / "leaves.bin").open("wb") as f:
+                    for x in leaves:
+                        f.write(x.tobytes())
+
+        def restore(self, directory, args):
+            import ml_dtypes  # noqa: F401,I001  (registers bfloat16 with numpy)
+            index = json.loads((directory / "index.json").read_text())
+            leaves, treedef = jax.tree_util.tree_flatten(args.abstract)
+            if len(index) != len(leaves):
+                raise ValueError(f"{directory}: {len(index)} arrays saved, the state has {len(leaves)}")
+            out = []
+            with (directory / "leaves.bin").open("rb") as f:
+                for e, a in zip(index, leaves):
+                    x = np.frombuffer(f.read(np.dtype(e["dtype"]).itemsize * math.prod(e["shape"])),
+                                      e["dtype"]).reshape(e["shape"])
+                    if x.shape != tuple(a.shape):
+                        raise ValueError(f"{directory}: saved shape {x.shape} != expected {tuple(a.shape)}")
+                    out.append(x)
+            return jax.tree_util.tree_unflatten(treedef, out)
+
+        def metadata(self, directory):
+            return None
+
+    @ocp.args.register_with_handler(HostStateHandler, for_save=True)
+    @dataclasses.dataclass
+    class HostStateSave(ocp.args.CheckpointArgs):
+        state: Any
+
+    @ocp.args.register_with_handler(HostStateHandler, for_restore=True)
+    @dataclasses.dataclass
+    class HostStateRestore(ocp.args.CheckpointArgs):
+        abstract: Any = None
+
+    return HostStateSave, HostStateRestore, HostStateHandler
+
+
 def abstract_like(state: Any, shardings: Any) -> Any:
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
@@ -290,6 +371,10 @@ class StopRequest:
             from jax.experimental import multihost_utils
             flag = bool(np.max(multihost_utils.process_allgather(np.asarray(int(flag)))))
         return flag
+
+    def pending(self) -> bool:
+        """This process's own flag (no collective): what a caller outside the step loop checks."""
+        return self.signum is not None or self.reason is not None
 
     def request(self, reason: str) -> None:
         self.reason = reason

@@ -189,3 +189,18 @@ def mesh_max(value: float, mesh: Mesh) -> float:
     arr = jax.make_array_from_single_device_arrays((mesh.size,), sharding, shards)
     out = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))(arr)
     return float(np.asarray(out.addressable_data(0)))
+
+
+def barrier(name: str, timeout_s: float = 7 * 24 * 3600) -> None:
+    """Wait until every process reaches `name`.  A key-value barrier of the JAX distributed service, not a
+    device collective: processes may arrive hours apart (one PAFT branch finishing before the other, process
+    0 merging a 7B model), while a CPU (gloo) collective gives up after 30 s."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the client's own barrier; Orbax waits on the same one
+    client = distributed.global_state.client
+    if client is None or not hasattr(client, "wait_at_barrier"):
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))

@@ -70,7 +70,8 @@ def summarize(cfg: PaftConfig, tcs: dict, plan, trained: dict, merge: dict, answ
         est = split_lib.estimate(tcs[n], mcfg)
         branches[n] = {
             "objective": tcs[n].objective.kind, "steps": tcs[n].steps, "l1_lambda": tcs[n].objective.l1_lambda,
-            "devices": done.get("devices"), "mesh": done.get("mesh"), "wall_s": done.get("wall_s"),
+            "devices": done.get("devices"), "processes": done.get("processes"), "mesh": done.get("mesh"),
+            "wall_s": done.get("wall_s"),
             "start": done.get("start"), "end": done.get("end"), "resumed_from": done.get("resumed_from"),
             "estimated_tflop": est.total / 1e12, "step_tflop": est.step_flops / 1e12,
             "first_loss": _first(rec, "loss"), "last_loss": _last(rec, "loss"),

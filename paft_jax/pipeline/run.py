@@ -31,7 +31,7 @@ import jax
 
 from paft_jax.checkpoint import StopRequest
 from paft_jax.faults import fault_point
-from paft_jax.mesh import build_mesh, init_distributed, split_devices, tree_shardings
+from paft_jax.mesh import barrier, build_mesh, init_distributed, split_devices, tree_shardings
 from paft_jax.models.config import ModelConfig
 from paft_jax.models.decoder import abstract_params
 from paft_jax.pipeline import split as split_lib
@@ -158,6 +158,7 @@ def train_branches(cfg: PaftConfig, tcs: dict[str, TrainConfig], p: Plan, progre
                 return
             record = {"branch": name, "steps": tcs[name].steps, "objective": tcs[name].objective.kind,
                       "devices": [d.id for d in p.meshes[name].devices.flat],
+                      "processes": sorted({d.process_index for d in p.meshes[name].devices.flat}),
                       "mesh": dict(p.meshes[name].shape), "wall_s": time.time() - t_start,
                       "start": t_start, "end": time.time(), "resumed_from": res.resumed_from,
                       "first_step": res.step_times[0][0] if res.step_times else None,
@@ -175,12 +176,12 @@ def train_branches(cfg: PaftConfig, tcs: dict[str, TrainConfig], p: Plan, progre
             for name in todo:
                 b = base if name == "sft" else _stacked_base(base, out / "sft", p.meshes[name], p.rules[name])
                 run(name, 0, b)
-                if errors or stop.requested():
+                if errors or stop.pending():
                     break
         elif cfg.schedule == "serial" or len(todo) == 1:
             for i, name in enumerate(todo):
                 run(name, 0, base if name == first else place(base, p.meshes[name], p.rules[name]))
-                if errors or stop.requested():
+                if errors or stop.pending():
                     break
         else:  # both at once, each thread driving its own sub-mesh
             placed = {n: base if n == first else place(base, p.meshes[n], p.rules[n]) for n in todo}
@@ -198,7 +199,7 @@ def train_branches(cfg: PaftConfig, tcs: dict[str, TrainConfig], p: Plan, progre
         name, err = next(iter(errors.items()))
         raise RuntimeError(f"the {name} branch failed: {type(err).__name__}: {err}") from err
     return {"branches": info, "bases": bases, "train_wall_s": time.time() - t0,
-            "stopped": stop.describe() if stop.requested() else None}
+            "stopped": stop.describe() if stop.pending() else None}
 
 
 def _stacked_base(base: Base, sft_dir: Path, mesh, rules) -> Base:
@@ -334,10 +335,11 @@ def run_paft(cfg: PaftConfig, *, progress: bool = True) -> dict:
         say(f"stopped by {trained['stopped']}: checkpoints saved; run the same command again to continue")
         return {"status": "stopped", "reason": trained["stopped"]}
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("paft: branches trained")
+        barrier(f"paft: branches trained ({out})")
     summary: dict[str, Any] = {"status": "done"}  # processes other than 0 only train
     if jax.process_index() == 0:
+        for n in BRANCHES:  # branches other processes trained: their done.json (written before the barrier)
+            trained["branches"][n] = trained["branches"][n] or read_json(out / n / "done.json")
         merge = merge_and_export(cfg, tcs, trained["bases"])
         answers = answer(out / "merged", cfg.prompts, cfg.max_new_tokens) if cfg.prompts else []
         for a in answers:
@@ -349,6 +351,5 @@ def run_paft(cfg: PaftConfig, *, progress: bool = True) -> dict:
             paths = report_lib.write_report(out, summary, trained["bases"], tcs)
             say(f"report: {paths['md']}")
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("paft: done")
+        barrier(f"paft: done ({out})")
     return summary

@@ -42,7 +42,7 @@ def read_meta(directory: str, step: int | None) -> tuple[int, dict]:
     import orbax.checkpoint as ocp
     me = jax.process_index()  # a read by this process alone (e.g. the merge on process 0): no barriers
     mgr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        read_only=True, multiprocessing_options=ocp.options.MultiprocessingOptions(
+        read_only=True, create=False, multiprocessing_options=ocp.options.MultiprocessingOptions(
             primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"read-{me}"))
         if jax.process_count() > 1 else None)
     try:
