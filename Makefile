@@ -21,8 +21,10 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow" tests
 
+# the PAFT pipeline on SmolLM2-135M (both branches at once on 4 + 4 simulated devices, TIES merge,
+# verified HF export, report, answers from the merged model in transformers): about 10 minutes on 2 cores
 demo: install
-	$(PY) -m paft_jax.launch demo
+	$(PY) -m paft_jax.launch paft --config configs/paft_smollm2.yaml
 
 bench: install
 	XLA_FLAGS= $(PY) benchmarks/import_export.py

@@ -183,9 +183,24 @@ def markdown(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline(s: dict) -> str:
+    """A few lines for the terminal: what each branch learned, sparsity, timing."""
+    lines = []
+    for n, b in s["branches"].items():
+        lines.append(f"  {n:<10} {b['objective']:<5} held-out: {_eval_text(b)}")
+    sp = s.get("sparsity")
+    if sp:
+        z = [sp["total"]["models"][i]["zero_frac"] for i in range(2)]
+        lines.append(f"  delta exact zeros: sft {z[0]:.1%}, preference {z[1]:.1%}")
+    if s.get("training_wall_s") is not None:
+        lines.append(f"  training wall {s['training_wall_s']:.0f}s; both branches stepping at once for "
+                     f"{s['overlap']['both_stepping_s']:.0f}s; merged model in {s['merge'].get('dir')}")
+    return "\n".join(lines)
+
+
 def _eval_text(b: dict) -> str:
     first, last = b["eval_first"], b["eval_last"]
-    keys = [k for k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_token_accuracy")
+    keys = [k for k in ("eval_loss", "eval_mean_token_accuracy", "eval_rewards/accuracies", "eval_rewards/margins")
             if k in last]
     same = first == last  # evaluated once (at the end)
     return ", ".join(f"{k[5:]} {_f(last[k], 3)}" if same else f"{k[5:]} {_f(first.get(k), 3)} -> {_f(last[k], 3)}"

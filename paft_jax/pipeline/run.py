@@ -349,7 +349,7 @@ def run_paft(cfg: PaftConfig, *, progress: bool = True) -> dict:
                                                             time.time() - t0)}
         if cfg.report:
             paths = report_lib.write_report(out, summary, trained["bases"], tcs)
-            say(f"report: {paths['md']}")
+            say(f"report: {paths['md']}\n" + report_lib.headline(summary))
     if jax.process_count() > 1:
         barrier(f"paft: done ({out})")
     return summary
