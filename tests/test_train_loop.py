@@ -10,6 +10,21 @@ from paft_jax.train.config import load_train_config
 from paft_jax.train.loop import train
 
 
+def tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
+    import struct
+    from tensorboardX.proto import event_pb2
+    out: dict = {}
+    for f in sorted(directory.glob("events.out.tfevents.*")):
+        data, pos = f.read_bytes(), 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4  # length, its crc, the record, its crc
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
 def test_sft_cli_runs_logs_and_evaluates(tmp_path, capsys):
     out = tmp_path / "sft"
     assert main(["sft", "--config", "configs/tiny_sft.yaml", "steps=4", "eval_every=2", f"output_dir={out}",
@@ -20,8 +35,19 @@ def test_sft_cli_runs_logs_and_evaluates(tmp_path, capsys):
     assert [r["step"] for r in train_recs] == [1, 2, 3, 4]
     assert [r["step"] for r in evals] == [2, 4]
     assert train_recs[-1]["loss"] < train_recs[0]["loss"]
-    for key in ("grad_norm", "learning_rate", "mean_token_accuracy", "num_tokens", "tokens_per_second"):
+    for key in ("grad_norm", "learning_rate", "mean_token_accuracy", "num_tokens", "tokens_per_second",
+                "model_tflops_per_second", "delta/zero_frac", "delta/near_zero_frac", "delta/mean_abs"):
         assert key in train_recs[0]
+    # a dense delta after AdamW steps: zero only where no gradient ever arrived (embedding rows of unseen
+    # tokens), a positive L1 norm
+    last = train_recs[-1]
+    assert 0 < last["delta/zero_frac"] < 0.5 and last["delta/near_zero_frac"] >= last["delta/zero_frac"]
+    assert last["delta/mean_abs"] > 0
+    # TensorBoard event files: every logged scalar, read back record by record (TFRecord framing)
+    scalars = tensorboard_scalars(out / "tb")
+    assert {"loss", "eval_loss", "delta/zero_frac", "grad_norm"} <= set(scalars)
+    assert [step for step, _ in scalars["loss"]] == [1, 2, 3, 4]
+    assert scalars["loss"][-1][1] == pytest.approx(train_recs[-1]["loss"], rel=1e-6)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 4
     assert json.loads((out / "config.json").read_text())["objective"]["kind"] == "sft"
 

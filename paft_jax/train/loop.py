@@ -174,6 +174,7 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
         _truncate_metrics(out / "metrics.jsonl", start_step)
     metrics_file = (out / "metrics.jsonl").open("a") if primary else None
+    tb = _tensorboard(out / "tb") if primary else None
     name = name or cfg.objective.kind
     meta = {"config": to_dict(cfg), "base": branch.base.source, "model_config": dataclasses.asdict(branch.base.cfg),
             "ref_cache": {k: str(t.path) for k, t in branch.ref_tables.items()}}
@@ -186,6 +187,10 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
         if metrics_file:
             metrics_file.write(json.dumps(rec) + "\n")
             metrics_file.flush()
+        if tb is not None:
+            for k, v in rec.items():
+                if k not in ("step", "time_start", "time_end") and isinstance(v, (int, float)):
+                    tb.add_scalar(k, v, rec["step"])
 
     from paft_jax.checkpoint import StopRequest
     from tqdm.auto import tqdm
@@ -229,12 +234,20 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
         bar.close()
         if metrics_file:
             metrics_file.close()
+        if tb is not None:
+            tb.close()
         if ckpt is not None:
             ckpt.close()
     result.state = branch.state
     result.wall_s = time.time() - t_start
     result.step_times = [(r["time_start"], r["time_end"]) for r in result.history if "time_start" in r]
     return result
+
+
+def _tensorboard(directory: Path):
+    """TensorBoard event files (tensorboardX: no TensorFlow needed); one file per (re)start of the run."""
+    from tensorboardX import SummaryWriter
+    return SummaryWriter(str(directory), flush_secs=10)
 
 
 def _checkpointer(cfg: TrainConfig, processes: list[int] | None = None):

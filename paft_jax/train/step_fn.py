@@ -81,6 +81,20 @@ def l1_prox(ocfg: ObjectiveConfig, opt: optax.GradientTransformation, delta: Any
                                                                       eps=cfg.eps))
 
 
+DELTA_TOL = 1e-6  # |delta| at or below this counts as "near zero" in the per-step metrics
+
+
+def delta_stats(delta: Any) -> dict[str, jax.Array]:
+    """Sparsity of the trained state after the update (over every trained array: the dense delta, or the
+    LoRA factors): exact zeros, entries with |x| <= DELTA_TOL, and the mean |x| (the L1 norm per entry)."""
+    leaves = jax.tree_util.tree_leaves(delta)
+    n = sum(x.size for x in leaves)
+    zeros = sum(jnp.sum(x == 0, dtype=jnp.float32) for x in leaves)
+    small = sum(jnp.sum(jnp.abs(x) <= DELTA_TOL, dtype=jnp.float32) for x in leaves)
+    l1 = sum(jnp.sum(jnp.abs(x), dtype=jnp.float32) for x in leaves)
+    return {"delta/zero_frac": zeros / n, "delta/near_zero_frac": small / n, "delta/mean_abs": l1 / n}
+
+
 def build_steps(cfg: ModelConfig, dcfg: DeltaConfig, ocfg: ObjectiveConfig, opt: optax.GradientTransformation,
                 lr_schedule: optax.Schedule, *, grad_accum: int = 1, mesh: Mesh | None = None, rules: tuple = ()):
     """-> (train_step(state, base, batch) -> (state, metrics), eval_sums(delta, base, batch) -> sums)."""
@@ -126,6 +140,7 @@ def build_steps(cfg: ModelConfig, dcfg: DeltaConfig, ocfg: ObjectiveConfig, opt:
         updates, opt_state = opt.update(grads, state.opt_state, state.delta)
         delta = optax.apply_updates(state.delta, updates)
         delta = l1_prox(ocfg, opt, delta, opt_state, grads, lr_schedule(state.step))
+        metrics.update(delta_stats(delta))
         return TrainState(step=state.step + 1, delta=delta, opt_state=opt_state), metrics
 
     def eval_sums(delta: Any, base: Any, batch: dict):
