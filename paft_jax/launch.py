@@ -56,8 +56,9 @@ def _load(args):
 
 
 def cmd_export(args) -> int:
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
+    from paft_jax import storage
+    out = args.out if storage.is_url(args.out) else Path(args.out)
+    if isinstance(out, Path) and out.exists() and any(out.iterdir()) and not args.overwrite:
         raise SystemExit(f"error: {out} exists and is not empty (use --overwrite)")
     if (args.model is None) == (args.checkpoint is None):
         raise SystemExit("error: give exactly one of --model or --checkpoint")
@@ -81,7 +82,7 @@ def _load_checkpoint(args):
                                source=f"{base.source} + {cfg.objective.kind} delta ({args.checkpoint}, step {step})")
 
 
-def _export_verified(lm, out: Path, *, dtype: str, max_shard_size: str, base_model: str, how: str, overwrite: bool,
+def _export_verified(lm, out: Path | str, *, dtype: str, max_shard_size: str, base_model: str, how: str, overwrite: bool,
                      verify: bool = True, atol: float = 1e-3, keep_on_mismatch: bool = False):
     """Export `lm`, then check it with transformers when torch is installed.
 
@@ -96,14 +97,22 @@ def _export_verified(lm, out: Path, *, dtype: str, max_shard_size: str, base_mod
     if verify:
         ids, mask = probe_batch(lm.cfg.vocab_size)
         ref = flax_logits(lm.params, lm.cfg, ids, mask, as_dtype=dtype)
+    from paft_jax import storage
+    remote, checked = storage.is_url(str(out)), {}
+    # a gs:// export is verified on its local copy before it is published (transformers cannot read gs://);
+    # a local one after it is written, once the params are dropped (one copy of the model in memory)
+    check = (lambda d: checked.update(report=verify_export(d, ref, ids, mask, atol=atol))) if verify and remote \
+        else None
     t0 = time.perf_counter()
     export_hf(lm.params, lm.cfg, out, tokenizer=lm.tokenizer, hf_config=lm.hf_config,
               generation_config=lm.generation_config, dtype=dtype, max_shard_size=max_shard_size,
-              base_model=base_model, how=how, overwrite=overwrite)
+              base_model=base_model, how=how, overwrite=overwrite, check=check)
     log.info("exported to %s (%s) in %.1fs", out, dtype, time.perf_counter() - t0)
     lm.params = None
     if not verify:
         return None
+    if remote:
+        return checked["report"]
     try:
         return verify_export(out, ref, ids, mask, atol=atol)
     except Exception:

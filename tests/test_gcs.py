@@ -71,6 +71,13 @@ def test_checkpoints_on_gs_resume_in_a_new_process_and_export(gcs_env, tmp_path)
     out = run(gcs_env, "export", "--checkpoint", bucket, "--out", str(tmp_path / "hf"))
     assert "verify: max |logits diff|" in out
     assert (tmp_path / "hf" / "config.json").exists()
+    # the CLI export straight to the bucket: verified on its local copy, then published
+    out = run(gcs_env, "export", "--checkpoint", bucket, "--out", "gs://paft/exports/tiny-sft")
+    assert "verify: max |logits diff|" in out
+    got = script(gcs_env, "import json, sys\nfrom paft_jax import storage\nimport tempfile\n"
+                          "d = storage.fetch_dir('gs://paft/exports/tiny-sft', tempfile.mkdtemp())\n"
+                          "import os\nprint(json.dumps({'files': sorted(os.listdir(d))}))\n", tmp_path)
+    assert "config.json" in got["files"] and "model.safetensors" in got["files"]
 
 
 def script(env, code: str, *args, timeout=300) -> dict:
