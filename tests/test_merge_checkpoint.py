@@ -38,3 +38,14 @@ def test_checkpoint_input_equals_its_exported_model(tmp_path):
         np.testing.assert_allclose(outs["ckpt"][k], outs["hf"][k], rtol=0, atol=1e-6, err_msg=k)
         moved += not np.array_equal(outs["hf"][k], tensors(tmp_path / "base")[k])
     assert moved  # the merge really changed tensors
+
+
+def test_a_relative_checkpoint_path_is_read(tmp_path, monkeypatch):
+    """Run directories are often given relative (output_dir: runs/x); Orbax itself wants absolute paths."""
+    from paft_jax.train.restore import CheckpointSource
+    cfg = load_train_config("configs/tiny_sft.yaml", ["steps=1", "optim.warmup_steps=0", "eval_data=null",
+                                                      f"output_dir={tmp_path / 'run'}"])
+    train(cfg, progress=False)
+    monkeypatch.chdir(tmp_path)
+    src = CheckpointSource("run")
+    assert src.step == 1 and np.abs(src.get("model.embed_tokens.weight")).max() > 0

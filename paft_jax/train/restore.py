@@ -27,8 +27,10 @@ log = logging.getLogger("paft_jax")
 def locate(path: str | Path) -> tuple[str, int | None]:
     """A run directory, its checkpoints/ directory, or one step directory -> (checkpoints dir, step|None).
     Local paths and gs:// (through etils.epath, as Orbax itself)."""
+    import os
     from etils import epath
-    p = epath.Path(path)
+    # Orbax refuses relative checkpoint paths (a run's output_dir is often relative: runs/x)
+    p = epath.Path(path if "://" in str(path) else os.path.abspath(path))
     if p.name.isdigit() and p.is_dir():
         return str(p.parent), int(p.name)
     if (p / "checkpoints").is_dir():
