@@ -31,7 +31,7 @@ import jax
 
 from paft_jax.checkpoint import StopRequest
 from paft_jax.faults import fault_point
-from paft_jax.mesh import barrier, build_mesh, init_distributed, split_devices, tree_shardings
+from paft_jax.mesh import barrier, build_mesh, init_distributed, mesh_processes, split_devices, tree_shardings
 from paft_jax.models.config import ModelConfig
 from paft_jax.models.decoder import abstract_params
 from paft_jax.pipeline import split as split_lib
@@ -158,7 +158,7 @@ def train_branches(cfg: PaftConfig, tcs: dict[str, TrainConfig], p: Plan, progre
                 return
             record = {"branch": name, "steps": tcs[name].steps, "objective": tcs[name].objective.kind,
                       "devices": [d.id for d in p.meshes[name].devices.flat],
-                      "processes": sorted({d.process_index for d in p.meshes[name].devices.flat}),
+                      "processes": mesh_processes(p.meshes[name]),
                       "mesh": dict(p.meshes[name].shape), "wall_s": time.time() - t_start,
                       "start": t_start, "end": time.time(), "resumed_from": res.resumed_from,
                       "first_step": res.step_times[0][0] if res.step_times else None,

@@ -79,7 +79,7 @@ def model_config_from_meta(meta: dict):
 def restore_delta(path: str | Path, mesh: Mesh | None = None, rules: tuple = ()):
     """-> (TrainConfig, ModelConfig, step, dense delta pytree) without loading the base's weights
     (LoRA is folded with the base's shapes only)."""
-    from paft_jax.mesh import build_mesh
+    from paft_jax.mesh import build_mesh, mesh_processes
     from paft_jax.models.decoder import abstract_params
     from paft_jax.config import MeshConfig
     directory, step = locate(path)
@@ -95,7 +95,7 @@ def restore_delta(path: str | Path, mesh: Mesh | None = None, rules: tuple = ())
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), delta=d_abs,
                           opt_state=jax.eval_shape(opt.init, d_abs))
     ckpt = BranchCheckpointer(dataclasses.replace(cfg.checkpoint, fallback=False), directory,
-                              processes=sorted({d.process_index for d in mesh.devices.flat}))
+                              processes=mesh_processes(mesh))
     try:
         _, state, _, _ = ckpt.restore(abstract_like(abstract, sh), step)
     finally:
