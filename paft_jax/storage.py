@@ -152,3 +152,80 @@ def fetch_dir(url: str, local: str | Path) -> Path:
         raise IncompleteDirectoryError(f"{url}: changed while it was being read (rewritten concurrently?); "
                                        "read it again")
     return local
+
+
+# ------------------------------------------------------------------ run directories on a store (gs://)
+# A run directory given as a URL is written in a local working copy (its mirror) and uploaded file by
+# file; small JSON markers are read and written on the store directly (one object write is atomic).
+
+
+def join(base: str | Path, *names: str) -> str:
+    """`base/names...` for a URL (text, no pathlib: gs://b/x must not become gs:/b/x) or a local path."""
+    if is_url(base):
+        return "/".join([str(base).rstrip("/"), *names])
+    return str(Path(base, *names))
+
+
+def mirror_dir(url: str, root: str | Path) -> Path:
+    """The local working copy of the store directory `url`: root/mirror/<scheme>/<bucket>/<path>.  Laid out
+    like the URL, so the mirror of gs://b/run/sft is the `sft` folder of the mirror of gs://b/run."""
+    scheme, _, rest = str(url).partition("://")
+    parts = [p for p in rest.split("/") if p]
+    if not parts or any(p in (".", "..") for p in parts):
+        raise ValueError(f"{url}: cannot be mirrored locally (expected scheme://bucket/path)")
+    return Path(root).absolute() / "mirror" / scheme / Path(*parts)
+
+
+def read_text(url: str) -> str | None:
+    """One object's text, or None when it does not exist."""
+    fs, root = _fs(url)
+    try:
+        return fs.cat_file(root).decode()
+    except FileNotFoundError:
+        return None
+
+
+def write_text(url: str, text: str) -> None:
+    """One object write (atomic on GCS: readers see the old object or the new one, never a part)."""
+    fs, root = _fs(url)
+    fs.pipe_file(root, text.encode())
+
+
+def remove(url: str) -> None:
+    """Remove everything under `url` (an object or a prefix); nothing there is fine."""
+    fs, root = _fs(url)
+    fs.invalidate_cache(root)
+    _remove_quietly(fs, root)
+
+
+def upload_files(local: str | Path, url: str, names: list[str]) -> list[str]:
+    """Upload local/<name> to url/<name> for each name that exists locally (each a whole-object write)."""
+    local = Path(local)
+    names = [n for n in names if (local / n).is_file()]
+    if names:
+        fs, root = _fs(url)
+        fs.put([str(local / n) for n in names], [f"{root}/{n}" for n in names])
+    return names
+
+
+def download_file(url: str, local: str | Path) -> bool:
+    """Make the local file a copy of the object at `url`; when there is no such object, remove the local
+    file (the store is the truth).  Returns whether the object existed."""
+    local = Path(local)
+    fs, root = _fs(url)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.tmp-{os.getpid()}")
+    try:
+        fs.get_file(root, str(tmp))
+    except FileNotFoundError:
+        tmp.unlink(missing_ok=True)
+        local.unlink(missing_ok=True)
+        return False
+    os.replace(tmp, local)
+    return True
+
+
+def is_complete_dir(url: str) -> bool:
+    """Objects exist under `url` and the incomplete-marker of `publish_dir` is not among them."""
+    names = child_names(url)
+    return bool(names) and INCOMPLETE not in names

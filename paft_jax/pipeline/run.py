@@ -9,6 +9,12 @@ checkpoint), a finished merge is not redone, a half-written export is removed an
       merge.json              written after the export verified: the merge is complete
       report.md report.json   the summary; plots in img/
 
+output_dir may be a gs:// URL (paft_jax/rundir.py): files are written in a local mirror under the run's
+cache_dir and uploaded (a branch's metrics at each checkpoint save and at its end; the report at the end);
+checkpoints go to the bucket through Orbax; the markers are read and written on the bucket (one atomic
+object write each); the export is published with storage.publish_dir (atomic for marker-honouring
+readers).  A rerun on another machine sees the same markers, so it too continues rather than redoes.
+
 Single process: one thread per branch drives its sub-mesh (JAX releases the GIL while devices compute).
 Several processes (a multi-host slice): each process drives the one branch its devices belong to;
 checkpoints, stop requests and epoch agreements are scoped to the branch's processes; everyone meets at
@@ -36,6 +42,7 @@ from paft_jax.models.config import ModelConfig
 from paft_jax.models.decoder import abstract_params
 from paft_jax.pipeline import split as split_lib
 from paft_jax.pipeline.config import BRANCHES, PaftConfig, branch_configs
+from paft_jax.rundir import RunDir
 from paft_jax.train.config import TrainConfig
 from paft_jax.train.loop import Base, Branch, load_base, resolve_compute_dtype, resolve_tokenizer, run_branch
 
@@ -65,22 +72,13 @@ def place(base: Base, mesh, rules) -> Base:
     return dataclasses.replace(base, params=jax.device_put(base.params, tree_shardings(axes, shapes, mesh, rules)))
 
 
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+def run_dir(cfg: PaftConfig, tcs: dict[str, TrainConfig]) -> RunDir:
+    """The run directory; a gs:// one is mirrored under the branches' (shared) cache_dir."""
+    return RunDir.of(cfg.output_dir, tcs["sft"].cache_dir)
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Atomically (temporary name, then rename): a marker is either absent or complete."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def branch_done(out: Path, name: str, tc: TrainConfig) -> dict | None:
-    done = read_json(out / name / "done.json")
+def branch_done(rd: RunDir, name: str, tc: TrainConfig) -> dict | None:
+    done = rd.read_json(f"{name}/done.json")
     return done if done and done.get("steps") == tc.steps else None
 
 
@@ -131,12 +129,12 @@ def plan(cfg: PaftConfig, tcs: dict[str, TrainConfig], mcfg: ModelConfig) -> Pla
 
 def train_branches(cfg: PaftConfig, tcs: dict[str, TrainConfig], p: Plan, progress: bool) -> dict[str, Any]:
     """Train what is not finished yet; returns per-branch info (done.json contents) and the loaded base."""
-    out = Path(cfg.output_dir)
-    info: dict[str, Any] = {n: branch_done(out, n, tcs[n]) for n in BRANCHES}
+    rd = run_dir(cfg, tcs)
+    info: dict[str, Any] = {n: branch_done(rd, n, tcs[n]) for n in BRANCHES}
     todo = [n for n in p.mine if info[n] is None]
     for n in p.mine:
         if info[n] is not None:
-            say(f"{n}: already trained ({tcs[n].steps} steps, {out / n}); not retrained")
+            say(f"{n}: already trained ({tcs[n].steps} steps, {rd.join(n)}); not retrained")
     bases: dict[str, Base] = {}
     if not todo:
         return {"branches": info, "bases": bases, "train_wall_s": None}
@@ -165,7 +163,7 @@ def train_branches(cfg: PaftConfig, tcs: dict[str, TrainConfig], p: Plan, progre
                       "last_step": res.step_times[-1][1] if res.step_times else None}
             from paft_jax.mesh import is_mesh_primary
             if is_mesh_primary(p.meshes[name]):
-                write_json(out / name / "done.json", record)
+                rd.write_json(f"{name}/done.json", record)
             info[name] = record
         except BaseException as e:  # noqa: BLE001 - the other branch must stop and save, then we re-raise
             errors[name] = e
@@ -174,7 +172,7 @@ def train_branches(cfg: PaftConfig, tcs: dict[str, TrainConfig], p: Plan, progre
     try:
         if p.mode == "sequential":
             for name in todo:
-                b = base if name == "sft" else _stacked_base(base, out / "sft", p.meshes[name], p.rules[name])
+                b = base if name == "sft" else _stacked_base(base, rd.join("sft"), p.meshes[name], p.rules[name])
                 run(name, 0, b)
                 if errors or stop.pending():
                     break
@@ -202,7 +200,7 @@ def train_branches(cfg: PaftConfig, tcs: dict[str, TrainConfig], p: Plan, progre
             "stopped": stop.describe() if stop.pending() else None}
 
 
-def _stacked_base(base: Base, sft_dir: Path, mesh, rules) -> Base:
+def _stacked_base(base: Base, sft_dir: str, mesh, rules) -> Base:
     """Sequential mode: the preference branch starts from (and is referenced to) the SFT model."""
     from paft_jax.train.restore import merged_params, restore_delta
     _, _, step, delta = restore_delta(sft_dir, mesh, rules)
@@ -216,7 +214,8 @@ def _stacked_base(base: Base, sft_dir: Path, mesh, rules) -> Base:
 
 def base_source(tc: TrainConfig, bases: dict[str, Base], out: Path):
     """The merge's base: an HF directory is streamed from disk; anything else (GGUF, random) is the loaded
-    base (loaded now on one device if this process trained nothing, e.g. on a rerun)."""
+    base (loaded now on one device if this process trained nothing, e.g. on a rerun).  `out`: a local
+    directory (the run's, or its mirror) for the base's tokenizer files."""
     from paft_jax.merge.params_source import ParamsSource
     from paft_jax.merge.sources import HFDirSource
     if tc.model != "random" and Path(tc.model).is_dir() and any(Path(tc.model).glob("*.safetensors")):
@@ -258,22 +257,31 @@ class _CountingSource:
 
 def merge_and_export(cfg: PaftConfig, tcs: dict[str, TrainConfig], bases: dict[str, Base]) -> dict:
     """Merge the two branch checkpoints into the base and export (atomic), verified; skipped if done."""
+    from paft_jax import storage
     from paft_jax.merge import load_recipe, merge_to_hf
     from paft_jax.train.restore import CheckpointSource
-    out = Path(cfg.output_dir)
-    merged, marker = out / "merged", out / "merge.json"
-    done = read_json(marker)
-    if done is not None and merged.is_dir():
+    rd = run_dir(cfg, tcs)
+    merged = rd.join("merged")
+    done = rd.read_json("merge.json")
+    if done is not None and (storage.is_complete_dir(merged) if rd.remote else Path(merged).is_dir()):
         say(f"merge: already done ({merged}); not redone")
         return done
-    for stale in out.glob(".merged.tmp-*"):  # a killed export's temporary directory
-        say(f"merge: removing the unfinished export {stale}")
-        shutil.rmtree(stale, ignore_errors=True)
-    if merged.exists():  # renamed but not verified (killed during verification): redo it
-        shutil.rmtree(merged)
-    base_src = _CountingSource(base_source(tcs["sft"], bases, out))
-    ckpts = {str(out / n): CheckpointSource(out / n) for n in BRANCHES}
-    recipe = load_recipe(cfg.merge.recipe(base_src.label, str(out / "sft"), str(out / "preference"), cfg.mode))
+    if done is not None:  # the marker of an export that is gone or being replaced
+        rd.remove("merge.json")
+    if rd.remote:  # a publish killed midway leaves its temporary prefix beside merged/ (and merged/ marked)
+        for stale in sorted(n for n in storage.child_names(rd.url) if n.startswith(".merged.tmp-")):
+            say(f"merge: removing the unfinished upload {rd.join(stale)}")
+            storage.remove(rd.join(stale))
+    else:
+        for stale in rd.local.glob(".merged.tmp-*"):  # a killed export's temporary directory
+            say(f"merge: removing the unfinished export {stale}")
+            shutil.rmtree(stale, ignore_errors=True)
+        if Path(merged).exists():  # renamed but not verified (killed during verification): redo it
+            shutil.rmtree(merged)
+    rd.local.mkdir(parents=True, exist_ok=True)
+    base_src = _CountingSource(base_source(tcs["sft"], bases, rd.local))
+    ckpts = {rd.join(n): CheckpointSource(rd.join(n)) for n in BRANCHES}
+    recipe = load_recipe(cfg.merge.recipe(base_src.label, rd.join("sft"), rd.join("preference"), cfg.mode))
     models = [ckpts.get(m) or (base_src if m == base_src.label else None) for m in recipe.models]
     if any(m is None for m in models):
         raise ValueError(f"merge: cannot place inputs {recipe.models}")
@@ -286,10 +294,21 @@ def merge_and_export(cfg: PaftConfig, tcs: dict[str, TrainConfig], bases: dict[s
             "merge_seconds": res.seconds, "tensors": res.tensors, "bytes": res.bytes_written, "dir": str(merged),
             "verified": rep is not None,
             "verify_max_abs_diff": getattr(rep, "max_abs_diff", None), "verify_atol": cfg.merge.atol}
-    write_json(marker, info)
+    rd.write_json("merge.json", info)
     say(f"merge: done in {info['seconds']:.1f}s" + (f", verified in transformers (max |logit diff| "
                                                    f"{info['verify_max_abs_diff']:.2e})" if rep else ""))
     return info
+
+
+def local_export(rd: RunDir) -> Path:
+    """A local copy of the merged export (transformers reads local directories): the export itself, or
+    for a remote run a fresh download into the mirror."""
+    if not rd.remote:
+        return rd.local / "merged"
+    from paft_jax import storage
+    local = rd.local / "merged"
+    shutil.rmtree(local, ignore_errors=True)
+    return storage.fetch_dir(rd.join("merged"), local)
 
 
 def answer(merged: Path, prompts: list[str], max_new_tokens: int) -> list[dict]:
@@ -319,11 +338,12 @@ def run_paft(cfg: PaftConfig, *, progress: bool = True) -> dict:
         tcs[n].validate()
     mcfg = base_model_config(tcs["sft"])
     p = plan(cfg, tcs, mcfg)
-    out = Path(cfg.output_dir)
+    rd = run_dir(cfg, tcs)
+    out = rd.join()
     if jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        rd.local.mkdir(parents=True, exist_ok=True)
         from paft_jax.config import to_dict
-        (out / "paft_config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str) + "\n")
+        rd.write_json("paft_config.json", to_dict(cfg))
     say(f"{cfg.mode} run of sft ({tcs['sft'].objective.kind}, {tcs['sft'].steps} steps) and preference "
         f"({tcs['preference'].objective.kind}, {tcs['preference'].steps} steps) from {tcs['sft'].model} into {out}")
     if p.mode == "parallel":
@@ -339,17 +359,22 @@ def run_paft(cfg: PaftConfig, *, progress: bool = True) -> dict:
     summary: dict[str, Any] = {"status": "done"}  # processes other than 0 only train
     if jax.process_index() == 0:
         for n in BRANCHES:  # branches other processes trained: their done.json (written before the barrier)
-            trained["branches"][n] = trained["branches"][n] or read_json(out / n / "done.json")
+            trained["branches"][n] = trained["branches"][n] or rd.read_json(f"{n}/done.json")
         merge = merge_and_export(cfg, tcs, trained["bases"])
-        answers = answer(out / "merged", cfg.prompts, cfg.max_new_tokens) if cfg.prompts else []
+        answers = answer(local_export(rd), cfg.prompts, cfg.max_new_tokens) if cfg.prompts else []
         for a in answers:
             say(f"merged model (transformers) answers {a['prompt']!r}:\n    {a['answer'].strip()}")
         from paft_jax.pipeline import report as report_lib
+        for n in BRANCHES:  # a remote run: the branches' metrics as the bucket has them (trained elsewhere?)
+            rd.pull(f"{n}/metrics.jsonl")
         summary = {"status": "done", **report_lib.summarize(cfg, tcs, p, trained, merge, answers, mcfg,
-                                                            time.time() - t0)}
+                                                            time.time() - t0, local=rd.local)}
         if cfg.report:
-            paths = report_lib.write_report(out, summary, trained["bases"], tcs)
-            say(f"report: {paths['md']}\n" + report_lib.headline(summary))
+            paths = report_lib.write_report(rd.local, summary, trained["bases"], tcs,
+                                            branch_dirs={n: rd.join(n) for n in BRANCHES})
+            uploaded = rd.upload([str(Path(f).relative_to(rd.local)) for f in paths.values()] + ["report.json"])
+            say(f"report: {rd.join('report.md')}" + (f" ({len(uploaded)} files uploaded from {rd.local})"
+                                                     if rd.remote else "") + "\n" + report_lib.headline(summary))
     if jax.process_count() > 1:
         barrier(f"paft: done ({out})")
     return summary

@@ -162,7 +162,9 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
     """Train `branch` to `cfg.steps` (resuming from its checkpoints).  `stop`: a shared StopRequest when
     the caller runs several branches (signal handlers live in the main thread only)."""
     cfg = branch.cfg
-    out = Path(cfg.output_dir)
+    from paft_jax.rundir import RunDir
+    rd = RunDir.of(cfg.output_dir, cfg.cache_dir)  # a gs:// output_dir is written in a local mirror
+    out = rd.local
     primary = is_mesh_primary(branch.mesh)
     ckpt = _checkpointer(cfg, mesh_processes(branch.mesh))
     result = BranchResult(branch.state)
@@ -172,9 +174,20 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
     if primary:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+        rd.pull("metrics.jsonl")  # a remote run: the history so far is the store's (the mirror may be empty)
         _truncate_metrics(out / "metrics.jsonl", start_step)
     metrics_file = (out / "metrics.jsonl").open("a") if primary else None
     tb = _tensorboard(out / "tb") if primary else None
+
+    def sync() -> None:
+        """A remote run: upload config.json, metrics.jsonl and the TensorBoard files (primary only)."""
+        if not (rd.remote and primary):
+            return
+        if tb is not None:
+            tb.flush()
+        rd.upload(["config.json", "metrics.jsonl"] + sorted(f"tb/{p.name}" for p in (out / "tb").glob("*")))
+
+    sync()
     name = name or cfg.objective.kind
     meta = {"config": to_dict(cfg), "base": branch.base.source, "model_config": dataclasses.asdict(branch.base.cfg),
             "ref_cache": {k: str(t.path) for k, t in branch.ref_tables.items()}}
@@ -200,6 +213,7 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
     bar = tqdm(total=cfg.steps, initial=start_step, desc=name, disable=not (progress and primary),
                dynamic_ncols=True, position=bar_position)
     t_start = time.time()
+    finished = False
     try:
         if cfg.eval_at_start and start_step == 0 and branch.eval_it is not None:
             record({"step": 0, **branch.evaluate()})
@@ -213,12 +227,14 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
             fault_point(f"{name}-step-{done}")
             if stop.requested(scope):
                 if ckpt is not None:
+                    sync()  # before the checkpoint: a saved step always has its metrics on the store
                     save(done, wait=True)
                 bar.write(f"[{name}] stopped by {stop.describe()} after step {done}" +
                           (f"; checkpoint saved in {ckpt.directory}" if ckpt else ""))
                 result.preempted = True
                 break
             if ckpt is not None and ckpt.should_save(done, cfg.steps):
+                sync()
                 save(done)
             if (cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps
                     and branch.eval_it is not None):
@@ -228,6 +244,7 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
             record({"step": cfg.steps, **ev})
             bar.write(f"[{name}] eval at step {cfg.steps}: " +
                       ", ".join(f"{k}={v:.4g}" for k, v in ev.items()))
+        finished = True
     finally:
         if own_stop:
             stop.restore_handlers()
@@ -236,8 +253,16 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
             metrics_file.close()
         if tb is not None:
             tb.close()
-        if ckpt is not None:
-            ckpt.close()
+            tb = None
+        try:
+            sync()  # the branch's final files (also after a failure: what was recorded is kept)
+        except Exception as e:  # noqa: BLE001
+            if finished:
+                raise
+            log.warning("could not upload %s's files to %s: %s", name, rd.url, e)
+        finally:
+            if ckpt is not None:
+                ckpt.close()
     result.state = branch.state
     result.wall_s = time.time() - t_start
     result.step_times = [(r["time_start"], r["time_end"]) for r in result.history if "time_start" in r]
@@ -254,7 +279,10 @@ def _checkpointer(cfg: TrainConfig, processes: list[int] | None = None):
     if not cfg.checkpoint.enabled:
         return None
     from paft_jax.checkpoint import BranchCheckpointer
-    directory = cfg.checkpoint.directory or str(Path(cfg.output_dir).absolute() / "checkpoints")
+    from paft_jax import storage
+    directory = cfg.checkpoint.directory or (storage.join(cfg.output_dir, "checkpoints") if
+                                             storage.is_url(cfg.output_dir) else
+                                             str(Path(cfg.output_dir).absolute() / "checkpoints"))
     return BranchCheckpointer(cfg.checkpoint, directory, processes)
 
 
@@ -265,14 +293,14 @@ def _resume(branch: Branch, ckpt, cfg: TrainConfig) -> int | None:
     if cfg.checkpoint.resume == "auto":
         got = ckpt.restore(abstract)
     else:
-        path = Path(cfg.checkpoint.resume)
-        if not path.name.isdigit():
+        parent, _, step_name = str(cfg.checkpoint.resume).rstrip("/").rpartition("/")
+        if not step_name.isdigit():
             raise ValueError(f"checkpoint.resume={cfg.checkpoint.resume!r}: expected auto, never, or a "
                              "checkpoint step directory such as runs/x/checkpoints/200")
-        other = BranchCheckpointer(dataclasses.replace(cfg.checkpoint, fallback=False), str(path.parent),
+        other = BranchCheckpointer(dataclasses.replace(cfg.checkpoint, fallback=False), parent or ".",
                                    mesh_processes(branch.mesh))
         try:
-            got = other.restore(abstract, int(path.name))
+            got = other.restore(abstract, int(step_name))
         finally:
             other.close()
     if got is None:
@@ -289,7 +317,7 @@ def _resume(branch: Branch, ckpt, cfg: TrainConfig) -> int | None:
     branch.state = state
     branch.train_it.restore(data_state)
     log.info("resumed from %s/%d", ckpt.directory if cfg.checkpoint.resume == "auto" else
-             Path(cfg.checkpoint.resume).parent, step)
+             str(cfg.checkpoint.resume).rstrip("/").rpartition("/")[0], step)
     return step
 
 
