@@ -241,12 +241,11 @@ def test_pod_config_loads_and_splits_by_whole_hosts(pod):
     assert not tcs["preference"].ref_cache      # the cache pass is not micro-batched (see the configs)
 
 
-@pytest.mark.xfail(reason="pipeline/config.py branch_config joins output_dir with pathlib, which turns gs://b/x "
-                          "into gs:/b/x (and train/loop.py, pipeline/run.py use Path on it): output_dir on gs:// "
-                          "does not reach the branches yet", strict=False)
 @pytest.mark.parametrize("pod", PODS[:1], ids=[PODS[0][0]])
 def test_pod_config_branch_output_dirs_stay_on_gs(pod):
+    """The branches' run directories stay URLs (the whole gs:// run: tests/test_paft_gcs.py)."""
     from paft_jax.pipeline.config import branch_configs, load_paft_config
     cfg = load_paft_config(str(ROOT / pod[0]))
     tcs = branch_configs(cfg, root=ROOT)
     assert tcs["sft"].output_dir == cfg.output_dir + "/sft"
+    assert tcs["preference"].output_dir == cfg.output_dir + "/preference"
