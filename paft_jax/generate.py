@@ -113,15 +113,22 @@ def eos_token_ids(cfg: ModelConfig, tokenizer: Any = None) -> tuple[int, ...]:
 def chat(params: Any, cfg: ModelConfig, tokenizer: Any, prompts: Sequence[str], sampling: SamplingConfig = SamplingConfig(),
          system: str | None = None) -> list[str]:
     """Apply the tokenizer's chat template, generate, decode the answers."""
+    conversations = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+                     for text in prompts]
+    return chat_messages(params, cfg, tokenizer, conversations, sampling)
+
+
+def chat_messages(params: Any, cfg: ModelConfig, tokenizer: Any, conversations: Sequence[Sequence[dict]],
+                  sampling: SamplingConfig = SamplingConfig()) -> list[str]:
+    """Answer each conversation (a list of {role, content} messages ending with the user's turn)."""
     encoded = []
-    for text in prompts:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    for messages in conversations:
         if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
         else:
-            ids = tokenizer(text)["input_ids"]
+            ids = tokenizer("\n".join(m["content"] for m in messages))["input_ids"]
         encoded.append(list(ids))
     outs = generate_ids(params, cfg, encoded, sampling, eos_token_ids(cfg, tokenizer))
     return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]

@@ -204,8 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     from paft_jax.data.cli import register as register_data
     from paft_jax.train.cli import register as register_train
     from paft_jax.pipeline.cli import register as register_paft
+    from paft_jax.experiment.cli import register as register_experiment
     register_train(sub)
     register_paft(sub)
+    register_experiment(sub)
     register_data(sub)
     try:  # the merge engine lands separately; the other commands work without it
         from paft_jax.merge.cli import register as register_merge

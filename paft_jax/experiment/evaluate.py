@@ -1,0 +1,162 @@
+"""Every model of the experiment evaluated the same way, on held-out rows (pure passes, no training):
+
+  skill       the SFT branch's eval_data: token-mean loss and token accuracy; greedy generations
+              scored by a rule (arith: exact match of "The answer is N.")
+  preference  the preference branch's eval_data: DPO implicit rewards beta * (log pi - log base) with the
+              *base* as the reference for every model (TRL's rewards/accuracies and margins), and greedy
+              generations scored by a rule (tips: bullets + sign-off), with the win rate against the base
+  general     perplexity on plain held-out text (data/general): what a recipe costs elsewhere
+
+The base's reference log-probs and generations are computed once; a model is a full parameter pytree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paft_jax.config import from_dict
+from paft_jax.data.bundled import arith_correct, follows_tips_rule
+from paft_jax.data.config import DataConfig
+from paft_jax.data.loader import make_loader, one_pass, to_global
+from paft_jax.experiment.config import EvalConfig, GenerationTask
+from paft_jax.generate import SamplingConfig, chat_messages
+from paft_jax.train import objectives
+from paft_jax.train.config import TrainConfig, eval_view
+from paft_jax.train.objectives import ObjectiveConfig
+from paft_jax.train.step_fn import batch_spec, make_logp_fn
+
+
+def _batches(dcfg: DataConfig, tokenizer, batch_size: int, max_batches: int) -> list[dict]:
+    view = dataclasses.replace(eval_view(dcfg), batch_size=batch_size)
+    return list(one_pass(make_loader(view, tokenizer), max_batches))
+
+
+def rule_score(task: GenerationTask, text: str, row: dict) -> bool:
+    return arith_correct(text, row) if task.metric == "arith" else follows_tips_rule(text)
+
+
+def win_rate(passed: list[bool], base_passed: list[bool]) -> float:
+    """Pairwise against the base on the same prompts: a win is passing the rule where the base fails, a
+    loss the reverse; ties (both pass or both fail) count half.  0.5 = no better than the base."""
+    if len(passed) != len(base_passed) or not passed:
+        raise ValueError(f"win_rate: {len(passed)} results against {len(base_passed)} base results")
+    wins = sum(a and not b for a, b in zip(passed, base_passed))
+    losses = sum(b and not a for a, b in zip(passed, base_passed))
+    return (wins + 0.5 * (len(passed) - wins - losses)) / len(passed)
+
+
+def _prompt_messages(row: dict) -> list[dict]:
+    if "messages" in row:
+        return row["messages"][:-1]
+    prompt = row["prompt"]
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+class Evaluator:
+    def __init__(self, base_params: Any, mcfg, tokenizer, tcs: dict[str, TrainConfig], ecfg: EvalConfig, mesh, rules):
+        self.mcfg, self.tok, self.ecfg, self.mesh, self.rules = mcfg, tokenizer, ecfg, mesh, rules
+        sft_tc, pref_tc = tcs["sft"], tcs["preference"]
+        if sft_tc.eval_data is None or pref_tc.eval_data is None:
+            raise ValueError("the experiment evaluates on the branches' eval_data: set eval_data for both branches")
+        dp = mesh.shape["data"] * mesh.shape["fsdp"]
+        if ecfg.batch_size % dp:
+            raise ValueError(f"eval.batch_size={ecfg.batch_size} is not divisible by the data-parallel size {dp}")
+        self.sft_obj = ObjectiveConfig(kind="sft", logits_chunk=sft_tc.objective.logits_chunk)
+        self.pref_obj = ObjectiveConfig(kind="dpo", beta=pref_tc.objective.beta,
+                                        logits_chunk=pref_tc.objective.logits_chunk)
+        general = from_dict(DataConfig, {"kind": "sft", "batch_size": ecfg.batch_size, **ecfg.general}, "eval.general.")
+        self.data = {"sft": _batches(sft_tc.eval_data, tokenizer, ecfg.batch_size, ecfg.sft_batches),
+                     "preference": _batches(pref_tc.eval_data, tokenizer, ecfg.batch_size, ecfg.preference_batches),
+                     "general": _batches(general, tokenizer, ecfg.batch_size, ecfg.general_batches)}
+        self.rows = {t.name: _read_rows(t) for t in ecfg.generate}
+        self.sharding = jax.sharding.NamedSharding(mesh, batch_spec(rules))
+        logp_fn = make_logp_fn(mcfg, mesh, rules, self.sft_obj.logits_chunk)
+
+        def sums(ocfg):
+            def f(params, batch):
+                return objectives.micro_loss(ocfg, logp_fn, params, None, batch, objectives.batch_totals(ocfg, batch))[1]
+            return jax.jit(f)
+        self._sft_sums, self._pref_sums = sums(self.sft_obj), sums(self.pref_obj)
+        self._ref = jax.jit(lambda p, b: objectives.reference_pair_logps(logp_fn, p, b))
+        # the base as every model's reference: its log-probs once per preference batch
+        ref = objectives.reference_params(base_params)
+        self.ref_logps = [jax.device_get(self._ref(ref, self._put(b))) for b in self.data["preference"]]
+        self.base_rules = {t.name: r["passed"] for t, r in zip(ecfg.generate, self._generate_all(base_params))}
+
+    def _put(self, batch: dict) -> dict:
+        return to_global({k: v for k, v in batch.items()}, self.mesh, self.sharding)
+
+    def _total(self, fn, params, batches, extra=None) -> dict[str, float]:
+        total = None
+        for i, b in enumerate(batches):
+            if extra is not None:
+                rc, rr = extra[i]
+                b = dict(b, ref_chosen=np.asarray(rc), ref_rejected=np.asarray(rr))
+            s = jax.device_get(fn(params, self._put(b)))
+            total = s if total is None else jax.tree_util.tree_map(np.add, total, s)
+        return {k: float(v) for k, v in total.items()}
+
+    def _generate_all(self, params) -> list[dict]:
+        out = []
+        for task in self.ecfg.generate:
+            rows = self.rows[task.name]
+            texts: list[str] = []
+            sampling = SamplingConfig(max_new_tokens=task.max_new_tokens)
+            for i in range(0, len(rows), task.batch_size):
+                chunk = rows[i:i + task.batch_size]
+                texts += chat_messages(params, self.mcfg, self.tok, [_prompt_messages(r) for r in chunk], sampling)
+            out.append({"texts": texts, "passed": [rule_score(task, t, r) for t, r in zip(texts, rows)]})
+        return out
+
+    def evaluate(self, params) -> dict[str, Any]:
+        """All metrics of one model (full params in the base's layout and compute dtype)."""
+        params32 = objectives.reference_params(params)  # fp32 numerics, as the training loss and the reference
+        s = self._total(self._sft_sums, params32, self.data["sft"])
+        sft = objectives.finalize(self.sft_obj, s)
+        p = self._total(self._pref_sums, params32, self.data["preference"], self.ref_logps)
+        pref = objectives.finalize(self.pref_obj, p)
+        g = self._total(self._sft_sums, params32, self.data["general"])
+        res: dict[str, Any] = {
+            "sft/loss": float(sft["loss"]), "sft/token_accuracy": float(sft["mean_token_accuracy"]),
+            "sft/tokens": int(s["tokens"]),
+            "pref/loss": float(pref["loss"]), "pref/reward_accuracy": float(pref["rewards/accuracies"]),
+            "pref/reward_margin": float(pref["rewards/margins"]), "pref/rewards_chosen": float(pref["rewards/chosen"]),
+            "pref/rewards_rejected": float(pref["rewards/rejected"]), "pref/pairs": int(p["pairs"]),
+            "general/nll": float(g["nll"] / max(g["tokens"], 1.0)), "general/tokens": int(g["tokens"]),
+        }
+        res["general/perplexity"] = math.exp(res["general/nll"])
+        samples = {}
+        for task, r in zip(self.ecfg.generate, self._generate_all(params)):
+            n = len(r["passed"])
+            res[f"gen/{task.name}/rate"] = sum(r["passed"]) / n
+            res[f"gen/{task.name}/win_rate_vs_base"] = win_rate(r["passed"], self.base_rules[task.name])
+            res[f"gen/{task.name}/n"] = n
+            samples[task.name] = r["texts"][:3]
+        res["samples"] = samples
+        return res
+
+
+def _read_rows(task: GenerationTask) -> list[dict]:
+    path = Path(task.path)
+    if not path.exists():
+        raise FileNotFoundError(f"eval.generate[{task.name}].path: {path} does not exist")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "messages" not in row and "prompt" not in row:
+            raise ValueError(f"{path}: row {i + 1} has neither `messages` nor `prompt` to generate from")
+        if task.metric == "arith" and "messages" not in row:
+            raise ValueError(f"{path}: row {i + 1}: the arith metric needs `messages` with the reference answer")
+        rows.append(row)
+        if len(rows) == task.rows:
+            break
+    return rows

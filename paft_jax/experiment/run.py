@@ -1,0 +1,176 @@
+"""`launch experiment`: train each branch once, build every model, evaluate them all, write the results.
+
+    output_dir/
+      branches/<name>/       sft (dense), sft_l1, preference (from the base), sequential (preference on
+                             the dense SFT model): metrics.jsonl, checkpoints/, done.json
+      evals/<model>.json     one model's metrics (written when done: a rerun skips it)
+      results.json           every model's metrics, the delta sparsity, wall times
+      results.md, img/       the table and plots
+
+Training runs one branch after the other on the same devices (on a shared CPU the two PAFT branches gain
+nothing from running at once; `launch paft` is the concurrent pipeline).  A rerun continues: finished
+branches and evaluations are reused, an unfinished branch resumes from its checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paft_jax.experiment.config import ExperimentConfig
+from paft_jax.mesh import build_mesh
+from paft_jax.pipeline.run import say
+from paft_jax.train.config import TrainConfig
+from paft_jax.train.loop import Base, Branch, load_base, run_branch
+
+TRAIN_ORDER = ("sft", "sft_l1", "preference", "sequential")
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomically (temporary name, then rename): a marker is either absent or complete."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def model_names(cfg: ExperimentConfig) -> list[str]:
+    names = ["base", "sft", "sft_l1", "preference", "sequential"]
+    return names + [f"paft/{m}/{v}" for m in cfg.merges for v in ("dense", "l1")]
+
+
+def _devices(cfg: ExperimentConfig) -> list:
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    if cfg.devices > len(devices):
+        raise ValueError(f"devices={cfg.devices} but only {len(devices)} are available")
+    return devices[:cfg.devices] if cfg.devices else devices
+
+
+def _plus(base, delta):
+    """base + delta in the base's dtype (jitted, shardings kept)."""
+    return jax.jit(lambda b, d: jax.tree_util.tree_map(lambda w, x: (w.astype(jnp.float32) + x).astype(w.dtype),
+                                                       b, d))(base, delta)
+
+
+def train_all(cfg: ExperimentConfig, tcs: dict[str, TrainConfig], base: Base, mesh, rules, progress: bool) -> dict:
+    info = {}
+    for name in TRAIN_ORDER:
+        tc, out = tcs[name], Path(tcs[name].output_dir)
+        done = read_json(out / "done.json")
+        if done and done.get("steps") == tc.steps:
+            say(f"{name}: already trained ({tc.steps} steps); not retrained")
+            info[name] = done
+            continue
+        b = base
+        if name == "sequential":  # starts from, and is referenced to, the dense SFT model
+            b = dataclasses.replace(base, params=_plus(base.params, restore(tcs["sft"], mesh, rules)),
+                                    source=f"{base.source} + SFT delta")
+        say(f"{name}: training {tc.steps} steps ({tc.objective.kind}"
+            f"{f', L1 {tc.objective.l1_mode} {tc.objective.l1_lambda:g}' if tc.objective.l1_lambda else ''})")
+        t0 = time.time()
+        res = run_branch(Branch(tc, b, mesh, rules), progress=progress, name=name)
+        if res.preempted:
+            raise SystemExit(f"{name}: stopped by a signal after a checkpoint; run the same command to continue")
+        info[name] = {"steps": tc.steps, "wall_s": time.time() - t0, "resumed_from": res.resumed_from,
+                      "final": res.history[-1] if res.history else None}
+        write_json(out / "done.json", info[name])
+    return info
+
+
+def restore(tc: TrainConfig, mesh, rules):
+    from paft_jax.train.restore import restore_delta
+    return restore_delta(Path(tc.output_dir) / "checkpoints", mesh, rules)[3]
+
+
+def delta_sparsity(delta: Any, tols: list[float]) -> dict[str, float]:
+    leaves = [np.asarray(jax.device_get(x)) for x in jax.tree_util.tree_leaves(delta)]
+    n = sum(x.size for x in leaves)
+    out = {"params": n, "exact_zero": sum(int((x == 0).sum()) for x in leaves) / n,
+           "mean_abs": sum(float(np.abs(x, dtype=np.float64).sum()) for x in leaves) / n}
+    for t in tols:
+        out[f"abs_le_{t:g}"] = sum(int((np.abs(x) <= t).sum()) for x in leaves) / n
+    return out
+
+
+def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
+    from paft_jax.experiment.evaluate import Evaluator
+    from paft_jax.experiment.report import write_results
+    from paft_jax.merge import load_recipe
+    from paft_jax.merge.tree import merge_deltas
+    t_start = time.time()
+    if jax.process_count() > 1:
+        raise ValueError("launch experiment runs in one process (one host, any number of its devices); "
+                         "on a multi-host slice run `launch paft` / `sft` / `dpo` / `merge` as separate jobs")
+    tcs = cfg.branch_configs()
+    out = Path(cfg.output_dir)
+    (out / "evals").mkdir(parents=True, exist_ok=True)
+    devices = _devices(cfg)
+    mesh = build_mesh(tcs["sft"].mesh, devices)
+    rules = tcs["sft"].mesh.logical_rules()
+    for name, tc in tcs.items():
+        tc.validate(data_parallel=mesh.shape["data"] * mesh.shape["fsdp"])
+    base = load_base(tcs["sft"], mesh, rules)
+    say(f"base {base.source}; {len(devices)} device(s), mesh {dict(mesh.shape)}")
+    t_train = time.time()
+    trained = train_all(cfg, tcs, base, mesh, rules, progress)
+    train_s = time.time() - t_train
+
+    deltas = {n: restore(tcs[n], mesh, rules) for n in TRAIN_ORDER}
+    sparsity = {n: delta_sparsity(d, cfg.eval.sparsity_tols) for n, d in deltas.items()}
+    for n, s in sparsity.items():
+        say(f"{n} delta: {100 * s['exact_zero']:.1f}% exact zeros, mean |delta| {s['mean_abs']:.3g}")
+
+    def build(name: str):
+        if name == "base":
+            return base.params
+        if name in ("sft", "sft_l1", "preference"):
+            return _plus(base.params, deltas[name])
+        if name == "sequential":
+            return _plus(_plus(base.params, deltas["sft"]), deltas["sequential"])
+        _, method, variant = name.split("/")
+        spec = load_recipe(cfg.recipe(method), where=f"merges.{method}").spec
+        sft = deltas["sft" if variant == "dense" else "sft_l1"]
+        inputs = [sft, deltas["preference"]]
+        if spec.num_models == 3:  # linear: the base itself is the third model (delta 0)
+            inputs.append(jax.tree_util.tree_map(jnp.zeros_like, sft))
+        return merge_deltas(base.params, inputs, spec, cfg=base.cfg)
+
+    t_eval = time.time()
+    evaluator = None
+    results = {}
+    names = model_names(cfg)
+    for i, name in enumerate(names):
+        path = out / "evals" / f"{name.replace('/', '__')}.json"
+        cached = read_json(path)
+        if cached is not None:
+            results[name] = cached
+            continue
+        if evaluator is None:
+            say("evaluation: reference log-probs and generations of the base")
+            evaluator = Evaluator(base.params, base.cfg, base.tokenizer, tcs, cfg.eval, mesh, rules)
+        t0 = time.time()
+        res = evaluator.evaluate(build(name))
+        res["eval_s"] = time.time() - t0
+        write_json(path, res)
+        results[name] = res
+        say(f"[{i + 1}/{len(names)}] {name}: " + ", ".join(
+            f"{k}={v:.4g}" for k, v in res.items() if isinstance(v, float) and not k.endswith("_s")))
+    summary = {"config": dataclasses.asdict(cfg), "devices": len(devices), "mesh": dict(mesh.shape),
+               "base": base.source, "trained": trained, "sparsity": sparsity, "models": results,
+               "train_s_this_run": train_s, "eval_s_this_run": time.time() - t_eval,
+               "wall_s_this_run": time.time() - t_start}
+    write_results(out, summary)
+    return summary

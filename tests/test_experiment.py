@@ -1,0 +1,93 @@
+"""`launch experiment`: config refusals, the pure pieces (win rate, the linear recipe), and the tiny run
+end to end (every model evaluated, branch evals agree with the training loop's, a rerun redoes nothing)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from paft_jax.experiment.config import ExperimentConfig, load_experiment_config
+from paft_jax.experiment.evaluate import win_rate
+
+TINY = "configs/experiments/tiny.yaml"
+
+
+def test_win_rate_counts_ties_half():
+    assert win_rate([True, False, True, False], [False, False, True, True]) == pytest.approx(0.5)
+    assert win_rate([True, True], [False, False]) == 1.0
+    assert win_rate([False, False], [True, False]) == 0.25
+    with pytest.raises(ValueError, match="2 results against 1"):
+        win_rate([True, False], [True])
+
+
+@pytest.mark.parametrize("override, match", [
+    ("merges.ties.densty=0.5", "unknown keys"),
+    ("merges.ties.method=nope", "nope"),
+    ("l1.l1_lambda=0", "l1_lambda must be > 0"),
+    ("eval.generate=[{name: a, path: data/arith/test.jsonl, metric: bleu}]", "metric='bleu'"),
+    ("paft_overrides.sft.optim.learning_rate=0", "learning_rate"),
+    ("paft=configs/nope.yaml", "nope.yaml does not exist"),
+])
+def test_bad_config_is_refused_before_anything_loads(override, match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        load_experiment_config(TINY, [override])
+
+
+def test_linear_recipe_averages_the_two_deltas_not_the_base():
+    from paft_jax.merge import load_recipe
+    from paft_jax.merge.tree import merge_deltas
+    cfg = load_experiment_config(TINY)
+    spec = load_recipe(cfg.recipe("linear")).spec
+    k = jax.random.split(jax.random.key(0), 3)
+    base = {"w": jax.random.normal(k[0], (8, 4))}
+    ds, dp = ({"w": 0.1 * jax.random.normal(kk, (8, 4))} for kk in k[1:])
+    out = merge_deltas(base, [ds, dp, {"w": jnp.zeros((8, 4))}], spec)
+    np.testing.assert_allclose(out["w"], base["w"] + 0.5 * (ds["w"] + dp["w"]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_tiny_experiment_end_to_end_and_rerun(tmp_path):
+    from paft_jax.experiment.run import model_names, run_experiment
+    cfg = load_experiment_config(TINY, [f"output_dir={tmp_path}"])
+    s = run_experiment(cfg, progress=False)
+    names = model_names(cfg)
+    assert list(s["models"]) == names and len(names) == 5 + 2 * 4
+    base, sft = s["models"]["base"], s["models"]["sft"]
+    # the base against itself: every pair ties (margin 0, accuracy 0, DPO loss log 2)
+    assert base["pref/reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert base["pref/reward_accuracy"] == 0.0
+    assert base["pref/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # the experiment's SFT evaluation is the training loop's held-out evaluation (same rows, same numerics)
+    final = [json.loads(x) for x in (tmp_path / "branches/sft/metrics.jsonl").read_text().splitlines()][-1]
+    assert sft["sft/loss"] == pytest.approx(final["eval_loss"], rel=1e-5)
+    assert sft["sft/loss"] < base["sft/loss"]
+    assert s["models"]["preference"]["pref/reward_accuracy"] > 0.5
+    assert s["sparsity"]["sft_l1"]["exact_zero"] > s["sparsity"]["sft"]["exact_zero"]
+    # sequential trained on top of the dense SFT model: its delta is its own, not the SFT one
+    assert s["sparsity"]["sequential"]["mean_abs"] > 0
+    assert (tmp_path / "results.md").read_text().count("| paft/") == 8
+    assert (tmp_path / "img/skill_vs_preference.png").stat().st_size > 0
+    # a rerun trains nothing and evaluates nothing: every marker is reused as is
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("evals/*.json")}
+    done = {p: p.read_text() for p in tmp_path.glob("branches/*/done.json")}
+    s2 = run_experiment(cfg, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("evals/*.json")} == stamps
+    assert {p: p.read_text() for p in tmp_path.glob("branches/*/done.json")} == done
+    assert s2["models"] == json.loads(json.dumps(s["models"]))
+
+
+def test_full_scale_config_is_consistent():
+    """The documented Mistral-7B version loads, and its batches divide its meshes (nothing is run)."""
+    cfg = load_experiment_config("configs/experiments/mistral_7b.yaml")
+    tcs = cfg.branch_configs()
+    assert set(tcs) == {"sft", "sft_l1", "preference", "sequential"}
+    assert tcs["sft"].objective.l1_lambda == 0 and tcs["sft_l1"].objective.l1_mode == "proximal_adam"
+    for tc in tcs.values():
+        tc.validate(data_parallel=4)
+        assert tc.data.batch_size % (tc.grad_accum * 4) == 0
+    assert cfg.eval.batch_size % 4 == 0
