@@ -174,6 +174,14 @@ def test_checkpoint_restores_on_another_mesh(tmp_path):
     assert branch.train_it.state()["step"] == 4
 
 
+def test_resume_from_a_named_checkpoint_given_as_a_relative_path(tmp_path):
+    """checkpoint.resume=<relative path>/checkpoints/2 (Orbax itself refuses relative paths)."""
+    train(_cfg(tmp_path / "a"), progress=False)
+    rel = os.path.relpath(tmp_path / "a" / "checkpoints" / "2")
+    res = train(_cfg(tmp_path / "b", f"checkpoint.resume={rel}"), progress=False)
+    assert res.resumed_from == 2 and [r["step"] for r in res.history if "loss" in r] == [3, 4]
+
+
 def test_corrupted_checkpoint_is_an_error_naming_it_unless_fallback(tmp_path):
     out = tmp_path / "run"
     train(_cfg(out), progress=False)

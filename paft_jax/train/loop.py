@@ -293,11 +293,14 @@ def _resume(branch: Branch, ckpt, cfg: TrainConfig) -> int | None:
     if cfg.checkpoint.resume == "auto":
         got = ckpt.restore(abstract)
     else:
-        parent, _, step_name = str(cfg.checkpoint.resume).rstrip("/").rpartition("/")
+        from paft_jax import storage
+        parent, _, step_name = str(cfg.checkpoint.resume).rstrip("/").rpartition("/")  # no pathlib on gs://
+        if not storage.is_url(parent):
+            parent = str(Path(parent or ".").absolute())  # Orbax refuses relative paths
         if not step_name.isdigit():
             raise ValueError(f"checkpoint.resume={cfg.checkpoint.resume!r}: expected auto, never, or a "
                              "checkpoint step directory such as runs/x/checkpoints/200")
-        other = BranchCheckpointer(dataclasses.replace(cfg.checkpoint, fallback=False), parent or ".",
+        other = BranchCheckpointer(dataclasses.replace(cfg.checkpoint, fallback=False), parent,
                                    mesh_processes(branch.mesh))
         try:
             got = other.restore(abstract, int(step_name))
