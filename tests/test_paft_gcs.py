@@ -17,6 +17,21 @@ import json, sys
 from paft_jax import storage
 print(json.dumps(storage._listing(*storage._fs(sys.argv[1]))))
 """
+STALE_UPLOAD = r"""
+import json, sys
+from paft_jax import storage
+url = sys.argv[1]
+storage.write_text(f"{url}/.merged.tmp-0123456789ab/model.safetensors", "junk")  # a publish killed midway:
+storage.write_text(f"{url}/merged/config.json", "{}")                            # its temporary prefix, a partly
+storage.write_text(f"{url}/merged/{storage.INCOMPLETE}", "being written")        # copied merged/ still marked
+storage.write_text(f"{url}/merge.json", json.dumps({"stale": True}))             # and an older run's marker
+print(json.dumps({}))
+"""
+READ_JSON = r"""
+import json, sys
+from paft_jax import storage
+print(json.dumps(json.loads(storage.read_text(sys.argv[1]))))
+"""
 FETCH = r"""
 import json, sys
 from paft_jax import storage
@@ -116,8 +131,14 @@ def test_a_branch_killed_midway_resumes_from_the_bucket_on_another_machine(gcs_e
     assert any(n.startswith("sft/checkpoints/4/") for n in names)
     before = [r["step"] for r in metrics(gcs_env, f"{url}/sft", tmp_path / "before")]
     assert before[:4] == [1, 2, 3, 4]           # uploaded with the step-4 checkpoint (or later)
+    script(gcs_env, STALE_UPLOAD, url)
     again = ok(paft(gcs_env, url, tmp_path / "cache2", "prompts=[]"))   # an empty mirror
-    assert "resumed from" in again, again[-3000:]
+    for text in ("resumed from", "removing the unfinished upload"):
+        assert text in again, (text, again[-3000:])
+    names = set(listing(gcs_env, url))
+    assert not [n for n in names if n.startswith(".") or "/." in n or "tmp" in n], sorted(names)
+    marker = script(gcs_env, READ_JSON, f"{url}/merge.json")
+    assert "stale" not in marker and marker["verified"]
     steps = [r["step"] for r in metrics(gcs_env, f"{url}/sft", tmp_path / "after") if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]          # the history is continuous across the machines
     script(gcs_env, FETCH, f"{url}/merged", tmp_path / "merged")
