@@ -3,6 +3,7 @@ directory lives in the bucket, the files are written in a local mirror under cac
 Every run here starts with a fresh cache_dir, i.e. an empty mirror, as on another machine: what a rerun
 knows, it learned from the bucket."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -77,7 +78,7 @@ def local_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("local") / "run"
     proc = subprocess.run([sys.executable, "-m", "paft_jax.launch", "paft", "--config", CONFIG, "--no-progress",
                            f"output_dir={out}", "prompts=[]", "report=false"], cwd=ROOT,
-                          env={k: v for k, v in __import__("os").environ.items() if k != "PAFT_JAX_FAULT"},
+                          env={k: v for k, v in os.environ.items() if k != "PAFT_JAX_FAULT"},
                           capture_output=True, text=True, timeout=600)
     ok(proc)
     return out
