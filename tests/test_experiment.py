@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from paft_jax.experiment.config import ExperimentConfig, load_experiment_config
+from paft_jax.experiment.config import load_experiment_config
 from paft_jax.experiment.evaluate import win_rate
 
 TINY = "configs/experiments/tiny.yaml"

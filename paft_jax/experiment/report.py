@@ -1,7 +1,6 @@
 """results.json, results.md and the plots of an experiment run."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
@@ -54,9 +53,10 @@ def markdown(s: dict) -> str:
     return "\n".join(lines)
 
 
-def write_results(out: Path, s: dict) -> None:
-    from paft_jax.experiment.run import write_json
-    write_json(out / "results.json", s)
+def write_results(rd, s: dict) -> None:
+    """`rd`: the run's RunDir (paft_jax.rundir)."""
+    out = rd.local
+    rd.write_json("results.json", s)
     (out / "img").mkdir(exist_ok=True)
     try:
         plot_tradeoff(s["models"], out / "img" / "skill_vs_preference.png")

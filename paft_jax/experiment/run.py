@@ -14,8 +14,6 @@ branches and evaluations are reused, an unfinished branch resumes from its check
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,27 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from paft_jax import storage
 from paft_jax.experiment.config import ExperimentConfig
 from paft_jax.mesh import build_mesh
 from paft_jax.pipeline.run import say
+from paft_jax.rundir import RunDir
 from paft_jax.train.config import TrainConfig
 from paft_jax.train.loop import Base, Branch, load_base, run_branch
 
 TRAIN_ORDER = ("sft", "sft_l1", "preference", "sequential")
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Atomically (temporary name, then rename): a marker is either absent or complete."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def model_names(cfg: ExperimentConfig) -> list[str]:
@@ -68,8 +54,8 @@ def _plus(base, delta):
 def train_all(cfg: ExperimentConfig, tcs: dict[str, TrainConfig], base: Base, mesh, rules, progress: bool) -> dict:
     info = {}
     for name in TRAIN_ORDER:
-        tc, out = tcs[name], Path(tcs[name].output_dir)
-        done = read_json(out / "done.json")
+        tc, rd = tcs[name], RunDir.of(tcs[name].output_dir, tcs[name].cache_dir)
+        done = rd.read_json("done.json")
         if done and done.get("steps") == tc.steps:
             say(f"{name}: already trained ({tc.steps} steps); not retrained")
             info[name] = done
@@ -86,7 +72,7 @@ def train_all(cfg: ExperimentConfig, tcs: dict[str, TrainConfig], base: Base, me
             raise SystemExit(f"{name}: stopped by a signal after a checkpoint; run the same command to continue")
         info[name] = {"steps": tc.steps, "wall_s": time.time() - t0, "resumed_from": res.resumed_from,
                       "final": res.history[-1] if res.history else None}
-        write_json(out / "done.json", info[name])
+        rd.write_json("done.json", info[name])
     return info
 
 
@@ -115,8 +101,9 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
         raise ValueError("launch experiment runs in one process (one host, any number of its devices); "
                          "on a multi-host slice run `launch paft` / `sft` / `dpo` / `merge` as separate jobs")
     tcs = cfg.branch_configs()
-    out = Path(cfg.output_dir)
-    (out / "evals").mkdir(parents=True, exist_ok=True)
+    if storage.is_url(cfg.output_dir):
+        raise ValueError(f"output_dir={cfg.output_dir}: the experiment writes to a local directory")
+    rd = RunDir.of(cfg.output_dir, tcs["sft"].cache_dir)
     devices = _devices(cfg)
     mesh = build_mesh(tcs["sft"].mesh, devices)
     rules = tcs["sft"].mesh.logical_rules()
@@ -153,8 +140,8 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     results = {}
     names = model_names(cfg)
     for i, name in enumerate(names):
-        path = out / "evals" / f"{name.replace('/', '__')}.json"
-        cached = read_json(path)
+        path = f"evals/{name.replace('/', '__')}.json"
+        cached = rd.read_json(path)
         if cached is not None:
             results[name] = cached
             continue
@@ -164,7 +151,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
         t0 = time.time()
         res = evaluator.evaluate(build(name))
         res["eval_s"] = time.time() - t0
-        write_json(path, res)
+        rd.write_json(path, res)
         results[name] = res
         say(f"[{i + 1}/{len(names)}] {name}: " + ", ".join(
             f"{k}={v:.4g}" for k, v in res.items() if isinstance(v, float) and not k.endswith("_s")))
@@ -172,5 +159,5 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
                "base": base.source, "trained": trained, "sparsity": sparsity, "models": results,
                "train_s_this_run": train_s, "eval_s_this_run": time.time() - t_eval,
                "wall_s_this_run": time.time() - t_start}
-    write_results(out, summary)
+    write_results(rd, summary)
     return summary
