@@ -24,6 +24,33 @@ def test_win_rate_counts_ties_half():
         win_rate([True, False], [True])
 
 
+def test_tips_rule_parts_separate_the_chosen_and_rejected_styles():
+    from paft_jax.data.bundled import follows_tips_rule, load_bundled, tips_rule_parts
+    for row in load_bundled("tips", "test")[:20]:
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert tips_rule_parts(chosen) == {"tips_phrase": True, "bullets": True, "sign_off": True,
+                                           "rejected_opening": False} and follows_tips_rule(chosen)
+        assert tips_rule_parts(rejected) == {"tips_phrase": False, "bullets": False, "sign_off": False,
+                                             "rejected_opening": True} and not follows_tips_rule(rejected)
+    assert tips_rule_parts("Sure! Here are a few tips:\n1. **Plan**\n2. **Rest**") == {
+        "tips_phrase": True, "bullets": False, "sign_off": False, "rejected_opening": False}
+
+
+def test_score_generations_rates_and_win_rate_against_the_base():
+    from paft_jax.experiment.config import GenerationTask
+    from paft_jax.experiment.evaluate import score_generations
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": f"The answer is {n}."}]}
+            for n in (3, 4, 5, 6)]
+    task = GenerationTask(name="arith", path="unused", metric="arith")
+    got = ["The answer is 3.", "The answer is 4.", "7", "The answer is 6."]
+    base = ["The answer is 3.", "no", "The answer is 5.", "no"]
+    res = score_generations([task], {"arith": rows}, {"arith": got}, {"arith": base})
+    assert res["gen/arith/rate"] == 0.75 and res["gen/arith/n"] == 4
+    assert res["gen/arith/win_rate_vs_base"] == (2 + 0.5 * 1) / 4   # 2 wins, 1 loss, 1 tie
+    with pytest.raises(ValueError, match="3 generations"):
+        score_generations([task], {"arith": rows}, {"arith": got[:3]}, {"arith": base})
+
+
 @pytest.mark.parametrize("override, match", [
     ("merges.ties.densty=0.5", "unknown keys"),
     ("merges.ties.method=nope", "nope"),
@@ -69,7 +96,9 @@ def test_tiny_experiment_end_to_end_and_rerun(tmp_path):
     assert s["sparsity"]["sft_l1"]["exact_zero"] > s["sparsity"]["sft"]["exact_zero"]
     # sequential trained on top of the dense SFT model: its delta is its own, not the SFT one
     assert s["sparsity"]["sequential"]["mean_abs"] > 0
-    assert (tmp_path / "results.md").read_text().count("| paft/") == 8
+    assert (tmp_path / "results.md").read_text().count("| paft/") == 16  # two tables
+    gens = json.loads((tmp_path / "evals/sft.generations.json").read_text())
+    assert [len(v) for v in gens.values()] == [4, 4] and s["models"]["sft"]["samples"]["arith"] == gens["arith"][:3]
     assert (tmp_path / "img/skill_vs_preference.png").stat().st_size > 0
     # a rerun trains nothing and evaluates nothing: every marker is reused as is
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("evals/*.json")}

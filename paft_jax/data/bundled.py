@@ -13,6 +13,8 @@ from pathlib import Path
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 BUNDLED = {"arith": ("train", "test"), "tips": ("train", "test"), "general": ("test",)}
 SIGN_OFF = "Hope this helps!"
+TIPS_OPENING = "Here are a few tips:"      # every chosen answer opens so
+REJECTED_OPENING = "Well, there are a lot of"  # every rejected answer opens so
 _ANSWER = re.compile(r"The answer is (-?\d+)\.")
 _OPERATION = re.compile(r"(\d+) ([+\-x]) (\d+) = ")
 
@@ -62,8 +64,18 @@ def arith_correct(generation: str, row: dict) -> bool:
     return arith_answer(generation) == arith_reference(row)
 
 
-def follows_tips_rule(text: str) -> bool:
-    """The preference the tips set teaches: at least two '- ' bullet lines, ending with the sign-off."""
+def tips_rule_parts(text: str) -> dict[str, bool]:
+    """The parts of the tips preference, each checked on its own: the chosen answers' opening phrase anywhere
+    ("Here are a few tips"), at least two '- ' bullet lines, the sign-off as the last line; and whether the
+    answer opens as every rejected answer does."""
     lines = [line.strip() for line in text.strip().splitlines()]
     bullets = sum(1 for line in lines if line.startswith("- ") and len(line) > 2)
-    return bullets >= 2 and bool(lines) and lines[-1].endswith(SIGN_OFF)
+    return {"tips_phrase": TIPS_OPENING.lower()[:-1] in text.lower(), "bullets": bullets >= 2,
+            "sign_off": bool(lines) and lines[-1].endswith(SIGN_OFF),
+            "rejected_opening": text.strip().startswith(REJECTED_OPENING)}
+
+
+def follows_tips_rule(text: str) -> bool:
+    """The preference the tips set teaches: at least two '- ' bullet lines, ending with the sign-off."""
+    parts = tips_rule_parts(text)
+    return parts["bullets"] and parts["sign_off"]

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from paft_jax.config import from_dict
-from paft_jax.data.bundled import arith_correct, follows_tips_rule
+from paft_jax.data.bundled import arith_correct, follows_tips_rule, tips_rule_parts
 from paft_jax.data.config import DataConfig
 from paft_jax.data.loader import make_loader, one_pass, to_global
 from paft_jax.experiment.config import EvalConfig, GenerationTask
@@ -51,6 +51,26 @@ def win_rate(passed: list[bool], base_passed: list[bool]) -> float:
     return (wins + 0.5 * (len(passed) - wins - losses)) / len(passed)
 
 
+def score_generations(tasks: list[GenerationTask], rows: dict[str, list[dict]], texts: dict[str, list[str]],
+                      base_texts: dict[str, list[str]]) -> dict[str, float]:
+    """Rule scores of one model's generations (and of each part of the tips format), and the win rate against
+    the base's generations on the same prompts.  Pure: rerunning the experiment rescores stored generations."""
+    res: dict[str, float] = {}
+    for task in tasks:
+        got, base, rs = texts[task.name], base_texts[task.name], rows[task.name]
+        if not (len(got) == len(base) == len(rs)):
+            raise ValueError(f"generate[{task.name}]: {len(got)} generations, {len(base)} of the base, {len(rs)} rows")
+        passed = [rule_score(task, t, r) for t, r in zip(got, rs)]
+        res[f"gen/{task.name}/rate"] = sum(passed) / len(passed)
+        res[f"gen/{task.name}/win_rate_vs_base"] = win_rate(passed, [rule_score(task, t, r) for t, r in zip(base, rs)])
+        res[f"gen/{task.name}/n"] = len(passed)
+        if task.metric == "tips":  # each part of the format on its own: how far a model moved toward it
+            parts = [tips_rule_parts(t) for t in got]
+            for k in parts[0]:
+                res[f"gen/{task.name}/{k}"] = sum(p[k] for p in parts) / len(parts)
+    return res
+
+
 def _prompt_messages(row: dict) -> list[dict]:
     if "messages" in row:
         return row["messages"][:-1]
@@ -74,7 +94,7 @@ class Evaluator:
         self.data = {"sft": _batches(sft_tc.eval_data, tokenizer, ecfg.batch_size, ecfg.sft_batches),
                      "preference": _batches(pref_tc.eval_data, tokenizer, ecfg.batch_size, ecfg.preference_batches),
                      "general": _batches(general, tokenizer, ecfg.batch_size, ecfg.general_batches)}
-        self.rows = {t.name: _read_rows(t) for t in ecfg.generate}
+        self.rows = {t.name: read_rows(t) for t in ecfg.generate}
         self.sharding = jax.sharding.NamedSharding(mesh, batch_spec(rules))
         logp_fn = make_logp_fn(mcfg, mesh, rules, self.sft_obj.logits_chunk)
 
@@ -87,7 +107,7 @@ class Evaluator:
         # the base as every model's reference: its log-probs once per preference batch
         ref = objectives.reference_params(base_params)
         self.ref_logps = [jax.device_get(self._ref(ref, self._put(b))) for b in self.data["preference"]]
-        self.base_rules = {t.name: r["passed"] for t, r in zip(ecfg.generate, self._generate_all(base_params))}
+        self.base_generations = self.generate(base_params)
 
     def _put(self, batch: dict) -> dict:
         return to_global({k: v for k, v in batch.items()}, self.mesh, self.sharding)
@@ -102,16 +122,16 @@ class Evaluator:
             total = s if total is None else jax.tree_util.tree_map(np.add, total, s)
         return {k: float(v) for k, v in total.items()}
 
-    def _generate_all(self, params) -> list[dict]:
-        out = []
+    def generate(self, params) -> dict[str, list[str]]:
+        """Greedy answers per generation task."""
+        out = {}
         for task in self.ecfg.generate:
-            rows = self.rows[task.name]
-            texts: list[str] = []
+            rows, texts = self.rows[task.name], []
             sampling = SamplingConfig(max_new_tokens=task.max_new_tokens)
             for i in range(0, len(rows), task.batch_size):
                 chunk = rows[i:i + task.batch_size]
                 texts += chat_messages(params, self.mcfg, self.tok, [_prompt_messages(r) for r in chunk], sampling)
-            out.append({"texts": texts, "passed": [rule_score(task, t, r) for t, r in zip(texts, rows)]})
+            out[task.name] = texts
         return out
 
     def evaluate(self, params) -> dict[str, Any]:
@@ -131,18 +151,13 @@ class Evaluator:
             "general/nll": float(g["nll"] / max(g["tokens"], 1.0)), "general/tokens": int(g["tokens"]),
         }
         res["general/perplexity"] = math.exp(res["general/nll"])
-        samples = {}
-        for task, r in zip(self.ecfg.generate, self._generate_all(params)):
-            n = len(r["passed"])
-            res[f"gen/{task.name}/rate"] = sum(r["passed"]) / n
-            res[f"gen/{task.name}/win_rate_vs_base"] = win_rate(r["passed"], self.base_rules[task.name])
-            res[f"gen/{task.name}/n"] = n
-            samples[task.name] = r["texts"][:3]
-        res["samples"] = samples
+        generations = self.generate(params)
+        res.update(score_generations(self.ecfg.generate, self.rows, generations, self.base_generations))
+        res["generations"] = generations
         return res
 
 
-def _read_rows(task: GenerationTask) -> list[dict]:
+def read_rows(task: GenerationTask) -> list[dict]:
     path = Path(task.path)
     if not path.exists():
         raise FileNotFoundError(f"eval.generate[{task.name}].path: {path} does not exist")

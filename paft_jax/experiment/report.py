@@ -12,16 +12,17 @@ COLUMNS = [  # (key, header, format)
 
 
 def gen_columns(models: dict) -> list[tuple[str, str, str]]:
+    """Per generation task: the rule's pass rate, the win rate against the base, then any rule parts."""
     first = next(iter(models.values()))
-    tasks = sorted({k.split("/")[1] for k in first if k.startswith("gen/") and k.endswith("/rate")})
     cols = []
-    for t in tasks:
+    for t in sorted({k.split("/")[1] for k in first if k.startswith("gen/") and k.endswith("/rate")}):
         cols += [(f"gen/{t}/rate", f"{t} rule", "{:.0%}"), (f"gen/{t}/win_rate_vs_base", f"{t} win vs base", "{:.2f}")]
+        cols += [(k, f"{t}: {k.split('/')[2].replace('_', ' ')}", "{:.0%}") for k in first
+                 if k.startswith(f"gen/{t}/") and k.split("/")[2] not in ("rate", "win_rate_vs_base", "n")]
     return cols
 
 
-def table(models: dict) -> str:
-    cols = gen_columns(models) + COLUMNS
+def table(models: dict, cols: list[tuple[str, str, str]]) -> str:
     lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "| --- |" + " ---: |" * len(cols)]
     for name, r in models.items():
         cells = [c[2].format(r[c[0]]) if r.get(c[0]) is not None else "" for c in cols]
@@ -47,7 +48,8 @@ def markdown(s: dict) -> str:
              f"Base: {s['base']}; {s['devices']} device(s), mesh {s['mesh']}.",
              f"Training (sum over the four runs): {train_s / 60:.1f} min; evaluation (sum over models): "
              f"{eval_s / 60:.1f} min; this invocation: {s['wall_s_this_run'] / 60:.1f} min.", "",
-             "## Models", "", table(s["models"]), "",
+             "## Held-out likelihoods", "", table(s["models"], COLUMNS), "",
+             "## Greedy generations, scored by rule", "", table(s["models"], gen_columns(s["models"])), "",
              "## Delta sparsity", "", sparsity_table(s["sparsity"]), "",
              "![skill vs preference](img/skill_vs_preference.png)", "", "![sparsity](img/sparsity.png)", ""]
     return "\n".join(lines)
@@ -80,7 +82,7 @@ def plot_tradeoff(models: dict, path: Path) -> None:
                     textcoords="offset points")
     ax.set_xlabel("skill: held-out SFT loss (lower is better)")
     ax.set_ylabel("preference: held-out reward margin vs the base (higher is better)")
-    ax.set_title("Skill vs preference (^ PAFT dense SFT delta, s PAFT L1 SFT delta)")
+    ax.set_title("Skill vs preference (triangles: PAFT, dense SFT delta; squares: PAFT, L1 SFT delta)", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

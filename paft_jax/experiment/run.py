@@ -24,6 +24,7 @@ import numpy as np
 
 from paft_jax import storage
 from paft_jax.experiment.config import ExperimentConfig
+from paft_jax.experiment.evaluate import read_rows, score_generations
 from paft_jax.mesh import build_mesh
 from paft_jax.pipeline.run import say
 from paft_jax.rundir import RunDir
@@ -74,6 +75,27 @@ def train_all(cfg: ExperimentConfig, tcs: dict[str, TrainConfig], base: Base, me
                       "final": res.history[-1] if res.history else None}
         rd.write_json("done.json", info[name])
     return info
+
+
+def _generations_path(path: str) -> str:
+    return path.replace(".json", ".generations.json")
+
+
+def rescore(cfg: ExperimentConfig, rd: RunDir, path: str, rows: dict) -> dict | None:
+    """A finished evaluation, its generation scores recomputed from the stored generations (so a change of
+    the scoring rules needs no new generations); None when there is none, or it was made for other prompts."""
+    cached = rd.read_json(path)
+    gens, base_gens = rd.read_json(_generations_path(path)), rd.read_json(_generations_path("evals/base.json"))
+    if cached is None or gens is None or base_gens is None:
+        return None
+    try:
+        scores = score_generations(cfg.eval.generate, rows, gens, base_gens)
+    except (KeyError, ValueError):
+        return None
+    updated = {**{k: v for k, v in cached.items() if not k.startswith("gen/")}, **scores}
+    if updated != cached:
+        rd.write_json(path, updated)
+    return updated
 
 
 def restore(tc: TrainConfig, mesh, rules):
@@ -137,11 +159,12 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
 
     t_eval = time.time()
     evaluator = None
+    rows = {t.name: read_rows(t) for t in cfg.eval.generate}
     results = {}
     names = model_names(cfg)
     for i, name in enumerate(names):
         path = f"evals/{name.replace('/', '__')}.json"
-        cached = rd.read_json(path)
+        cached = rescore(cfg, rd, path, rows)
         if cached is not None:
             results[name] = cached
             continue
@@ -151,6 +174,10 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
         t0 = time.time()
         res = evaluator.evaluate(build(name))
         res["eval_s"] = time.time() - t0
+        # every generation in its own file (for reading them); the results keep the first three per task
+        generations = res.pop("generations")
+        rd.write_json(_generations_path(path), generations)
+        res["samples"] = {task: texts[:3] for task, texts in generations.items()}
         rd.write_json(path, res)
         results[name] = res
         say(f"[{i + 1}/{len(names)}] {name}: " + ", ".join(
