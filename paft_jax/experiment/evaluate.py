@@ -110,7 +110,7 @@ class Evaluator:
         self.base_generations = self.generate(base_params)
 
     def _put(self, batch: dict) -> dict:
-        return to_global({k: v for k, v in batch.items()}, self.mesh, self.sharding)
+        return to_global(batch, self.mesh, self.sharding)
 
     def _total(self, fn, params, batches, extra=None) -> dict[str, float]:
         total = None

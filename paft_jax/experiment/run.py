@@ -30,6 +30,7 @@ from paft_jax.pipeline.run import say
 from paft_jax.rundir import RunDir
 from paft_jax.train.config import TrainConfig
 from paft_jax.train.loop import Base, Branch, load_base, run_branch
+from paft_jax.train.restore import merged_params, restore_delta
 
 TRAIN_ORDER = ("sft", "sft_l1", "preference", "sequential")
 
@@ -46,12 +47,6 @@ def _devices(cfg: ExperimentConfig) -> list:
     return devices[:cfg.devices] if cfg.devices else devices
 
 
-def _plus(base, delta):
-    """base + delta in the base's dtype (jitted, shardings kept)."""
-    return jax.jit(lambda b, d: jax.tree_util.tree_map(lambda w, x: (w.astype(jnp.float32) + x).astype(w.dtype),
-                                                       b, d))(base, delta)
-
-
 def train_all(cfg: ExperimentConfig, tcs: dict[str, TrainConfig], base: Base, mesh, rules, progress: bool) -> dict:
     info = {}
     for name in TRAIN_ORDER:
@@ -63,7 +58,7 @@ def train_all(cfg: ExperimentConfig, tcs: dict[str, TrainConfig], base: Base, me
             continue
         b = base
         if name == "sequential":  # starts from, and is referenced to, the dense SFT model
-            b = dataclasses.replace(base, params=_plus(base.params, restore(tcs["sft"], mesh, rules)),
+            b = dataclasses.replace(base, params=merged_params(base.params, restore(tcs["sft"], mesh, rules)),
                                     source=f"{base.source} + SFT delta")
         say(f"{name}: training {tc.steps} steps ({tc.objective.kind}"
             f"{f', L1 {tc.objective.l1_mode} {tc.objective.l1_lambda:g}' if tc.objective.l1_lambda else ''})")
@@ -99,7 +94,6 @@ def rescore(cfg: ExperimentConfig, rd: RunDir, path: str, rows: dict) -> dict | 
 
 
 def restore(tc: TrainConfig, mesh, rules):
-    from paft_jax.train.restore import restore_delta
     return restore_delta(Path(tc.output_dir) / "checkpoints", mesh, rules)[3]
 
 
@@ -146,9 +140,9 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
         if name == "base":
             return base.params
         if name in ("sft", "sft_l1", "preference"):
-            return _plus(base.params, deltas[name])
+            return merged_params(base.params, deltas[name])
         if name == "sequential":
-            return _plus(_plus(base.params, deltas["sft"]), deltas["sequential"])
+            return merged_params(merged_params(base.params, deltas["sft"]), deltas["sequential"])
         _, method, variant = name.split("/")
         spec = load_recipe(cfg.recipe(method), where=f"merges.{method}").spec
         sft = deltas["sft" if variant == "dense" else "sft_l1"]
