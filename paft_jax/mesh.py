@@ -51,6 +51,14 @@ def build_mesh(cfg: MeshConfig | None = None, devices: Sequence[Any] | None = No
     return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
 
 
+def select_devices(count: int = 0) -> list[Any]:
+    """The first `count` devices (0: all) in process order, so a process's devices stay together."""
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    if count > len(devices):
+        raise ValueError(f"devices={count} but only {len(devices)} are available")
+    return devices[:count] if count else devices
+
+
 def split_devices(devices: Sequence[Any], parts: Sequence[int | float]) -> list[list[Any]]:
     """Split devices into disjoint consecutive groups.
 

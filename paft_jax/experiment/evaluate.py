@@ -80,23 +80,22 @@ def _prompt_messages(row: dict) -> list[dict]:
 
 class Evaluator:
     def __init__(self, base_params: Any, mcfg, tokenizer, tcs: dict[str, TrainConfig], ecfg: EvalConfig, mesh, rules):
-        self.mcfg, self.tok, self.ecfg, self.mesh, self.rules = mcfg, tokenizer, ecfg, mesh, rules
+        self.mcfg, self.tok, self.ecfg, self.mesh = mcfg, tokenizer, ecfg, mesh
         sft_tc, pref_tc = tcs["sft"], tcs["preference"]
         if sft_tc.eval_data is None or pref_tc.eval_data is None:
             raise ValueError("the experiment evaluates on the branches' eval_data: set eval_data for both branches")
         dp = mesh.shape["data"] * mesh.shape["fsdp"]
         if ecfg.batch_size % dp:
             raise ValueError(f"eval.batch_size={ecfg.batch_size} is not divisible by the data-parallel size {dp}")
-        self.sft_obj = ObjectiveConfig(kind="sft", logits_chunk=sft_tc.objective.logits_chunk)
-        self.pref_obj = ObjectiveConfig(kind="dpo", beta=pref_tc.objective.beta,
-                                        logits_chunk=pref_tc.objective.logits_chunk)
+        self.sft_obj = ObjectiveConfig(kind="sft")
+        self.pref_obj = ObjectiveConfig(kind="dpo", beta=pref_tc.objective.beta)
         general = from_dict(DataConfig, {"kind": "sft", "batch_size": ecfg.batch_size, **ecfg.general}, "eval.general.")
         self.data = {"sft": _batches(sft_tc.eval_data, tokenizer, ecfg.batch_size, ecfg.sft_batches),
                      "preference": _batches(pref_tc.eval_data, tokenizer, ecfg.batch_size, ecfg.preference_batches),
                      "general": _batches(general, tokenizer, ecfg.batch_size, ecfg.general_batches)}
         self.rows = {t.name: read_rows(t) for t in ecfg.generate}
         self.sharding = jax.sharding.NamedSharding(mesh, batch_spec(rules))
-        logp_fn = make_logp_fn(mcfg, mesh, rules, self.sft_obj.logits_chunk)
+        logp_fn = make_logp_fn(mcfg, mesh, rules, sft_tc.objective.logits_chunk)  # one for every pass
 
         def sums(ocfg):
             def f(params, batch):

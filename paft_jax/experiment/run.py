@@ -25,7 +25,7 @@ import numpy as np
 from paft_jax import storage
 from paft_jax.experiment.config import ExperimentConfig
 from paft_jax.experiment.evaluate import read_rows, score_generations
-from paft_jax.mesh import build_mesh
+from paft_jax.mesh import build_mesh, select_devices
 from paft_jax.pipeline.run import say
 from paft_jax.rundir import RunDir
 from paft_jax.train.config import TrainConfig
@@ -38,13 +38,6 @@ TRAIN_ORDER = ("sft", "sft_l1", "preference", "sequential")
 def model_names(cfg: ExperimentConfig) -> list[str]:
     names = ["base", "sft", "sft_l1", "preference", "sequential"]
     return names + [f"paft/{m}/{v}" for m in cfg.merges for v in ("dense", "l1")]
-
-
-def _devices(cfg: ExperimentConfig) -> list:
-    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-    if cfg.devices > len(devices):
-        raise ValueError(f"devices={cfg.devices} but only {len(devices)} are available")
-    return devices[:cfg.devices] if cfg.devices else devices
 
 
 def train_all(cfg: ExperimentConfig, tcs: dict[str, TrainConfig], base: Base, mesh, rules, progress: bool) -> dict:
@@ -120,7 +113,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     if storage.is_url(cfg.output_dir):
         raise ValueError(f"output_dir={cfg.output_dir}: the experiment writes to a local directory")
     rd = RunDir.of(cfg.output_dir, tcs["sft"].cache_dir)
-    devices = _devices(cfg)
+    devices = select_devices(cfg.devices)
     mesh = build_mesh(tcs["sft"].mesh, devices)
     rules = tcs["sft"].mesh.logical_rules()
     for name, tc in tcs.items():

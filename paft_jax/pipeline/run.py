@@ -37,7 +37,8 @@ import jax
 
 from paft_jax.checkpoint import StopRequest
 from paft_jax.faults import fault_point
-from paft_jax.mesh import barrier, build_mesh, init_distributed, mesh_processes, split_devices, tree_shardings
+from paft_jax.mesh import (barrier, build_mesh, init_distributed, mesh_processes, select_devices, split_devices,
+                           tree_shardings)
 from paft_jax.models.config import ModelConfig
 from paft_jax.models.decoder import abstract_params
 from paft_jax.pipeline import split as split_lib
@@ -97,11 +98,7 @@ class Plan:
 
 
 def plan(cfg: PaftConfig, tcs: dict[str, TrainConfig], mcfg: ModelConfig) -> Plan:
-    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-    if cfg.devices:
-        if cfg.devices > len(devices):
-            raise ValueError(f"devices={cfg.devices} but only {len(devices)} are available")
-        devices = devices[:cfg.devices]
+    devices = select_devices(cfg.devices)
     works = [split_lib.estimate(tcs[n], mcfg).total for n in BRANCHES]
     rules = {n: tcs[n].mesh.logical_rules() for n in BRANCHES}
     if cfg.mode == "sequential":  # one branch after the other, each on every device

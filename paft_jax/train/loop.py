@@ -290,6 +290,7 @@ def _resume(branch: Branch, ckpt, cfg: TrainConfig) -> int | None:
     """Restore the latest complete checkpoint (or the one `checkpoint.resume` names) into the branch."""
     from paft_jax.checkpoint import BranchCheckpointer, abstract_like
     abstract = abstract_like(branch.state, branch.state_sh)
+    source = ckpt.directory
     if cfg.checkpoint.resume == "auto":
         got = ckpt.restore(abstract)
     else:
@@ -300,6 +301,7 @@ def _resume(branch: Branch, ckpt, cfg: TrainConfig) -> int | None:
         if not step_name.isdigit():
             raise ValueError(f"checkpoint.resume={cfg.checkpoint.resume!r}: expected auto, never, or a "
                              "checkpoint step directory such as runs/x/checkpoints/200")
+        source = parent
         other = BranchCheckpointer(dataclasses.replace(cfg.checkpoint, fallback=False), parent,
                                    mesh_processes(branch.mesh))
         try:
@@ -319,8 +321,7 @@ def _resume(branch: Branch, ckpt, cfg: TrainConfig) -> int | None:
                              f"{key}={theirs}, not {key}={mine}; refusing to resume it")
     branch.state = state
     branch.train_it.restore(data_state)
-    log.info("resumed from %s/%d", ckpt.directory if cfg.checkpoint.resume == "auto" else
-             str(cfg.checkpoint.resume).rstrip("/").rpartition("/")[0], step)
+    log.info("resumed from %s/%d", source, step)
     return step
 
 
