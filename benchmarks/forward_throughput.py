@@ -11,12 +11,12 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
 
-from paft_jax.models import Decoder, ModelConfig, init_params
+from paft_jax.models import Decoder, init_params
+from paft_jax.models.flops import forward_flops_per_token
+from paft_jax.models.shapes import named_shape
 
-SMOLLM2 = ModelConfig(family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-                      num_heads=9, num_kv_heads=3, rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
+SMOLLM2 = named_shape("smollm2-135m")
 
 
 def main() -> int:
@@ -31,7 +31,7 @@ def main() -> int:
     print(f"{'dtype':<10} {'compile s':>9} {'step ms':>9} {'tokens/s':>11} {'TFLOP/s':>8}")
     tokens = args.batch * args.seq
     c = SMOLLM2
-    flops = 2 * c.num_params() * tokens + 4 * c.num_layers * args.batch * args.seq ** 2 * c.num_heads * c.resolved_head_dim
+    flops = forward_flops_per_token(c, args.seq) * tokens  # the training loop's own counter
     for name in args.dtypes.split(","):
         cfg = SMOLLM2.replace(dtype=name, param_dtype=name)
         params = init_params(cfg, jax.random.key(0))

@@ -7,7 +7,8 @@ Each side: `--steps` timed steps after `--warmup` untimed ones; the table shows 
 
     XLA_FLAGS= python benchmarks/train_throughput.py [--batch 4 --length 128 --steps 5] [--skip-trl]
 
-MFU: 6 * (parameters used in matmuls, lm head included) * tokens / time / peak, where peak is an fp32
+MFU: the training loop's FLOP count (paft_jax/models/flops.py: 6 x matmul parameters, lm head included, plus
+attention, per token; 2 more for DPO's reference forward) / time / peak, where peak is an fp32
 2048x2048 matmul measured in this run (jax), so both sides are held to the same yardstick.
 """
 from __future__ import annotations
@@ -180,13 +181,15 @@ def main() -> None:
     rows = texts(tok, args.batch, args.length)
     prs = pairs(tok, args.batch, args.length)
     peak = matmul_peak()
-    # matmul parameters of SmolLM2-135M: 30 layers x (attn 576*(576+2*192) + 576*576, mlp 3*576*1536) + lm head
-    n_mm = 30 * (576 * (576 + 2 * 192) + 576 * 576 + 3 * 576 * 1536) + 49152 * 576
+    from paft_jax.models.flops import step_flops
+    from paft_jax.models.shapes import named_shape
+    mcfg = named_shape("smollm2-135m")
     results = []
     for kind in ("sft", "dpo"):
         tokens = args.batch * args.length * (1 if kind == "sft" else 2)
-        # DPO: policy fwd+bwd (6 N) + reference fwd (2 N) per token of chosen + rejected
-        flops = (6 if kind == "sft" else 8) * n_mm * tokens
+        # the training loop's own counter: fwd + bwd, and for DPO the reference forward, over chosen + rejected
+        rows = args.batch * (1 if kind == "sft" else 2)
+        flops = step_flops(mcfg, rows, args.length, reference_forward=kind == "dpo")
         batch = ours_sft_batch(rows) if kind == "sft" else ours_pair_batch(prs)
         runs = [("paft_jax", ours(kind, batch, args))]
         if kind == "dpo":
@@ -194,7 +197,7 @@ def main() -> None:
         if not args.skip_trl:
             runs.append(("TRL " + __import__("trl").__version__, trl_side(kind, rows, prs, args)))
         for name, t in runs:
-            f = flops if "cached" not in name else 6 * n_mm * tokens
+            f = flops if "cached" not in name else step_flops(mcfg, rows, args.length)
             results.append({"objective": kind, "impl": name, "s_per_step": t, "tokens_per_s": tokens / t,
                             "mfu_vs_measured_peak": f / t / peak})
     trl_t = {r["objective"]: r["tokens_per_s"] for r in results if r["impl"].startswith("TRL")}

@@ -43,13 +43,14 @@ class CheckpointConfig:
     async_save: bool = True        # write in the background while training continues
     resume: str = "auto"           # auto (latest complete checkpoint, if any) | never | a checkpoint step dir
     fallback: bool = False         # on an unreadable checkpoint, resume from the previous readable one
-    on_signal: bool = True         # SIGTERM/SIGINT: finish the step, save, exit 0
+    on_signal: bool = True         # SIGTERM/SIGINT: finish the step, save, exit EXIT_STOPPED (75)
 
     def validate(self) -> None:
         if self.save_every < 0 or self.keep_last < 1 or self.keep_every < 0:
             raise ValueError("checkpoint.save_every and keep_every must be >= 0, keep_last >= 1")
-        if self.resume not in ("auto", "never") and not self.resume:
-            raise ValueError("checkpoint.resume must be auto, never or a path")
+        if self.resume not in ("auto", "never") and not str(self.resume or "").rstrip("/").rpartition("/")[2].isdigit():
+            raise ValueError(f"checkpoint.resume={self.resume!r}: expected auto, never, or a checkpoint step "
+                             "directory such as runs/x/checkpoints/200")
 
 
 class CheckpointError(RuntimeError):
@@ -90,6 +91,7 @@ class BranchCheckpointer:
                      "data": ocp.JsonCheckpointHandler(multiprocessing_options=mp),
                      "meta": ocp.JsonCheckpointHandler(multiprocessing_options=mp)} if scoped else None)
         self.manager = ocp.CheckpointManager(directory, options=opts, item_handlers=handlers)
+        self._mp = mp
         self._in_flight: int | None = None   # step of the async save not yet waited for
         self._failed: CheckpointError | None = None
         self._slow = slow_save_hook()
@@ -166,6 +168,45 @@ class BranchCheckpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def saved_meta(self, step: int) -> dict | None:
+        """The metadata a step was saved with (its run's config), read without the arrays; None if unreadable
+        (the restore then reports why)."""
+        ocp = _ocp()
+        try:
+            return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        except Exception:  # noqa: BLE001  (Orbax/tensorstore raise many kinds)
+            return None
+
+    def restore_delta(self, step: int, abstract_delta: Any) -> Any | None:
+        """Only the trained delta of `step`, into the shardings `abstract_delta` carries (each process of the
+        mesh reads its own shards): an Orbax partial restore, so the optimizer's moments (twice the delta's
+        bytes) stay on disk.  None for a checkpoint a process wrote alone (host_state) or in a multi-process
+        job: restore() it."""
+        ocp = _ocp()
+        from etils import epath
+        path = epath.Path(self.directory) / str(step) / "state"
+        if not path.exists() or jax.process_count() > 1:
+            # multi-process: Orbax's partial restore set up gloo collectives with every process even for a
+            # process reading alone (the merge on process 0) and timed out there; the whole-state restore works
+            return None
+        missing = _missing_metadata(self.directory, step)
+        if missing:  # the arrays might still read, but a copy that lost this may have lost more
+            raise CheckpointError(f"checkpoint {self.directory}/{step} cannot be restored ({missing} is missing: "
+                                  "the checkpoint was damaged or copied incompletely)")
+        item = {"delta": abstract_delta}
+        args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                      partial_restore=True)
+        reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=self._mp))
+        try:
+            return reader.restore(path, args=args)["delta"]
+        except Exception as e:  # noqa: BLE001  (Orbax/tensorstore raise many kinds)
+            missing = _missing_metadata(self.directory, step)
+            detail = (f"{missing} is missing: the checkpoint was damaged or copied incompletely" if missing else
+                      f"{type(e).__name__}: " + " ".join(str(e).split())[:300] + " ...")
+            raise CheckpointError(f"checkpoint {self.directory}/{step} cannot be restored ({detail})") from None
+        finally:
+            reader.close()
+
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict, dict] | None:
         """(step, state, data_state, meta) of `step` (default: the latest complete one), or None if there is none.
 
@@ -202,13 +243,31 @@ class BranchCheckpointer:
                     older = [x for x in candidates if x < s]
                     hint = (f"; set checkpoint.fallback=true to resume from step {older[-1]} instead"
                             if older else "")
-                    detail = " ".join(str(e).split())[:300]
-                    raise CheckpointError(f"checkpoint {where} cannot be restored ({type(e).__name__}: "
-                                          f"{detail} ...){hint}") from None
+                    detail = f"{type(e).__name__}: " + " ".join(str(e).split())[:300] + " ..."
+                    missing = _missing_metadata(self.directory, s)
+                    if missing:
+                        detail = f"{missing} is missing: the checkpoint was damaged or copied incompletely"
+                    raise CheckpointError(f"checkpoint {where} cannot be restored ({detail}){hint}") from None
                 log.error("checkpoint %s cannot be restored (%s: %s); trying the previous one",
                           where, type(e).__name__, str(e)[:200])
                 tried.append(s)
         raise CheckpointError(f"no readable checkpoint in {self.directory} (tried {tried})")
+
+
+def _missing_metadata(directory: str, step: int) -> str | None:
+    """The first Orbax metadata file a step directory lacks (whose absence Orbax reports as a pytree error)."""
+    from etils import epath
+    root = epath.Path(directory) / str(step)
+    try:
+        for item in ("state", "host_state", "data", "meta"):
+            d = root / item
+            if d.exists():
+                name = "_METADATA" if item in ("state", "host_state") else "metadata"
+                if not (d / name).exists():
+                    return f"{root}/{item}/{name}"
+    except Exception:  # noqa: BLE001  (a better message only; the restore error is reported anyway)
+        return None
+    return None
 
 
 def _host_local(tree: Any) -> bool:
@@ -337,6 +396,11 @@ def _host_state_args():
 
 def abstract_like(state: Any, shardings: Any) -> Any:
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+# The exit code of a run stopped by SIGTERM/SIGINT after saving (sysexits' EX_TEMPFAIL: "try again"): a
+# scheduler tells it from success (0), a user's mistake (2) and a crash (1); the same command resumes it.
+EXIT_STOPPED = 75
 
 
 class StopRequest:

@@ -43,8 +43,15 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-5` (no dot) as a string; learning rates are written that way, so floats too."""
+    """YAML 1.1 reads `1e-5` (no dot) as a string; learning rates are written that way, so floats too.
+    And it reads `5:8` as the base-60 integer 368: here it stays the string `5:8` (profile: START:STOP)."""
 
+
+_INT = "tag:yaml.org,2002:int"
+_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != _INT]
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_INT, re.compile(r"""^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)
+                                                 |[-+]?0x[0-9a-fA-F_]+)$""", re.X), list("-+0123456789"))
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
@@ -122,6 +129,14 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return True
 
 
+def deep_merge(into: dict, over: dict) -> dict:
+    """`over` on top of `into`, nested mappings merged key by key (a config file plus its overriding keys)."""
+    out = dict(into)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def from_dict(cls: type, data: dict | None, path: str = "") -> Any:
     """Build dataclass `cls` from a plain dict, refusing unknown keys and wrong types by dotted path."""
     data = dict(data or {})
@@ -165,10 +180,17 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         node = data
         parts = key.split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
+            if node.get(p) is not None and not isinstance(node[p], dict):
+                raise ValueError(f"override {item!r}: {'.'.join(parts[:i + 1])} is {node[p]!r}, not a mapping")
             node[p] = dict(node.get(p) or {})
             node = node[p]
-        node[parts[-1]] = yaml_load(raw)
+        try:
+            node[parts[-1]] = yaml_load(raw)
+        except yaml.YAMLError as e:
+            detail = str(getattr(e, "problem", None) or e).strip()
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({detail}); quote the whole "
+                             "KEY=VALUE for the shell if it has spaces") from None
     return data
 
 
@@ -176,7 +198,10 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     data: dict = {}
     if path is not None:
         text = Path(path).read_text()
-        data = yaml_load(text) or {}
+        try:
+            data = yaml_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     data = apply_overrides(data, overrides or [])

@@ -25,6 +25,16 @@ class SamplingConfig:
     top_p: float = 1.0  # 1 = off
     seed: int = 0
 
+    def __post_init__(self):
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0: greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0: off)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be within (0, 1] (1: off)")
+
 
 def _pick(logits: jax.Array, rng: jax.Array, s: SamplingConfig) -> jax.Array:
     if s.temperature <= 0:
@@ -84,6 +94,11 @@ def generate_ids(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]]
                  eos_ids: Sequence[int] = (), pad_to: int = 64) -> list[list[int]]:
     """Token ids in, new token ids out (each row cut after its first end-of-sequence token)."""
     longest = max(len(x) for x in prompts)
+    context = cfg.max_position_embeddings
+    if longest + sampling.max_new_tokens > context:
+        raise ValueError(f"max_new_tokens={sampling.max_new_tokens}: the longest prompt ({longest} tokens) plus the "
+                         f"new tokens exceed the model's context of {context} positions; at most "
+                         f"{max(0, context - longest)} new tokens fit")
     width = -(-longest // pad_to) * pad_to  # few compiled shapes
     ids = np.zeros((len(prompts), width), np.int32)
     mask = np.zeros_like(ids)

@@ -2,6 +2,9 @@
 
 Commands: export (import then export to HF, verified), generate (chat with a model), demo,
 train / sft / dpo / orpo / simpo (one branch), data-stats, merge, sparsity.
+
+`main(argv)` raises what goes wrong (tests call it); `cli(argv)` is the entry point a user runs: it
+prints a user's mistake as one line `error: ...` on stderr with exit code 2 (`--debug`: the traceback).
 """
 from __future__ import annotations
 
@@ -38,8 +41,11 @@ def _mesh(spec: str | None):
         for item in spec.split(","):
             k, _, v = item.partition("=")
             if k.strip() not in ("data", "fsdp", "tensor") or not v:
-                raise SystemExit(f"--mesh: bad item {item!r}; expected data=N,fsdp=N,tensor=N")
-            setattr(cfg, k.strip(), int(v))
+                raise ValueError(f"--mesh: bad item {item!r}; expected data=N,fsdp=N,tensor=N")
+            try:
+                setattr(cfg, k.strip(), int(v))
+            except ValueError:
+                raise ValueError(f"--mesh: {k.strip()}={v!r} is not an integer") from None
     return build_mesh(cfg), cfg.logical_rules()
 
 
@@ -56,12 +62,14 @@ def _load(args):
 
 
 def cmd_export(args) -> int:
-    from paft_jax import storage
-    out = args.out if storage.is_url(args.out) else Path(args.out)
-    if isinstance(out, Path) and out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise SystemExit(f"error: {out} exists and is not empty (use --overwrite)")
+    from paft_jax import publish
     if (args.model is None) == (args.checkpoint is None):
-        raise SystemExit("error: give exactly one of --model or --checkpoint")
+        raise ValueError("give exactly one of --model or --checkpoint")
+    # before anything loads: --out may not overlap the model or run it reads, and --overwrite replaces
+    # only a previous export (a run directory beside or below --out is never removed)
+    source = args.model if args.checkpoint is None else args.checkpoint
+    inputs = [] if source == "smollm2" else [source]
+    out = publish.check_destination(args.out, inputs, overwrite=args.overwrite)
     lm = _load(args) if args.checkpoint is None else _load_checkpoint(args)
     report = _export_verified(lm, out, dtype=args.dtype or lm.cfg.param_dtype, max_shard_size=args.max_shard_size,
                               base_model=args.base_model or lm.source, how=f"paft_jax export of {lm.source}",
@@ -70,6 +78,20 @@ def cmd_export(args) -> int:
     if report is not None:
         print(report)
     return 0
+
+
+def _is_run_dir(path: str) -> bool:
+    """A branch's run directory or its checkpoints (not a model): config.json says what it trained."""
+    p = Path(path)
+    if (p / "checkpoints").is_dir() or (p.name == "checkpoints" and p.is_dir()):
+        return True
+    if p.name.isdigit() and (p.parent.name == "checkpoints"):
+        return True
+    try:
+        import json
+        return "objective" in json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def _load_checkpoint(args):
@@ -84,12 +106,15 @@ def _load_checkpoint(args):
 
 def _export_verified(lm, out: Path | str, *, dtype: str, max_shard_size: str, base_model: str, how: str, overwrite: bool,
                      verify: bool = True, atol: float = 1e-3, keep_on_mismatch: bool = False):
-    """Export `lm`, then check it with transformers when torch is installed.
+    """Export `lm`, checked with transformers (when torch is installed) before it is published.
 
     The Flax reference logits are computed before exporting, and the params are dropped before
-    transformers loads the export, so host memory never holds two copies of the model.
+    transformers loads the export, so host memory never holds two copies of the model.  A failed check
+    publishes nothing (an older export at `out` stays), unless keep_on_mismatch publishes it anyway.
     """
-    from paft_jax.hf.export import export_hf
+    import jax
+    from paft_jax import publish
+    from paft_jax.hf.export import write_hf_dir
     from paft_jax.hf.verify import flax_logits, probe_batch, torch_available, verify_export
     if verify and not torch_available():
         log.warning("torch is not installed: skipping verification (pip install 'paft_jax[verify]')")
@@ -97,39 +122,42 @@ def _export_verified(lm, out: Path | str, *, dtype: str, max_shard_size: str, ba
     if verify:
         ids, mask = probe_batch(lm.cfg.vocab_size)
         ref = flax_logits(lm.params, lm.cfg, ids, mask, as_dtype=dtype)
-    from paft_jax import storage
-    remote, checked = storage.is_url(str(out)), {}
-    # a gs:// export is verified on its local copy before it is published (transformers cannot read gs://);
-    # a local one after it is written, once the params are dropped (one copy of the model in memory)
-    check = (lambda d: checked.update(report=verify_export(d, ref, ids, mask, atol=atol))) if verify and remote \
-        else None
-    t0 = time.perf_counter()
-    export_hf(lm.params, lm.cfg, out, tokenizer=lm.tokenizer, hf_config=lm.hf_config,
-              generation_config=lm.generation_config, dtype=dtype, max_shard_size=max_shard_size,
-              base_model=base_model, how=how, overwrite=overwrite, check=check)
+    t0, report, mismatch = time.perf_counter(), None, None
+    writer = jax.process_index() == 0
+    with publish.staged(out, overwrite=overwrite, writer=writer) as built:
+        write_hf_dir(lm.params, lm.cfg, built, tokenizer=lm.tokenizer, hf_config=lm.hf_config,
+                     generation_config=lm.generation_config, dtype=dtype, max_shard_size=max_shard_size,
+                     base_model=base_model, how=how)
+        lm.params = None
+        if verify and writer:
+            try:
+                report = verify_export(built, ref, ids, mask, atol=atol)
+            except Exception as e:
+                if not keep_on_mismatch:
+                    log.error("verification failed: nothing published at %s (--keep-on-mismatch publishes it)", out)
+                    raise
+                mismatch = e
     log.info("exported to %s (%s) in %.1fs", out, dtype, time.perf_counter() - t0)
-    lm.params = None
-    if not verify:
-        return None
-    if remote:
-        return checked["report"]
-    try:
-        return verify_export(out, ref, ids, mask, atol=atol)
-    except Exception:
-        if not keep_on_mismatch:
-            import shutil
-            shutil.rmtree(out, ignore_errors=True)
-            log.error("verification failed: removed %s (use --keep-on-mismatch to keep it)", out)
-        raise
+    if mismatch is not None:
+        log.error("verification failed: published %s anyway (--keep-on-mismatch)", out)
+        raise mismatch
+    return report
 
 
 def cmd_generate(args) -> int:
     from paft_jax.generate import SamplingConfig, chat
-    lm = _load(args)
+    try:  # refused before the model loads
+        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    except ValueError as e:
+        raise ValueError(f"--{str(e).replace('_', '-')}") from None
+    if (args.model is None) == (args.checkpoint is None):
+        raise ValueError("give exactly one of --model or --checkpoint")
+    if args.checkpoint is None and _is_run_dir(args.model):
+        args.checkpoint, args.model = args.model, None  # a training run: its base + its delta
+    lm = _load(args) if args.checkpoint is None else _load_checkpoint(args)
     if lm.tokenizer is None:
-        raise SystemExit(f"error: {lm.source} has no tokenizer; generate needs one")
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        raise ValueError(f"{lm.source} has no tokenizer; generate needs one")
     for answer in chat(lm.params, lm.cfg, lm.tokenizer, args.prompt, sampling, system=args.system):
         print(answer)
     return 0
@@ -140,6 +168,7 @@ def cmd_demo(args) -> int:
     import tempfile
     from paft_jax.generate import SamplingConfig, chat
 
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)  # refused before the model loads
     mesh, rules = _mesh(None)
     from paft_jax.hf.load import load_model
     t0 = time.perf_counter()
@@ -147,7 +176,7 @@ def cmd_demo(args) -> int:
     print(f"[1/4] imported SmolLM2-135M-Instruct (GGUF, dequantized to {lm.cfg.param_dtype}) in "
           f"{time.perf_counter() - t0:.1f}s, sharded over {dict(mesh.shape)}")
     t0 = time.perf_counter()
-    answer = chat(lm.params, lm.cfg, lm.tokenizer, [args.prompt], SamplingConfig(max_new_tokens=args.max_new_tokens))[0]
+    answer = chat(lm.params, lm.cfg, lm.tokenizer, [args.prompt], sampling)[0]
     print(f"[2/4] prompt: {args.prompt}\n      answer ({time.perf_counter() - t0:.1f}s): {answer}")
     out = Path(args.out or tempfile.mkdtemp(prefix="paft_demo_")) / "smollm2-hf"
     t0 = time.perf_counter()
@@ -160,9 +189,12 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m paft_jax.launch",
-                                     description="paft_jax: parallel SFT + preference alignment, merged.")
+    parser = OneLineErrorParser(prog="python -m paft_jax.launch",
+                                description="paft_jax: parallel SFT + preference alignment, merged.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (by default a user's mistake is one line: "
+                             "`error: ...`, exit code 2); may be given anywhere on the command line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="import a model (HF dir or GGUF) and export it in HF format, verified",
@@ -177,15 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the exported weights (default: the params' dtype)")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 500MB (default 2GB)")
     p.add_argument("--base-model", default=None, help="base model named in the model card")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it holds a previous paft_jax export (nothing else is ever replaced)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the transformers check")
     p.add_argument("--atol", type=float, default=1e-3, help="largest accepted |logits diff| in verification")
-    p.add_argument("--keep-on-mismatch", action="store_true", help="keep --out if verification fails")
+    p.add_argument("--keep-on-mismatch", action="store_true", help="publish --out even if verification fails (exit code still an error)")
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("generate", help="answer prompts with a model (chat template applied)",
+    p = sub.add_parser("generate", help="answer prompts with a model or a trained branch (chat template applied)",
                        description="Greedy unless --temperature > 0. Prints only the answers on stdout.")
-    _add_model_args(p)
+    _add_model_args(p, required=False)
+    p.add_argument("--checkpoint", default=None,
+                   help="answer with a trained branch instead of --model: a run directory, its checkpoints/ "
+                        "directory or one step directory (base + delta); a run directory given as --model is "
+                        "read the same way")
     p.add_argument("--prompt", action="append", required=True, help="user message (repeat for a batch)")
     p.add_argument("--system", default=None, help="optional system message")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -209,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_paft(sub)
     register_experiment(sub)
     register_data(sub)
+    from paft_jax.aot.cli import register as register_compile
+    register_compile(sub)
     try:  # the merge engine lands separately; the other commands work without it
         from paft_jax.merge.cli import register as register_merge
     except ImportError:
@@ -235,5 +273,76 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.fn(args) or 0)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse's usage errors as one line (`error: ...`, exit 2), like every other user mistake."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def user_error(e: BaseException) -> bool:
+    """Whether `e` is a mistake of the user's (bad config, data, path, checkpoint) rather than a bug of ours.
+
+    The project's errors are ValueErrors (RecipeError, DataError, DestinationError, config errors), its
+    CheckpointError and IncompleteDirectoryError; the OS errors are those a path given by the user causes.
+    The classes are looked up in sys.modules: an error of a module never imported cannot have been raised.
+    """
+    import errno
+    if isinstance(e, ValueError) or any(c.__name__ == "YAMLError" for c in type(e).__mro__):
+        return True
+    if isinstance(e, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return True
+    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.ENOSPC, errno.EACCES, errno.ENAMETOOLONG,
+                                              errno.ENOTEMPTY, errno.ELOOP, errno.EDQUOT, errno.EXDEV):
+        return True
+    for module, name in (("paft_jax.checkpoint", "CheckpointError"), ("paft_jax.storage", "IncompleteDirectoryError"),
+                         ("paft_jax.hf.verify", "ExportMismatchError")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(e, cls):
+            return True
+    return False
+
+
+def one_line(e: BaseException) -> str:
+    """`error: <message>` on one line (a multi-line message is joined with '; ')."""
+    text = str(e) if str(e) else type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and e.strerror and e.args and str(e).startswith("[Errno"):
+        text = f"{e.filename}: {e.strerror}"   # "[Errno 2] No such file or directory: 'x'" -> "x: No such file ..."
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return "error: " + "; ".join(lines)
+
+
+def skip_absent_tpu() -> None:
+    """libtpu (the `tpu` extra, for compiling for TPU topologies) makes JAX probe for TPUs at start; on a
+    machine with no accelerator that prints a screen of warnings before every command.  With no TPU or
+    GPU device files present (and JAX_PLATFORMS unset) JAX is told to use the CPU; the deviceless TPU
+    compile does not need the TPU backend."""
+    import glob
+    if "JAX_PLATFORMS" in os.environ or "jax" in sys.modules:
+        return
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*") or glob.glob("/dev/nvidia[0-9]*"):
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def cli(argv: list[str] | None = None, entry=None) -> int:
+    """The command-line entry (`python -m paft_jax.launch`, the `paft-jax` script): `main`, with a user's
+    mistake printed as one line on stderr (exit code 2) instead of a traceback; `--debug` keeps the
+    traceback.  Unexpected exceptions (our bugs) keep theirs."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    skip_absent_tpu()
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return int((entry or main)(argv) or 0)
+    except Exception as e:
+        if debug or not user_error(e):
+            raise
+        for handler in logging.getLogger().handlers:  # what was logged comes before the message
+            handler.flush()
+        print(one_line(e), file=sys.stderr, flush=True)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -72,3 +72,22 @@ class RunDir:
         if self.remote:
             storage.download_file(self.join(rel), self.local / rel)
         return self.local / rel
+
+
+def holds_run(output_dir: str) -> bool:
+    """Whether output_dir already has something in it (a run, or anything else)."""
+    if storage.is_url(output_dir):
+        return storage.exists(output_dir)
+    p = Path(output_dir)
+    return p.exists() and (not p.is_dir() or any(p.iterdir()))
+
+
+def fresh_dir(output_dir: str) -> str:
+    """`--fresh`: output_dir itself when it is empty or absent, else the first free <output_dir>-2, -3, ..."""
+    base = str(output_dir).rstrip("/")
+    candidate, n = base, 1
+    while holds_run(candidate):
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+

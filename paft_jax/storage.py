@@ -77,6 +77,12 @@ def child_names(url: str) -> set[str]:
         return set()
 
 
+def list_files(url: str) -> list[str]:
+    """Relative names of every object under `url` (fresh listing); empty when there is nothing."""
+    fs, root = _fs(url)
+    return list(_listing(fs, root))
+
+
 def exists(url: str) -> bool:
     """Whether any object lives under `url` (a prefix: object stores have no empty directories)."""
     fs, root = _fs(url)

@@ -103,7 +103,7 @@ def test_cli_export_refuses_non_empty_out_and_keeps_it(hf_dir, tmp_path):
     out = tmp_path / "existing"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    with pytest.raises(SystemExit, match="not empty"):
+    with pytest.raises(FileExistsError, match="not empty"):
         main(["export", "--model", str(hf_dir("llama")), "--out", str(out)])
     assert (out / "keep.txt").read_text() == "precious"
 

@@ -134,13 +134,15 @@ def test_sigkill_during_an_async_save_resumes_from_the_previous_checkpoint(refer
 
 
 @pytest.mark.slow
-def test_sigterm_saves_exits_zero_and_the_same_command_continues(tmp_path):
+def test_sigterm_saves_exits_stopped_and_the_same_command_continues(tmp_path):
+    from paft_jax.checkpoint import EXIT_STOPPED
     run = tmp_path / "run"
     proc = launch(run)
     wait_for_step(proc, run, 3)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == EXIT_STOPPED == 75, out[-3000:]
+    assert '"status": "stopped"' in out
     assert "stopped by SIGTERM" in out
     stopped_at = max(s for s, _ in losses(run))
     assert stopped_at < STEPS
@@ -174,6 +176,28 @@ def test_checkpoint_restores_on_another_mesh(tmp_path):
     assert branch.train_it.state()["step"] == 4
 
 
+def test_restores_for_merge_and_export_read_the_delta_alone_into_the_mesh(tmp_path, monkeypatch):
+    """Merge inputs, exports and reports restore the delta only (Orbax partial restore): the whole train
+    state, Adam's two moments with it, is never read; the delta lands in the given mesh's shardings."""
+    from paft_jax.train.restore import CheckpointSource, restore_delta
+    res = train(_cfg(tmp_path / "a"), progress=False)
+    trained = jax.tree_util.tree_map(np.asarray, res.state.delta)
+
+    def whole_state(*a, **k):
+        raise AssertionError("the whole train state (delta + optimizer moments) was restored")
+    monkeypatch.setattr(BranchCheckpointer, "restore", whole_state)
+    mc = MeshConfig(data=1, fsdp=4, tensor=2)
+    mesh = build_mesh(mc)
+    cfg, _, step, delta = restore_delta(tmp_path / "a", mesh, mc.logical_rules())
+    assert step == 4 and "opt_state" not in str(jax.tree_util.tree_structure(delta))
+    leaf = delta["layers"]["mlp"]["up_proj"]["kernel"]
+    assert leaf.sharding.mesh.shape == {"data": 1, "fsdp": 4, "tensor": 2}
+    for x, y in zip(jax.tree_util.tree_leaves(trained), jax.tree_util.tree_leaves(delta)):
+        assert np.array_equal(x, np.asarray(y))
+    src = CheckpointSource(tmp_path / "a")  # the merge's input, on one device
+    assert np.array_equal(src.get("model.norm.weight"), trained["norm"]["weight"])
+
+
 def test_resume_from_a_named_checkpoint_given_as_a_relative_path(tmp_path):
     """checkpoint.resume=<relative path>/checkpoints/2 (Orbax itself refuses relative paths)."""
     train(_cfg(tmp_path / "a"), progress=False)
@@ -185,14 +209,29 @@ def test_resume_from_a_named_checkpoint_given_as_a_relative_path(tmp_path):
 def test_corrupted_checkpoint_is_an_error_naming_it_unless_fallback(tmp_path):
     out = tmp_path / "run"
     train(_cfg(out), progress=False)
-    victim = max((p for p in (out / "checkpoints" / "4").rglob("*") if p.is_file() and "state" in str(p)),
-                 key=lambda p: p.stat().st_size)
-    victim.write_bytes(b"\0" * 64)  # truncated garbage where array data was
+    # truncated garbage where the array data was: every data file of the state (the delta and the moments
+    # share them; a restore for an export reads the delta alone, so it must be hit too)
+    victims = [p for p in (out / "checkpoints" / "4" / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert victims
+    for victim in victims:
+        victim.write_bytes(b"\0" * 64)
     with pytest.raises(CheckpointError, match=r"checkpoints/4 cannot be restored.*fallback=true.*step 2"):
         train(_cfg(out, "steps=6"), progress=False)
+    # `export --checkpoint RUN` (restore_delta) offers the same way out (issue 14)
+    from paft_jax.train.restore import restore_delta
+    with pytest.raises(CheckpointError, match=r"checkpoints/4 cannot be restored.*the previous checkpoint, "
+                                              r".*checkpoints/2, may be readable"):
+        restore_delta(out)
     res = train(_cfg(out, "steps=6", "checkpoint.fallback=true"), progress=False)
     assert res.resumed_from == 2
     assert [r["step"] for r in res.history if "loss" in r] == [3, 4, 5, 6]
+    # a deleted _METADATA is named (Orbax reports it as a pytree structure error)
+    (out / "checkpoints" / "6" / "state" / "_METADATA").unlink()
+    for read in (lambda: restore_delta(out), lambda: train(_cfg(out, "steps=8"), progress=False)):
+        with pytest.raises(CheckpointError, match=r"checkpoints/6/state/_METADATA is missing: the checkpoint was "
+                                                  r"damaged") as e:
+            read()
+        assert "pytree" not in str(e.value)
 
 
 def test_export_of_a_lora_checkpoint_is_base_plus_folded_delta(tmp_path):
@@ -261,11 +300,11 @@ def test_full_disk_during_a_save_is_an_error_and_the_previous_checkpoint_restore
     ckpts = f"{mnt}/checkpoints"
     # the failing run: a clear error naming the step, the cause and the intact checkpoint; no success claimed
     assert rc[2] != 0
-    # the main thread's exception (tensorstore's cancelled writes may print "Event loop is closed" after it)
-    errors = [line for line in log[2].splitlines() if line.startswith("paft_jax.checkpoint.CheckpointError")]
+    # the CLI's one-line error (tensorstore's cancelled writes may print "Event loop is closed" after it)
+    errors = [line for line in log[2].splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, log[2][-3000:]
     last = errors[0]
-    assert last.startswith("paft_jax.checkpoint.CheckpointError: checkpoint step 4 could not be saved to " + ckpts)
+    assert last.startswith("error: checkpoint step 4 could not be saved to " + ckpts)
     assert "the disk is full (No space left on device)" in last
     assert f"latest complete checkpoint, {ckpts}/2, is intact; free space, then run the same command" in last
     assert "done in" not in log[2] and '"step": 4' not in log[2]   # no final metrics printed

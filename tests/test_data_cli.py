@@ -46,12 +46,37 @@ def test_data_stats_reports_skips_and_truncation(tmp_path, capsys):
     from paft_jax.data.testing import llama3_style_tokenizer
     llama3_style_tokenizer().save_pretrained(tmp_path / "tok")  # an HF directory with only a tokenizer
     tok = ["--tokenizer", str(tmp_path / "tok")]
-    with pytest.raises(Exception, match=r"p\.jsonl:2.*malformed JSON"):
-        run_cli(["data-stats", "--config", str(cfg)] + tok, capsys)
-    rc, out = run_cli(["data-stats", "--config", str(cfg), "--set", "skip_invalid=true"] + tok, capsys)
-    assert rc == 0
-    assert 'invalid 2 {"malformed JSON": 1, "chosen equals rejected": 1}' in out and "truncated 1" in out
-    assert f"skipped: {path}:2: malformed JSON" in out and "efficiency" in out
+    for extra in ([], ["--set", "skip_invalid=true"]):  # invalid rows are listed either way (bug 4 of issue 14)
+        rc, out = run_cli(["data-stats", "--config", str(cfg)] + extra + tok, capsys)
+        assert rc == 0
+        assert 'invalid 2 {"malformed JSON": 1, "chosen equals rejected": 1}' in out and "truncated 1" in out
+        assert f"invalid: {path}:2: malformed JSON" in out and f"invalid: {path}:3" in out and "efficiency" in out
+        assert ("training refuses this data" in out) == (not extra)
+
+
+def test_data_stats_lists_every_invalid_row(tmp_path, capsys):
+    path = tmp_path / "s.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 2
+    rows += [{"messages": [{"role": "user", "content": "q"}]}] * 8   # no assistant turn: invalid
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"kind: sft\nsources: [{{path: {path}}}]\nseq_len: 64\n")
+    rc, out = run_cli(["data-stats", "--config", str(cfg), "--tokenizer", "llama3-test"], capsys)
+    assert rc == 0 and "valid 2, invalid 8" in out
+    assert all(f"invalid: {path}:{i}:" in out for i in range(3, 11)), out
+
+
+def test_data_stats_uses_the_training_configs_tokenizer(capsys, monkeypatch):
+    """configs/tiny_sft.yaml says tokenizer: llama3-test; data-stats used SmolLM2's (bug 4 of issue 14)."""
+    monkeypatch.chdir(ROOT)
+    rc, out = run_cli(["data-stats", "--config", "configs/tiny_sft.yaml", "--json"], capsys)
+    own = json.loads(out)
+    assert rc == 0 and own["tokenizer"] == "llama3-test"
+    rc, out = run_cli(["data-stats", "--config", "configs/tiny_sft.yaml", "--json", "--tokenizer", "llama3-test"],
+                      capsys)
+    assert json.loads(out)["sources"] == own["sources"]
+    rc, out = run_cli(["data-stats", "--config", "configs/tiny_sft.yaml", "--json", "--tokenizer", "smollm2"], capsys)
+    assert json.loads(out)["sources"][0]["tokens"] != own["sources"][0]["tokens"]
 
 
 def test_config_loader_refuses_unknown_keys(tmp_path):

@@ -176,3 +176,37 @@ def test_config_round_trips_through_to_dict_and_nests():
     assert from_dict(Branch, to_dict(cfg)) == cfg
     with pytest.raises(ValueError, match=r"data\.sources\[0\]"):
         from_dict(Branch, {"data": {"sources": [{"path": "a", "type": "xml"}]}})
+
+
+S = {"role": "system", "content": "Be brief."}
+
+
+@pytest.mark.parametrize("row,field", [
+    ({"messages": [A, U, A]}, "messages"),                                  # starts with the assistant
+    ({"messages": [U, U, A]}, "messages"),                                  # two user turns in a row
+    ({"messages": [U, S, A]}, "messages"),                                  # a system message after the user's
+    ({"messages": [S, U, A, A]}, "messages"),                               # two assistant turns in a row
+    ({"prompt": [U, U], "completion": [A]}, "prompt"),
+    ({"prompt": [U], "completion": [U, A]}, "completion"),
+])
+def test_sft_role_order_is_checked(row, field, tmp_path):
+    """Bug 7 of issue 14: out-of-order roles counted as valid SFT rows."""
+    with pytest.raises(DataError) as e:
+        normalize_sft(row, "f.jsonl:4")
+    assert (e.value.field, e.value.reason) == (field, "role order")
+    assert str(e.value).startswith("f.jsonl:4:")
+    # through a file: the error names the file and the row
+    path = _write(tmp_path / "sft.jsonl", [json.dumps({"messages": [U, A]}).encode(), json.dumps(row).encode()])
+    with pytest.raises(DataError, match=rf"{path}:2: field '{field}': role order"):
+        build_dataset(DataConfig(kind="sft", seq_len=128, sources=[{"path": str(path)}]), llama3_style_tokenizer(),
+                      process_index=0, process_count=1)
+
+
+def test_valid_role_orders_pass():
+    tool_call = {"role": "tool", "content": "42"}
+    for msgs in ([U, A], [S, U, A], [U, A, U, A], [U, A, tool_call, A]):
+        assert isinstance(normalize_sft({"messages": msgs}, "f:1"), ChatSFT)
+    with pytest.raises(DataError, match="role order"):
+        normalize_preference({"prompt": [U, U], "chosen": [A], "rejected": [B]}, "f:1")
+    with pytest.raises(DataError, match="role order"):
+        normalize_preference({"chosen": [U, A, A], "rejected": [U, B]}, "f:1")

@@ -110,6 +110,14 @@ def test_hf_hub_name_offline_is_a_clear_error(monkeypatch):
         open_source(DataConfig(sources=[{"name": "nobody/no-such-set", "type": "hf_hub"}]).sources[0])
 
 
+def test_hub_name_without_type_is_a_clear_error():
+    """Bug 5 of issue 14: `sources=[{name: org/set, split: train}]` was a TypeError deep in sources.py."""
+    with pytest.raises(ValueError, match=r"sources\[0\]: source name='org/set' with type 'auto'.*type: hf_hub"):
+        DataConfig(sources=[{"name": "org/set", "split": "train"}])
+    with pytest.raises(ValueError, match=r"name='org/set' with type 'jsonl'"):
+        DataConfig(sources=[{"name": "org/set", "type": "jsonl"}])
+
+
 def test_missing_path_and_unknown_suffix(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         examples(DataConfig(sources=[{"path": str(tmp_path / "nope.jsonl")}]))

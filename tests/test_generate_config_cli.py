@@ -37,6 +37,32 @@ def test_sampling_is_seeded_and_stops_at_eos(tmp_path):
     assert cut == greedy[:greedy.index(stop)]
 
 
+def test_max_new_tokens_past_the_context_is_refused(tmp_path):
+    """Bug 6 of issue 14: `generate --max-new-tokens 100000` ran on past the model's positions for minutes."""
+    make_hf_model("llama", seed=3).save_pretrained(tmp_path / "m")   # max_position_embeddings 64
+    lm = load_model(tmp_path / "m", with_tokenizer=False)
+    prompt = [[5, 9, 17, 33, 4]]
+    assert len(generate_ids(lm.params, lm.cfg, prompt, SamplingConfig(max_new_tokens=59), eos_ids=())[0]) == 59
+    with pytest.raises(ValueError, match=r"max_new_tokens=60: the longest prompt \(5 tokens\).*context of 64 "
+                                         r"positions; at most 59 new tokens fit"):
+        generate_ids(lm.params, lm.cfg, prompt, SamplingConfig(max_new_tokens=60), eos_ids=())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "--temperature=-1.0 must be >= 0"),
+    (["--top-p", "0"], "--top-p=0.0 must be within (0, 1]"),
+    (["--top-k", "-2"], "--top-k=-2 must be >= 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens=0 must be an integer >= 1"),
+])
+def test_generate_refuses_bad_sampling_flags_before_loading(flags, message, monkeypatch):
+    """Bug 8 of issue 14: `--temperature -1` was accepted."""
+    import paft_jax.launch as launch
+    monkeypatch.setattr(launch, "_load", lambda args: pytest.fail("loaded the model before refusing"))
+    with pytest.raises(ValueError) as e:
+        main(["generate", "--model", "smollm2", "--prompt", "hi", *flags])
+    assert str(e.value).startswith(message)
+
+
 def test_config_refuses_unknown_keys_and_bad_types(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("data: 2\nfsdp: -1\ntensr: 2\n")

@@ -200,9 +200,11 @@ def mistral_7b():
                        num_heads=32, num_kv_heads=8, sliding_window=4096, max_position_embeddings=32768)
 
 
-# config, model, chips, chips per host, HBM bytes per chip, the split we document, the model's parameters
-PODS = [("configs/paft_llama3_8b.yaml", llama3_8b, 16, 4, 32 * 2**30, [8, 8], 8.03e9),
-        ("configs/paft_mistral_7b.yaml", mistral_7b, 64, 4, 16 * 2**30, [48, 16], 7.24e9)]
+# config, model, chips, chips per host, the split asked for, the split we document, the model's parameters.
+# Their per-chip memory is measured by compiling them for the slice (`launch compile`, docs/tpu.md and
+# benchmarks/results/compile/), not estimated here.
+PODS = [("configs/paft_llama3_8b.yaml", llama3_8b, 16, 4, "auto", [8, 8], 8.03e9),
+        ("configs/paft_mistral_7b.yaml", mistral_7b, 64, 4, [32, 32], [32, 32], 7.24e9)]
 
 
 @pytest.mark.parametrize("pod", PODS, ids=[p[0] for p in PODS])
@@ -211,13 +213,13 @@ def test_pod_config_loads_and_splits_by_whole_hosts(pod):
     from paft_jax.models.flops import matmul_params
     from paft_jax.pipeline import split
     from paft_jax.pipeline.config import BRANCHES, branch_configs, load_paft_config
-    path, model, chips, per_host, hbm, expected, n_params = pod
+    path, model, chips, per_host, asked, expected, n_params = pod
     cfg = load_paft_config(str(ROOT / path))
     tcs = branch_configs(cfg, root=ROOT)
     for tc in tcs.values():
         tc.validate()
     assert cfg.distributed.enabled and cfg.distributed.auto
-    assert cfg.output_dir.startswith("gs://") and cfg.split == "auto" and cfg.devices == 0
+    assert cfg.output_dir.startswith("gs://") and cfg.split == asked and cfg.devices == 0
     assert cfg.model.startswith("/mnt/disks/models/")        # where launch/stage_model.sh puts it
     assert [tcs[b].objective.kind for b in BRANCHES] == ["sft", "dpo"]
 
@@ -227,13 +229,11 @@ def test_pod_config_loads_and_splits_by_whole_hosts(pod):
     works = [split.estimate(tcs[b], mcfg).total for b in BRANCHES]
     counts = split.choose_split(chips, works, [tcs[b] for b in BRANCHES], per_host, cfg.split)
     assert counts == expected and sum(counts) == chips and all(c % per_host == 0 for c in counts)
-    assert min(split.predicted_end(works, counts)) > 0.85     # both branches end within 15% of each other
+    if asked == "auto":  # chosen by work: both branches end within 15% of each other
+        assert min(split.predicted_end(works, counts)) > 0.85
     for b, n in zip(BRANCHES, counts):
         tc = tcs[b]
         sizes = resolve_axis_sizes(tc.mesh.axis_sizes(), n)
-        # bf16 base, fp32 delta, gradient and two AdamW moments (18 B/parameter) over fsdp x tensor
-        state = params * 18 / (sizes["fsdp"] * sizes["tensor"])
-        assert state < 0.6 * hbm, (b, state / 2**30)
         dp = sizes["data"] * sizes["fsdp"]
         assert tc.data.batch_size // tc.grad_accum == dp           # one row per chip per micro-batch
         assert tc.eval_data.batch_size == dp                        # evaluation: one forward, one row per chip

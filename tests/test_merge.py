@@ -306,10 +306,8 @@ def three_models(tmp_path):
     ("ties", [{"weight": 1.0, "density": [0.2, 0.6]}, {"weight": 0.5, "density": [{"filter": "mlp", "value": 0.3},
                                                                                   {"value": 0.8}]}], {}),
     ("dare_ties", [{"weight": 1.0, "density": 0.4}, {"weight": 0.7, "density": 0.6}], {"seed": 5}),
-    ("della", [{"weight": 1.0, "density": 0.5}, {"weight": 0.7, "density": 0.4}], {"rescale": "l1"}),
-    ("breadcrumbs", [{"weight": 1.0, "density": 0.5, "gamma": 0.1}, {"weight": 0.5, "density": 0.7}], {}),
     ("slerp", [{}], {"t": [0.0, 0.8]}),
-])
+])  # top-k (ties), random masks (dare), interpolation (slerp); every method's math: the tests above
 def test_streaming_equals_in_memory_on_mesh(three_models, tmp_path, method, per, params):
     from paft_jax.config import MeshConfig
     from paft_jax.hf.layout import get_path, iter_hf_tensors, to_hf

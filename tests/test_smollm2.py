@@ -33,19 +33,22 @@ def hf_reference():
 def test_gguf_import_matches_transformers(smol, hf_reference):
     """GGUF import (our dequantize + un-permute) vs transformers' own GGUF loader.
 
-    On 30 layers, fp32 summation order alone separates two correct fp32 implementations by ~1.4e-4
-    (logits up to ~33); both sit ~1e-4 from the float64 reference.  See docs/parity.md.
+    On 30 layers, fp32 summation order alone separates two correct fp32 implementations by 1e-4 to
+    2e-4 (logits up to ~33, so ~5e-6 relative, and it moves with the CPU's kernels: 9.9e-5 vs float64
+    on one machine, 1.74e-4 on another); a conversion error moves logits by whole units.  The bound is
+    1e-5 of the largest logit; KL bounds the distributions.  See docs/parity.md.
     """
     import torch
     from paft_jax.hf.verify import compare, flax_logits
     ids, mask, ref = hf_reference
     ours = flax_logits(smol.params, smol.cfg, ids, mask)
-    vs64 = compare(ref[torch.float64], ours, mask, 1.5e-4)
-    vs32 = compare(ref[torch.float32], ours, mask, 2.5e-4)
+    atol = 1e-5 * float(np.abs(ref[torch.float64]).max())
+    vs64 = compare(ref[torch.float64], ours, mask, atol)
+    vs32 = compare(ref[torch.float32], ours, mask, atol)
     hf_vs64 = compare(ref[torch.float64], ref[torch.float32], mask, 0)
     print(f"\nours vs fp64: {vs64}\nours vs HF fp32: {vs32}\nHF fp32 vs fp64: {hf_vs64}")
-    assert vs64.max_abs_diff <= 1.5e-4 and vs32.max_abs_diff <= 2.5e-4
-    assert vs32.mean_kl < 1e-9
+    assert vs64.max_abs_diff <= atol and vs32.max_abs_diff <= atol
+    assert vs64.mean_kl < 1e-9 and vs32.mean_kl < 1e-9
 
 
 def test_answers_a_question(smol):

@@ -25,10 +25,17 @@ def tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def test_sft_cli_runs_logs_and_evaluates(tmp_path, capsys):
+def test_sft_cli_runs_logs_and_evaluates(tmp_path, capsys, caplog):
     out = tmp_path / "sft"
-    assert main(["sft", "--config", "configs/tiny_sft.yaml", "steps=4", "eval_every=2", f"output_dir={out}",
-                 "--no-progress"]) == 0
+    with caplog.at_level("INFO", logger="paft_jax"):
+        assert main(["sft", "--config", "configs/tiny_sft.yaml", "steps=4", "eval_every=2", f"output_dir={out}",
+                     "--no-progress", "log_every=2", "profile=2:3"]) == 0
+    # without a bar: a line every log_every steps and at each evaluation, written as the metrics arrive
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[sft] ")]
+    assert [ln.split(":")[0] for ln in lines] == ["[sft] step 2/4", "[sft] eval at step 2", "[sft] step 4/4"]
+    assert "loss=" in lines[0] and "tokens_per_second=" in lines[0]
+    # profile=2:3: a jax.profiler trace of steps 2-3 in the run directory
+    assert list((out / "profile").rglob("*.xplane.pb"))
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_recs = [r for r in recs if "loss" in r]
     evals = [r for r in recs if "eval_loss" in r]
@@ -88,6 +95,9 @@ def test_dpo_reference_cache_is_reused_and_matches_the_in_step_reference(tmp_pat
     ("delta.kind=lora", None),  # valid: no error expected from validation (see below)
     ("delta.lora_targets=[qproj]", "match no module"),
     ("objective.kind=dpo", "needs 'preference' data"),
+    ("objective.loss_type=foo", "objective.loss_type='foo': expected one of"),   # bug 8 of issue 14
+    ("objective.loss_type=hinge", "has no effect on objective.kind='sft'"),
+    ("checkpoint.resume=maybe", "checkpoint.resume='maybe': expected auto, never"),
 ])
 def test_bad_config_refused_before_anything_loads(override, message, tmp_path, monkeypatch):
     import paft_jax.train.loop as loop
@@ -99,14 +109,25 @@ def test_bad_config_refused_before_anything_loads(override, message, tmp_path, m
         with pytest.raises(pytest.fail.Exception, match="loaded a model"):
             main(argv)
         return
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ValueError) as e:   # launch.cli prints it as one line `error: ...`
         main(argv)
     assert message in str(e.value)
 
 
-def test_command_contradicting_the_config_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match="contradicts"):
+def test_command_contradicting_the_config_is_refused(tmp_path, monkeypatch):
+    import paft_jax.train.loop as loop
+    monkeypatch.setattr(loop, "load_base", lambda *a, **k: pytest.fail("loaded a model before refusing"))
+    with pytest.raises(ValueError, match="contradicts"):
         main(["dpo", "--config", "configs/tiny_sft.yaml", "objective.kind=sft", f"output_dir={tmp_path}"])
+    # bug 8 of issue 14: the command's kind silently replaced the config's
+    for cmd, config in (("orpo", "configs/tiny_dpo.yaml"), ("simpo", "configs/tiny_dpo.yaml"),
+                        ("dpo", "configs/tiny_sft.yaml"), ("sft", "configs/tiny_dpo.yaml")):
+        with pytest.raises(ValueError, match=rf"{config} says objective.kind: \w+, which contradicts the `{cmd}`"):
+            main([cmd, "--config", config, f"output_dir={tmp_path}"])
+    # saying it on the command line is asking for it: validation goes on (and stops at the patched load)
+    with pytest.raises(pytest.fail.Exception, match="loaded a model"):
+        main(["orpo", "--config", "configs/tiny_dpo.yaml", "objective.kind=orpo", f"output_dir={tmp_path}",
+              "--no-progress"])
 
 
 def test_lora_branch_trains(tmp_path):
@@ -124,3 +145,29 @@ def test_shipped_training_configs_validate(name):
     cfg = load_train_config(f"configs/{name}.yaml")
     sizes = cfg.mesh.axis_sizes()
     cfg.validate(data_parallel=sizes["data"] * max(sizes["fsdp"], 1))
+
+
+def test_recorder_writes_every_step_in_order_and_stops_at_a_non_finite_loss():
+    """The loop's metrics thread: records in step order (evaluations where they were queued), each step's
+    time measured from when the one before it finished; a NaN loss is raised in the loop by drain()."""
+    from paft_jax.train.recorder import MetricsRecorder
+    got = []
+    rec = MetricsRecorder(got.append, max_in_flight=2)
+    t = 1000.0
+    for i, loss in enumerate([3.0, 2.5]):
+        rec.reserve()
+        rec.step(i, {"loss": np.float32(loss)}, t + i, (10.0, 16), 1e9, None)
+    rec.record({"step": 2, "eval_loss": 2.4})
+    rec.drain()
+    assert [(r["step"], "eval_loss" in r) for r in got] == [(1, False), (2, False), (2, True)]
+    assert got[1]["time_start"] >= got[0]["time_end"] and got[0]["tokens"] == 16
+    rec.reserve()
+    rec.step(2, {"loss": np.float32("nan")}, t + 2, (10.0, 16), 1e9, None)
+    with pytest.raises(FloatingPointError, match="step 3: loss is nan"):
+        rec.reserve()  # the next step is not dispatched
+        rec.reserve()
+    with pytest.raises(FloatingPointError, match="step 3: loss is nan"):
+        rec.drain()
+    assert len(got) == 3  # nothing written after the bad step
+    rec.close()
+

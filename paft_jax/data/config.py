@@ -30,6 +30,10 @@ class SourceConfig:
             raise ValueError("a source needs exactly one of `path` or `name`")
         if self.type in ("hf_hub", "tfds") and self.name is None:
             raise ValueError(f"a {self.type} source needs `name`")
+        if self.name is not None and self.type not in ("hf_hub", "tfds"):
+            raise ValueError(f"source name={self.name!r} with type {self.type!r}: a named source needs "
+                             "`type: hf_hub` (a Hugging Face hub dataset) or `type: tfds`; a local file or "
+                             "directory is `path:`")
         if self.weight < 0:
             raise ValueError(f"source weight must be >= 0, got {self.weight}")
 

@@ -115,8 +115,12 @@ def encode_row(row, where: str, cfg: DataConfig, chat: ChatTokenizer, st: Source
 
 
 def build_dataset(cfg: DataConfig, tokenizer, *, process_index: int | None = None,
-                  process_count: int | None = None, sources: list[Source] | None = None) -> TokenizedDataset:
-    """Open the configured sources (or use `sources`), then validate and tokenize this process's rows."""
+                  process_count: int | None = None, sources: list[Source] | None = None,
+                  max_invalid_examples: int = 5) -> TokenizedDataset:
+    """Open the configured sources (or use `sources`), then validate and tokenize this process's rows.
+
+    With skip_invalid, the messages of the first `max_invalid_examples` invalid rows of each source are kept
+    (data-stats keeps every one)."""
     if process_index is None or process_count is None:
         import jax
         process_index = jax.process_index() if process_index is None else process_index
@@ -143,7 +147,7 @@ def build_dataset(cfg: DataConfig, tokenizer, *, process_index: int | None = Non
                 if not cfg.skip_invalid:
                     raise
                 st.invalid[e.reason] += 1
-                if len(st.invalid_examples) < 5:
+                if len(st.invalid_examples) < max_invalid_examples:
                     st.invalid_examples.append(str(e))
                 continue
             if seqs is None:

@@ -109,6 +109,26 @@ def _require(row: dict, where: str, *fields: str) -> None:
             raise DataError(where, f, "missing field")
 
 
+# which role may follow which (None: the start): a system message only first, then user and assistant
+# alternating, tool results only after an assistant turn (its call) and before the assistant's next turn
+_FOLLOWS = {None: ("system", "user"), "system": ("user",), "user": ("assistant",), "assistant": ("user", "tool"),
+            "tool": ("tool", "assistant")}
+
+
+def _check_order(msgs: tuple, where: str, field: str, prompt_len: int = 0) -> None:
+    """The role order of a whole conversation (the first `prompt_len` messages are the prompt's), as chat
+    templates expect it."""
+    prev = None
+    for i, m in enumerate(msgs):
+        if m["role"] not in _FOLLOWS[prev]:
+            seq = [x["role"] for x in msgs]
+            what = f"turn {i} is {m['role']}" + ("" if prev is None else f" after {prev}")
+            raise DataError(where, "prompt" if i < prompt_len else field, "role order",
+                            f"{what}: expected {' or '.join(_FOLLOWS[prev])} (roles {seq}; a system message only "
+                            "first, then user and assistant alternating)")
+        prev = m["role"]
+
+
 def _nonempty_completion(msgs: tuple, where: str, field: str) -> None:
     if not any(m["role"] == "assistant" for m in msgs):
         raise DataError(where, field, "no assistant turn", "nothing to train on")
@@ -133,6 +153,7 @@ def normalize_sft(row: Any, where: str, *, string_format: str = "chat") -> ChatS
     fmt = present[0]
     if fmt == "messages":
         msgs = _messages(row["messages"], where, "messages")
+        _check_order(msgs, where, "messages")
         _nonempty_completion(msgs, where, "messages")
         return ChatSFT(msgs, 0)
     if fmt == "text":
@@ -147,6 +168,7 @@ def normalize_sft(row: Any, where: str, *, string_format: str = "chat") -> ChatS
             ({"role": "user", "content": _string(prompt, where, "prompt")},)
         c = _messages(completion, where, "completion") if _is_conv(completion) else \
             ({"role": "assistant", "content": _string(completion, where, "completion")},)
+        _check_order(p + c, where, "completion", prompt_len=len(p))
         _nonempty_completion(c, where, "completion")
         return ChatSFT(p + c, len(p))
     prompt, completion = _string(prompt, where, "prompt"), _string(completion, where, "completion")
@@ -179,6 +201,7 @@ def normalize_preference(row: Any, where: str, *, string_format: str = "chat") -
         for name, part in (("chosen", c), ("rejected", r)):
             if not part:
                 raise DataError(where, name, "empty", "nothing after the shared prompt")
+            _check_order(prompt + part, where, name)
             _nonempty_completion(part, where, name)
         return ChatPair(prompt, c, r)
     prompt = row["prompt"]
@@ -191,6 +214,7 @@ def normalize_preference(row: Any, where: str, *, string_format: str = "chat") -
                 m = _messages(v, where, name)
             else:
                 m = ({"role": "assistant", "content": _string(v, where, name)},)
+            _check_order(p + m, where, name, prompt_len=len(p))
             _nonempty_completion(m, where, name)
             parts.append(m)
         if parts[0] == parts[1]:

@@ -7,10 +7,7 @@ import json
 def cmd_experiment(args) -> int:
     from paft_jax.experiment.config import load_experiment_config
     from paft_jax.experiment.run import run_experiment
-    try:
-        cfg = load_experiment_config(args.config, list(args.overrides or []))
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg = load_experiment_config(args.config, list(args.overrides or []))
     s = run_experiment(cfg, progress=not args.no_progress)
     print(json.dumps({"status": "done", "results": f"{cfg.output_dir}/results.md",
                       "models": len(s["models"]), "wall_s_this_run": round(s["wall_s_this_run"], 1)}))
@@ -20,7 +17,7 @@ def cmd_experiment(args) -> int:
 def register(subparsers) -> None:
     text = ("experiment: base vs SFT vs DPO vs sequential SFT->DPO vs PAFT merges (x dense / L1 SFT delta), each "
             "branch trained once, every model evaluated on held-out skill, preference and general text")
-    p = subparsers.add_parser("experiment", help=text, description=text + ". Keys: see README 'Experiment config'.")
+    p = subparsers.add_parser("experiment", help=text, description=text + ". Keys: README.md, Config reference, Experiment.")
     p.add_argument("--config", default=None, help="YAML experiment config, e.g. configs/experiments/smollm2.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides, e.g. output_dir=/tmp/x paft_overrides.sft.steps=10")

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from paft_jax.config import from_dict, load_config, yaml_load
+from paft_jax.config import deep_merge, from_dict, load_config, yaml_load
 from paft_jax.merge.recipe import RecipeError, load_recipe
-from paft_jax.pipeline.config import PaftConfig, _deep_merge, branch_configs
+from paft_jax.pipeline.config import PaftConfig, branch_configs
 from paft_jax.train.config import TrainConfig
 
 GENERATION_METRICS = ("arith", "tips")   # paft_jax.data.bundled: arith_correct, follows_tips_rule
@@ -102,7 +102,7 @@ class ExperimentConfig:
         data = yaml_load(Path(self.paft).read_text()) if Path(self.paft).exists() else None
         if data is None:
             raise FileNotFoundError(f"paft: {self.paft} does not exist")
-        data = _deep_merge(data, self.paft_overrides)
+        data = deep_merge(data, self.paft_overrides)
         data["output_dir"] = self.output_dir
         cfg = from_dict(PaftConfig, data, "paft.")
         cfg.validate()

@@ -29,7 +29,7 @@ from paft_jax.generate import SamplingConfig, chat_messages
 from paft_jax.train import objectives
 from paft_jax.train.config import TrainConfig, eval_view
 from paft_jax.train.objectives import ObjectiveConfig
-from paft_jax.train.step_fn import batch_spec, make_logp_fn
+from paft_jax.train.step_fn import batch_spec, make_logp_fn, model_variables
 
 
 def _batches(dcfg: DataConfig, tokenizer, batch_size: int, max_batches: int) -> list[dict]:
@@ -135,12 +135,12 @@ class Evaluator:
 
     def evaluate(self, params) -> dict[str, Any]:
         """All metrics of one model (full params in the base's layout and compute dtype)."""
-        params32 = objectives.reference_params(params)  # fp32 numerics, as the training loss and the reference
-        s = self._total(self._sft_sums, params32, self.data["sft"])
+        variables = model_variables(params)  # read as stored, cast to the compute dtype, as in training
+        s = self._total(self._sft_sums, variables, self.data["sft"])
         sft = objectives.finalize(self.sft_obj, s)
-        p = self._total(self._pref_sums, params32, self.data["preference"], self.ref_logps)
+        p = self._total(self._pref_sums, variables, self.data["preference"], self.ref_logps)
         pref = objectives.finalize(self.pref_obj, p)
-        g = self._total(self._sft_sums, params32, self.data["general"])
+        g = self._total(self._sft_sums, variables, self.data["general"])
         res: dict[str, Any] = {
             "sft/loss": float(sft["loss"]), "sft/token_accuracy": float(sft["mean_token_accuracy"]),
             "sft/tokens": int(s["tokens"]),

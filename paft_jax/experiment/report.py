@@ -32,11 +32,13 @@ def table(models: dict, cols: list[tuple[str, str, str]]) -> str:
 
 def sparsity_table(sparsity: dict) -> str:
     keys = [k for k in next(iter(sparsity.values())) if k.startswith("abs_le_")]
-    lines = ["| delta | exact zeros | " + " | ".join(f"abs <= {k[7:]}" for k in keys) + " | mean abs |",
-             "| --- | ---: |" + " ---: |" * len(keys) + " ---: |"]
+    lines = ["| delta | exact zeros | " + " | ".join(f"abs <= {k[7:]}" for k in keys)
+             + " | changes the bf16 weight | mean abs |",
+             "| --- | ---: |" + " ---: |" * len(keys) + " ---: | ---: |"]
     for name, s in sparsity.items():
+        vis = f"{s['bf16_visible']:.1%}" if "bf16_visible" in s else "n/a"  # results.json of older runs
         lines.append(f"| {name} | {s['exact_zero']:.1%} | " + " | ".join(f"{s[k]:.1%}" for k in keys)
-                     + f" | {s['mean_abs']:.3g} |")
+                     + f" | {vis} | {s['mean_abs']:.3g} |")
     return "\n".join(lines)
 
 

@@ -25,8 +25,9 @@ import numpy as np
 from paft_jax import storage
 from paft_jax.experiment.config import ExperimentConfig
 from paft_jax.experiment.evaluate import read_rows, score_generations
+from paft_jax.merge.sparsity import bf16_visible
 from paft_jax.mesh import build_mesh, select_devices
-from paft_jax.pipeline.run import say
+from paft_jax.pipeline.base import say
 from paft_jax.rundir import RunDir
 from paft_jax.train.config import TrainConfig
 from paft_jax.train.loop import Base, Branch, load_base, run_branch
@@ -90,11 +91,15 @@ def restore(tc: TrainConfig, mesh, rules):
     return restore_delta(Path(tc.output_dir) / "checkpoints", mesh, rules)[3]
 
 
-def delta_sparsity(delta: Any, tols: list[float]) -> dict[str, float]:
+def delta_sparsity(delta: Any, base_params: Any, tols: list[float]) -> dict[str, float]:
+    """Exact zeros, |delta| <= each tolerance, mean |delta|, and the fraction of entries that change the
+    weight once base + delta is cast to bf16 (merge.sparsity.bf16_visible)."""
     leaves = [np.asarray(jax.device_get(x)) for x in jax.tree_util.tree_leaves(delta)]
+    bases = [np.asarray(jax.device_get(x)) for x in jax.tree_util.tree_leaves(base_params)]
     n = sum(x.size for x in leaves)
     out = {"params": n, "exact_zero": sum(int((x == 0).sum()) for x in leaves) / n,
-           "mean_abs": sum(float(np.abs(x, dtype=np.float64).sum()) for x in leaves) / n}
+           "mean_abs": sum(float(np.abs(x, dtype=np.float64).sum()) for x in leaves) / n,
+           "bf16_visible": sum(int(np.count_nonzero(bf16_visible(b, x))) for b, x in zip(bases, leaves)) / n}
     for t in tols:
         out[f"abs_le_{t:g}"] = sum(int((np.abs(x) <= t).sum()) for x in leaves) / n
     return out
@@ -125,9 +130,10 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     train_s = time.time() - t_train
 
     deltas = {n: restore(tcs[n], mesh, rules) for n in TRAIN_ORDER}
-    sparsity = {n: delta_sparsity(d, cfg.eval.sparsity_tols) for n, d in deltas.items()}
+    sparsity = {n: delta_sparsity(d, base.params, cfg.eval.sparsity_tols) for n, d in deltas.items()}
     for n, s in sparsity.items():
-        say(f"{n} delta: {100 * s['exact_zero']:.1f}% exact zeros, mean |delta| {s['mean_abs']:.3g}")
+        say(f"{n} delta: {100 * s['exact_zero']:.1f}% exact zeros, {100 * s['bf16_visible']:.1f}% change the "
+            f"bf16 weight, mean |delta| {s['mean_abs']:.3g}")
 
     def build(name: str):
         if name == "base":

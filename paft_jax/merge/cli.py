@@ -19,7 +19,7 @@ def _parse_kv(items: list[str] | None, what: str) -> dict:
     for item in items or []:
         k, sep, v = item.partition("=")
         if not sep or not k.strip():
-            raise SystemExit(f"error: {what}: expected KEY=VALUE, got {item!r}")
+            raise ValueError(f"{what}: expected KEY=VALUE, got {item!r}")
         out[k.strip()] = yaml.safe_load(v)
     return out
 
@@ -29,14 +29,14 @@ def recipe_from_args(args):
     from paft_jax.merge.recipe import load_recipe
     if args.config:
         if args.method or args.model:
-            raise SystemExit("error: give either --config or --method/--base/--model, not both")
+            raise ValueError("give either --config or --method/--base/--model, not both")
         return load_recipe(args.config)
     if not args.method or not args.model:
-        raise SystemExit("error: merge needs --config RECIPE.yaml, or --method with --base and --model ...")
+        raise ValueError("merge needs --config RECIPE.yaml, or --method with --base and --model ...")
     n = len(args.model)
     for flag, vals in (("--weight", args.weight), ("--density", args.density)):
         if vals and len(vals) not in (1, n):
-            raise SystemExit(f"error: {flag} given {len(vals)} times for {n} --model(s); give it once or once per model")
+            raise ValueError(f"{flag} given {len(vals)} times for {n} --model(s); give it once or once per model")
     models = []
     for i, m in enumerate(args.model):
         p = {}
@@ -105,7 +105,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="output dtype (default: the recipe's dtype, else the base's)")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it holds a previous paft_jax export (nothing else is ever replaced)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip loading the result with transformers and comparing logits")
     p.add_argument("--atol", type=float, default=1e-3, help="largest accepted |logits diff| in verification")
@@ -127,7 +127,8 @@ def register(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m paft_jax.merge.cli")
+    from paft_jax.launch import OneLineErrorParser
+    parser = OneLineErrorParser(prog="python -m paft_jax.merge.cli")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -135,4 +136,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from paft_jax.launch import cli
+    sys.exit(cli(entry=main))

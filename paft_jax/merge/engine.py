@@ -8,9 +8,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from paft_jax import publish
 from paft_jax.hf.export import parse_size, plan_shards
 from paft_jax.hf.st_io import write_streaming
 from paft_jax.merge.methods import merge_flat, name_hash
@@ -44,7 +43,7 @@ def tensor_args(spec: MergeSpec, tp: TensorParams, name: str, shape: tuple[int, 
             "nhash": np.uint32(name_hash(name))}
 
 
-def _is_float(dtype) -> bool:
+def is_float(dtype) -> bool:
     return bool(jnp.issubdtype(dtype, jnp.floating))  # numpy's issubdtype says no for bfloat16
 
 
@@ -52,33 +51,13 @@ def merge_array(spec: MergeSpec, name: str, shape: tuple[int, ...], base, inputs
                 from_models: bool, layers: int | None, tp: TensorParams | None = None, out: np.ndarray | None = None):
     """Merge one tensor given as flat arrays (host or device) in HF element order; returns fp32 flat,
     or None when the tensor is to be kept as the base's (an override's skip, or not floating point)."""
-    if not _is_float(base.dtype):
+    if not is_float(base.dtype):
         return None
     tp = tp or spec.resolve(name, layers)
     if tp.skip:
         return None
     return merge_flat(base, tuple(inputs), tensor_args(spec, tp, name, shape), method=spec.method,
                       rescale=tp.rescale, normalize=tp.normalize, from_models=from_models, shape=tuple(shape), out=out)
-
-
-def _location(path: str | Path) -> tuple[str, ...]:
-    """Path components for comparing locations: a URL by its text, a local path resolved."""
-    from paft_jax import storage
-    if storage.is_url(path):
-        scheme, _, rest = str(path).partition("://")
-        return (scheme + "://", *[c for c in rest.split("/") if c])
-    return Path(path).expanduser().resolve().parts
-
-
-def check_output_path(out: str | Path, inputs: Sequence[str | Path]) -> Path | str:
-    """The output may be none of the inputs, nor inside one, nor contain one (local paths or gs:// URLs)."""
-    from paft_jax import storage
-    o = _location(out)
-    for i in inputs:
-        p = _location(i)
-        if o[:len(p)] == p or p[:len(o)] == o:
-            raise ValueError(f"output {out} would overwrite or nest with the input {i}: choose another --out")
-    return str(out).rstrip("/") if storage.is_url(out) else Path(out).expanduser().resolve()
 
 
 @dataclass
@@ -97,32 +76,27 @@ def merge_to_hf(spec: MergeSpec, base: str | Path | TensorSource, models: Sequen
 
     Host memory holds the base's and the models' copies of one tensor and its result, never a model.
     The directory (weights, config, tokenizer files, model card with the recipe) is written under a
-    temporary name and renamed when complete; then, unless verify=False or torch is missing, it is
-    loaded with transformers and its logits compared with paft_jax's import of the same files.
-    Inputs and `out` may be gs:// URLs: inputs are fetched whole to a local temporary directory; a gs://
-    output is built and verified locally, then published by `paft_jax.storage.publish_dir`.
+    temporary name; unless verify=False or torch is missing, it is loaded with transformers and its
+    logits compared with paft_jax's import of the same files; only then is it published
+    (`paft_jax.publish.staged`: an older output stays readable until then, and `overwrite` replaces only
+    a previous paft_jax export).  Inputs and `out` may be gs:// URLs: inputs are fetched whole to a local
+    temporary directory.
     """
-    from paft_jax import storage
     t0 = time.perf_counter()
     if len(models) != spec.num_models:
         raise ValueError(f"the spec is for {spec.num_models} models, {len(models)} given")
     paths = [getattr(s, "label", s) for s in [base, *models]]
-    out = check_output_path(out, paths)
-    remote = storage.is_url(out)
-    if remote:
-        storage.check_destination(out, overwrite)
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: exists and is not empty (overwrite=True / --overwrite replaces it)")
+    out = publish.check_destination(out, paths, overwrite=overwrite)
     base_src = base if hasattr(base, "get") else open_source(base)
     srcs = [m if hasattr(m, "get") else open_source(m) for m in models]
     check_compatible(base_src, srcs)
     layers = num_layers(base_src)
     target = _out_dtype(spec, base_src)
     names = base_src.names()
-    specs = [(n, base_src.shape(n), target if _is_float(base_src.dtype(n)) else base_src.dtype(n))
+    specs = [(n, base_src.shape(n), target if is_float(base_src.dtype(n)) else base_src.dtype(n))
              for n in names]
     for n in names:  # resolve every tensor's parameters up front: a bad value fails before any write
-        if _is_float(base_src.dtype(n)):
+        if is_float(base_src.dtype(n)):
             spec.resolve(n, layers)
 
     def flat(src, name):  # sources that can slice from disk are read chunk by chunk, others mapped
@@ -130,9 +104,9 @@ def merge_to_hf(spec: MergeSpec, base: str | Path | TensorSource, models: Sequen
 
     def produce(name: str) -> np.ndarray:
         shape = base_src.shape(name)
-        if not _is_float(base_src.dtype(name)) or spec.resolve(name, layers).skip:
+        if not is_float(base_src.dtype(name)) or spec.resolve(name, layers).skip:
             b = base_src.get(name)
-            return np.array(b, dtype=target if _is_float(b.dtype) else b.dtype)
+            return np.array(b, dtype=target if is_float(b.dtype) else b.dtype)
         b = flat(base_src, name)
         inputs = [flat(s, name) for s in srcs]
         from_models = not any(s.is_delta for s in srcs)
@@ -143,15 +117,8 @@ def merge_to_hf(spec: MergeSpec, base: str | Path | TensorSource, models: Sequen
         merge_array(spec, name, shape, b, inputs, from_models=from_models, layers=layers, out=buf)
         return buf.reshape(shape).astype(target, copy=False)
 
-    # a local output is built beside itself and renamed; a gs:// one in a local staging directory
-    stage = Path(tempfile.mkdtemp(prefix="paft_merge_")) if remote else out.parent
-    name = storage.split_url(out)[1] if remote else out.name
-    tmp = stage / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    stage.mkdir(parents=True, exist_ok=True)
-    written = 0
-    try:
-        tmp.mkdir()
+    written, report = 0, None
+    with publish.staged(out, paths, overwrite=overwrite) as tmp:
         shards = plan_shards(specs, parse_size(max_shard_size))
         weight_map = {}
         for k, shard in enumerate(shards):
@@ -166,22 +133,9 @@ def merge_to_hf(spec: MergeSpec, base: str | Path | TensorSource, models: Sequen
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
         _write_side_files(tmp, spec, base_src, srcs, target, recipe_text)
         seconds = time.perf_counter() - t0
-        if remote:  # transformers cannot read gs://: verify the staged copy, publish only a good one
-            report = verify_merged(tmp, atol) if verify else None
-            storage.publish_dir(tmp, out, overwrite=overwrite)
-        else:
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if remote:
-            shutil.rmtree(stage, ignore_errors=True)
+        if verify:  # on the built copy: a merge that fails it is never published
+            report = verify_merged(tmp, atol)
     log.info("merged %d tensors (%s, %d models) into %s in %.1fs", len(names), spec.method, len(srcs), out, seconds)
-    if not remote:
-        report = verify_merged(out, atol) if verify else None
     return MergeResult(out, seconds, len(names), written, report)
 
 
@@ -189,7 +143,7 @@ def _out_dtype(spec: MergeSpec, base: TensorSource) -> np.dtype:
     from paft_jax.models.config import to_dtype
     if spec.dtype:
         return np.dtype(to_dtype(spec.dtype))
-    floats = [base.dtype(n) for n in base.names() if _is_float(base.dtype(n))]
+    floats = [base.dtype(n) for n in base.names() if is_float(base.dtype(n))]
     return max(set(floats), key=floats.count) if floats else np.dtype(np.float32)
 
 
@@ -253,9 +207,4 @@ def verify_merged(out: Path, atol: float = 1e-3):
     ref = flax_logits(lm.params, lm.cfg, ids, mask)
     del lm
     gc.collect()
-    try:
-        return verify_export(out, ref, ids, mask, atol=atol)
-    except Exception:
-        shutil.rmtree(out, ignore_errors=True)
-        log.error("verification failed: removed %s", out)
-        raise
+    return verify_export(out, ref, ids, mask, atol=atol)

@@ -200,6 +200,23 @@ class MergeSpec:
             self._validate(name, tp)
         return tp
 
+    def check(self, num_layers: int | None = None) -> None:
+        """Resolve every parameter for the tensor names of a decoder (Llama / Mistral / Qwen2 naming) at every
+        layer position, so a bad value, gradient or filter is refused before any model is loaded or trained
+        (`resolve` checks one tensor when the merge reaches it)."""
+        layers = num_layers or 32
+        names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+        per_layer = [f"self_attn.{p}_proj.{w}" for p in "qkvo" for w in ("weight", "bias")] + [
+            f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")] + [
+            "input_layernorm.weight", "post_attention_layernorm.weight"]
+        for i in range(layers):
+            names += [f"model.layers.{i}.{n}" for n in per_layer]
+        for name in names:
+            self.resolve(name, layers)
+        self.seed  # noqa: B018 (validates it)
+        if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "float16"):
+            raise RecipeError(f"dtype={self.dtype!r}: expected float32, bfloat16 or float16")
+
     def _validate(self, name: str, tp: TensorParams) -> None:
         m = get_method(self.method)
         if m.kind == "delta" and m.sparsify is not None:
@@ -263,6 +280,8 @@ def load_recipe(source: str | Path | dict, *, where: str | None = None) -> Recip
         p = Path(source)
         if "\n" not in str(source) and p.exists():
             text, where = p.read_text(), str(p)
+        elif "\n" not in str(source) and str(source).endswith((".yaml", ".yml", ".json")):
+            raise RecipeError(f"{source}: no such recipe file")
         else:
             text, where = str(source), where or "recipe"
         try:

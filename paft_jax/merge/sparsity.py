@@ -5,7 +5,10 @@ fraction of the delta; the fraction "near zero" under each tolerance, relative b
 (|delta| <= tol * |base|, elementwise: "this weight moved by less than tol of itself") or absolute
 (|delta| <= tol); L1 and L2 norms (and L2 relative to the base's); and, for the first two models,
 the fraction of elements where both deltas are non-zero and, among those, where their signs agree:
-the interference TIES' sign election resolves.  Tensors are read one at a time (memory-mapped).
+the interference TIES' sign election resolves; and the fraction "visible in bf16": entries where
+bf16(base + delta) != bf16(base), i.e. the weight a bf16 checkpoint (what 7B models ship in) would change.
+A delta entry too small to move its weight's bf16 value is, for the shipped model, a zero.  Tensors are
+read one at a time (memory-mapped).
 """
 from __future__ import annotations
 
@@ -14,8 +17,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from ml_dtypes import bfloat16  # JAX's own dtype package (a dependency of jax)
 
-from paft_jax.merge.engine import _is_float
+from paft_jax.merge.engine import is_float
 from paft_jax.merge.sources import TensorSource, check_compatible, open_source
 
 DEFAULT_TOLERANCES = (1e-6, 1e-4, 1e-3)
@@ -31,6 +35,12 @@ def module_type(name: str) -> str:
     return "other"
 
 
+def bf16_visible(base: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """Where adding `delta` changes the weight once both are cast to bfloat16 (round to nearest even)."""
+    b = np.asarray(base, np.float32)
+    return (b + np.asarray(delta, np.float32)).astype(bfloat16) != b.astype(bfloat16)
+
+
 def _tensor_stats(b: np.ndarray, ds: list[np.ndarray], tols: Sequence[float], relative: bool) -> dict:
     out = {"numel": int(b.size), "models": []}
     ab = np.abs(b)
@@ -39,6 +49,7 @@ def _tensor_stats(b: np.ndarray, ds: list[np.ndarray], tols: Sequence[float], re
         out["models"].append({
             "zero": int(np.count_nonzero(d == 0)),
             "under": [int(np.count_nonzero(ad <= (t * ab if relative else t))) for t in tols],
+            "bf16_visible": int(np.count_nonzero(bf16_visible(b, d))),
             "l1": float(ad.sum(dtype=np.float64)),
             "l2_sq": float(np.square(d, dtype=np.float64).sum()),
         })
@@ -57,6 +68,7 @@ def _finish(s: dict, tols: Sequence[float]) -> dict:
     for m in s["models"]:
         res["models"].append({"zero_frac": m["zero"] / n,
                               "under_frac": {f"{t:g}": u / n for t, u in zip(tols, m["under"])},
+                              "bf16_visible_frac": m["bf16_visible"] / n,
                               "l1": m["l1"], "l2": float(np.sqrt(m["l2_sq"])),
                               "rel_l2": float(np.sqrt(m["l2_sq"] / s["base_l2_sq"])) if s["base_l2_sq"] else None})
     if "both_nonzero" in s:
@@ -74,6 +86,7 @@ def _add(acc: dict | None, s: dict) -> dict:
     acc["base_l2_sq"] += s["base_l2_sq"]
     for a, m in zip(acc["models"], s["models"]):
         a["zero"] += m["zero"]
+        a["bf16_visible"] += m["bf16_visible"]
         a["under"] = [x + y for x, y in zip(a["under"], m["under"])]
         a["l1"] += m["l1"]
         a["l2_sq"] += m["l2_sq"]
@@ -96,7 +109,7 @@ def analyze(base: str | Path | TensorSource, models: Sequence[str | Path | Tenso
     check_compatible(bsrc, msrc)
     tensors, modules, total = {}, {}, None
     for name in bsrc.names():
-        if not _is_float(bsrc.dtype(name)):
+        if not is_float(bsrc.dtype(name)):
             continue
         b = np.asarray(bsrc.get(name)).astype(np.float32)
         ds = [np.asarray(m.get(name)).astype(np.float32) if m.is_delta
@@ -117,7 +130,7 @@ def format_table(rep: dict, per_tensor: bool = False) -> str:
     tols = rep["tolerances"]
     rel = "x|base|" if rep["tolerance_kind"] == "relative" else "abs"
     head = f"{'':<44} {'numel':>11} {'model':>5} {'zero':>7} " + " ".join(
-        f"{'<=' + format(t, 'g'):>8}" for t in tols) + f" {'L1':>10} {'L2':>9} {'L2/base':>8}"
+        f"{'<=' + format(t, 'g'):>8}" for t in tols) + f" {'bf16vis':>8} {'L1':>10} {'L2':>9} {'L2/base':>8}"
     if len(rep["models"]) >= 2:
         head += f" {'both!=0':>8} {'sign=':>6}"
     lines = [f"deltas from {rep['base']} (tolerances {rel}):"]
@@ -128,7 +141,7 @@ def format_table(rep: dict, per_tensor: bool = False) -> str:
         for i, m in enumerate(r["models"]):
             line = (f"{label if i == 0 else '':<44} {r['numel'] if i == 0 else '':>11} {i:>5} "
                     f"{m['zero_frac']:>7.2%} " + " ".join(f"{m['under_frac'][format(t, 'g')]:>8.2%}" for t in tols)
-                    + f" {m['l1']:>10.4g} {m['l2']:>9.4g} {m['rel_l2'] if m['rel_l2'] is not None else float('nan'):>8.2g}")
+                    + f" {m['bf16_visible_frac']:>8.2%} {m['l1']:>10.4g} {m['l2']:>9.4g} {m['rel_l2'] if m['rel_l2'] is not None else float('nan'):>8.2g}")
             if i == 0 and "both_nonzero_frac" in r:
                 agree = r["sign_agreement"]
                 line += f" {r['both_nonzero_frac']:>8.2%} {agree if agree is not None else float('nan'):>6.1%}"
@@ -144,25 +157,28 @@ def format_table(rep: dict, per_tensor: bool = False) -> str:
     return "\n".join(lines)
 
 
-def plot(rep: dict, path: str | Path) -> Path:
-    """PNG: per module type, each model's zero / near-zero fractions, and the sign agreement."""
+def plot(rep: dict, path: str | Path, names: list[str] | None = None) -> Path:
+    """PNG: per module type, each model's zero / near-zero fractions, and the sign agreement.  `names`: what
+    to call the models (default: their paths' last parts)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     kinds = sorted(rep["modules"])
     tols = rep["tolerances"]
     n_models = len(rep["models"])
+    names = list(names or [str(m).rstrip("/").rsplit("/", 1)[-1] or f"model {i}" for i, m in enumerate(rep["models"])])
     two = n_models >= 2
     fig, axes = plt.subplots(1, 2 if two else 1, figsize=(13 if two else 8, 4.5), squeeze=False)
     ax = axes[0][0]
     x = np.arange(len(kinds))
-    series = [("zero", None)] + [(f"<={t:g}", format(t, "g")) for t in tols]
+    series = [("zero", lambda m: m["zero_frac"])]
+    series += [(f"<={t:g}", lambda m, key=format(t, "g"): m["under_frac"][key]) for t in tols]
+    series += [("bf16 unchanged", lambda m: 1 - m["bf16_visible_frac"])]
     width = 0.8 / (n_models * len(series))
     for i in range(n_models):
-        for j, (label, key) in enumerate(series):
-            vals = [rep["modules"][k]["models"][i]["zero_frac"] if key is None
-                    else rep["modules"][k]["models"][i]["under_frac"][key] for k in kinds]
-            ax.bar(x + (i * len(series) + j) * width - 0.4, vals, width, label=f"model {i} {label}")
+        for j, (label, value) in enumerate(series):
+            vals = [value(rep["modules"][k]["models"][i]) for k in kinds]
+            ax.bar(x + (i * len(series) + j) * width - 0.4, vals, width, label=f"{names[i]} {label}")
     ax.set_xticks(x, kinds, rotation=45, ha="right")
     ax.set_ylabel("fraction of delta elements")
     ax.set_title(f"delta sparsity (tolerances {rep['tolerance_kind']})")
@@ -175,7 +191,7 @@ def plot(rep: dict, path: str | Path) -> Path:
         ax.set_xticks(x, kinds, rotation=45, ha="right")
         ax.set_ylim(0, 1)
         ax.set_ylabel("sign agreement where both != 0")
-        ax.set_title("model 0 vs model 1")
+        ax.set_title(f"{names[0]} vs {names[1]}")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 FAMILIES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION = ("naive", "chunked")
 
 _DTYPES = {
     "float32": jnp.float32, "fp32": jnp.float32,
@@ -62,6 +63,10 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of matmuls; norms, softmax and logits stay fp32
     remat: str = "none"
+    # naive: the [B, K, G, T, S] fp32 scores at once (the reference); chunked: query blocks of
+    # attention_block rows, each recomputed in the backward pass (scores [B, K, G, block, S] at a time)
+    attention: str = "naive"
+    attention_block: int = 512
 
     def __post_init__(self):
         errors = []
@@ -81,6 +86,10 @@ class ModelConfig:
             errors.append(f"rope_scaling type {rs.get('rope_type')!r} is not supported (supported: {ROPE_TYPES})")
         if self.remat not in REMAT_POLICIES:
             errors.append(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION:
+            errors.append(f"attention={self.attention!r} is not one of {ATTENTION}")
+        if self.attention_block < 1:
+            errors.append(f"attention_block must be >= 1, got {self.attention_block}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             errors.append(f"sliding_window must be positive or None, got {self.sliding_window}")
         for name in ("param_dtype", "dtype"):

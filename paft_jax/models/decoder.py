@@ -91,12 +91,53 @@ class _Sharder:
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
 
+def _with_delta(module: nn.Module, name: str, w: Array) -> Array:
+    """A parameter plus its trained delta (the "delta" collection, same path and shape) when one is given:
+    added here, one layer at a time inside the scan, in fp32 (the delta's dtype) so small updates to a
+    bf16 weight survive; the caller casts the sum to the compute dtype."""
+    if module.has_variable("delta", name):
+        return w.astype(jnp.float32) + module.get_variable("delta", name)
+    return w
+
+
+class Linear(nn.Module):
+    """y = x W (+ b) over the last `n_in` axes of x, W of shape [*in, *features].
+
+    Reads the frozen weight from "params" and, when given, its dense delta ("delta" collection: W + dW) or
+    its LoRA factors ("lora" collection: lora_a [*in, r], lora_b [r, *features], the scale folded into
+    lora_b): then y = x W + (x A) B, never the dense product A B."""
+    features: tuple[int, ...]
+    n_in: int
+    names: tuple
+    cfg: ModelConfig
+    use_bias: bool = False
+    bias_names: tuple | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg, dt = self.cfg, self.cfg.jnp_dtype
+        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.names),
+                            tuple(x.shape[x.ndim - self.n_in:]) + tuple(self.features), cfg.jnp_param_dtype)
+        xs = tuple(range(x.ndim - self.n_in, x.ndim))
+        x = x.astype(dt)
+        y = jax.lax.dot_general(x, _with_delta(self, "kernel", kernel).astype(dt), ((xs, tuple(range(self.n_in))),
+                                                                                 ((), ())))
+        if self.has_variable("lora", "lora_a"):
+            a, b = self.get_variable("lora", "lora_a"), self.get_variable("lora", "lora_b")
+            xa = jax.lax.dot_general(x, a.astype(dt), ((xs, tuple(range(self.n_in))), ((), ())))
+            y = y + jax.lax.dot_general(xa, b.astype(dt), (((xa.ndim - 1,), (0,)), ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                   self.bias_names or self.names[-1:]),
+                              tuple(self.features), cfg.jnp_param_dtype)
+            y = y + _with_delta(self, "bias", bias).astype(dt)
+        return y
+
+
 def _dense(features, axis, names, cfg: ModelConfig, name: str, use_bias=False, bias_names=None):
-    return nn.DenseGeneral(
-        features=features, axis=axis, use_bias=use_bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, bias_names or names[-1:]),
-        name=name)
+    features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
+    n_in = len(axis) if isinstance(axis, (tuple, list)) else 1
+    return Linear(features, n_in, names, cfg, use_bias, bias_names, name=name)
 
 
 class RMSNorm(nn.Module):
@@ -109,7 +150,43 @@ class RMSNorm(nn.Module):
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
         dt = self.cfg.jnp_dtype
-        return w.astype(dt) * y.astype(dt)
+        return _with_delta(self, "weight", w).astype(dt) * y.astype(dt)
+
+
+class Embed(nn.Module):
+    """The token embedding (its table plus a dense delta when given); `attend` is the tied output head."""
+    cfg: ModelConfig
+
+    def setup(self):
+        self.embedding = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                              ("vocab", "embed")),
+                                    (self.cfg.vocab_size, self.cfg.hidden_size), self.cfg.jnp_param_dtype)
+
+    def table(self) -> Array:
+        return _with_delta(self, "embedding", self.embedding).astype(self.cfg.jnp_dtype)
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.table(), ids, axis=0)
+
+    def attend(self, x: Array) -> Array:
+        return jnp.dot(x.astype(self.cfg.jnp_dtype), self.table().T)
+
+
+def _attend(qg: Array, kk: Array, v: Array, mask: Array) -> Array:
+    """Softmax attention of queries [b, t, k, g, d] over keys/values [b, s, k, d] under mask [b, t, s]:
+    fp32 scores and softmax, output [b, t, k, g, d] in the values' dtype."""
+    d = qg.shape[-1]
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, kk, preferred_element_type=jnp.float32) * (d ** -0.5)
+    logits = jnp.where(mask[:, None, None], logits, _NEG)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+
+
+def _query_block(t: int, block: int) -> int:
+    """The largest query block <= `block` that divides t (t itself when t <= block)."""
+    if t <= block:
+        return t
+    return max(c for c in range(1, block + 1) if t % c == 0)
 
 
 class Attention(nn.Module):
@@ -135,10 +212,16 @@ class Attention(nn.Module):
             kk, v = kc.astype(q.dtype), vc.astype(q.dtype)
         b, t = q.shape[:2]
         qg = q.reshape(b, t, k, n // k, d)
-        logits = jnp.einsum("btkgd,bskd->bkgts", qg, kk, preferred_element_type=jnp.float32) * (d ** -0.5)
-        logits = jnp.where(mask[:, None, None], logits, _NEG)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
+        block = _query_block(t, cfg.attention_block) if cfg.attention == "chunked" else t
+        if block == t:
+            out = _attend(qg, kk, v, mask)
+        else:  # query blocks one at a time, each recomputed in the backward pass: scores [b, k, g, block, s]
+            nb = t // block
+            blocks = (qg.reshape(b, nb, block, *qg.shape[2:]).swapaxes(0, 1),
+                      mask.reshape(b, nb, block, mask.shape[-1]).swapaxes(0, 1))
+            attend = jax.checkpoint(lambda qm: _attend(qm[0], kk, v, qm[1]), prevent_cse=False)
+            out = jax.lax.map(attend, blocks).swapaxes(0, 1).reshape(b, t, k, n // k, d)
+        out = out.reshape(b, t, n, d)
         out = sh(out, ("act_batch", "act_length", "act_heads", "head_dim"))
         out = _dense(cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), cfg, "o_proj")(out)
         return out, new_cache
@@ -181,6 +264,10 @@ _REMAT = {
 class Decoder(nn.Module):
     """input ids [B, T] -> fp32 logits [B, T, V] (or final hidden states), plus the updated KV cache.
 
+    Variables: "params" (the weights, as stored); optionally "delta" (a dense delta with the params' paths,
+    added layer by layer) or "lora" (LoRA factors of some kernels), so a trained branch never needs a
+    merged copy of the model.
+
     segment_ids: [B, T] ints, 0 = padding; tokens attend only within their own segment.  Defaults to ones.
     positions:   [B, T] RoPE positions; defaults to the position inside each segment (+ cache_index).
     cache:       {"layers": {"k", "v": [L, B, S, K, D]}, "seg": [B, S]} from `init_cache`; the new tokens
@@ -210,15 +297,14 @@ class Decoder(nn.Module):
         mask = attention_mask(segment_ids, kv_seg, q_slot, kv_slot, cfg.sliding_window)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
 
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
-                         name="embed_tokens")
+        embed = Embed(cfg, name="embed_tokens")
         x = sh(embed(input_ids.astype(jnp.int32)), ("act_batch", "act_length", "act_embed"))
 
         layer = DecoderLayer
         if cfg.remat != "none":
             layer = nn.remat(layer, policy=_REMAT[cfg.remat], prevent_cse=False)
-        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+        # the delta / LoRA collections are stacked like the params: each layer of the scan sees its own slice
+        stack = nn.scan(layer, variable_axes={"params": 0, "delta": 0, "lora": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
         x, new_layer_caches = stack(cfg, sh, name="layers")(x, cos, sin, mask, layer_caches, cache_index)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from paft_jax import storage
-from paft_jax.config import DistributedConfig, from_dict, load_config, yaml_load
+from paft_jax.config import DistributedConfig, deep_merge, from_dict, load_config, yaml_load
 from paft_jax.train.config import TrainConfig
 
 BRANCHES = ("sft", "preference")
@@ -37,13 +37,33 @@ class MergeStage:
     verify: bool = True                # load the export in transformers and compare logits
     atol: float = 1e-3
 
+    def validate(self, num_layers: int | None = None) -> None:
+        """The whole recipe (method, per-model parameters and their values, filters, overrides, dtype) checked
+        on placeholder models before anything loads: a typo must not surface after both branches trained."""
+        from paft_jax.hf.export import parse_size
+        from paft_jax.merge.recipe import RecipeError, load_recipe
+        for key in ("sft", "preference", "parameters"):
+            if not isinstance(getattr(self, key), dict):
+                raise ValueError(f"merge.{key}={getattr(self, key)!r}: expected a mapping of merge parameters")
+        if not isinstance(self.overrides, list):
+            raise ValueError(f"merge.overrides={self.overrides!r}: expected a list of {{pattern, parameters, skip}}")
+        try:
+            load_recipe(self.recipe("base", "sft", "preference", "parallel"), where="merge").spec.check(num_layers)
+        except RecipeError as e:
+            msg = str(e).replace("merge: models[0]", "merge.sft").replace("merge: models[1]", "merge.preference")
+            msg = msg.replace("models[0]", "merge.sft").replace("models[1]", "merge.preference")
+            raise ValueError(msg if msg.startswith("merge") else f"merge: {msg}") from None
+        parse_size(self.max_shard_size)
+        if not self.atol > 0:
+            raise ValueError(f"merge.atol={self.atol} must be > 0")
+
     def recipe(self, base: str, sft: str, preference: str, mode: str) -> dict:
         """A mergekit-format recipe over the two branch checkpoints.  Sequential mode trains the preference
-        delta on top of the SFT model, so its final model is exactly base + d_sft + d_pref."""
+        delta on top of the SFT model, rounded to the base's dtype (`base`: that model, StackedSource), so
+        its final model is that model + d_pref: the model the preference branch trained, exactly."""
         if mode == "sequential":
-            models = [{"model": sft, "parameters": {"weight": 1.0}},
-                      {"model": preference, "parameters": {"weight": 1.0}}]
-            out = {"merge_method": "task_arithmetic", "base_model": base, "models": models,
+            out = {"merge_method": "task_arithmetic", "base_model": base,
+                   "models": [{"model": preference, "parameters": {"weight": 1.0}}],
                    "parameters": {"normalize": False}}
         else:
             out = {"merge_method": self.method, "base_model": base,
@@ -95,16 +115,11 @@ class PaftConfig:
                                  "two positive shares [f_sft, f_pref]")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        layers = (self.model_config or {}).get("num_layers") if self.model == "random" else None
+        self.merge.validate(layers if isinstance(layers, int) and layers > 0 else None)
 
     def shared(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in SHARED_KEYS if getattr(self, k) is not None}
-
-
-def _deep_merge(into: dict, over: dict) -> dict:
-    out = dict(into)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def branch_config(cfg: PaftConfig, name: str, root: str | Path = ".") -> TrainConfig:
@@ -119,7 +134,7 @@ def branch_config(cfg: PaftConfig, name: str, root: str | Path = ".") -> TrainCo
         data = yaml_load(file.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{file}: top level must be a mapping")
-    data = _deep_merge(data, spec)
+    data = deep_merge(data, spec)
     for key, value in cfg.shared().items():
         if key in data and data[key] != value and key in spec:
             raise ValueError(f"{name}.{key}={data[key]!r} differs from the run's {key}={value!r}: both branches "

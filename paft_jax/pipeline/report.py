@@ -19,6 +19,11 @@ def step_intervals(records: list[dict]) -> list[tuple[float, float]]:
     return [(r["time_start"], r["time_end"]) for r in records if "time_start" in r]
 
 
+def restarts(records: list[dict]) -> list[float]:
+    """When a branch was resumed from a checkpoint (the loop's `event: resumed` rows)."""
+    return [r["time"] for r in records if r.get("event") == "resumed"]
+
+
 def overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> dict:
     """How much the two branches' steps ran at the same time: seconds of wall time during which both
     had a step in flight, and for each branch the share of its step time spent overlapping the other."""
@@ -105,24 +110,16 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def write_report(out: Path, summary: dict, bases: dict, tcs: dict,
-                 branch_dirs: dict[str, str] | None = None) -> dict[str, Path]:
-    """Into the local directory `out` (a gs:// run's mirror: the caller uploads the files); `branch_dirs`:
-    where the branch checkpoints are (default: out/<branch>)."""
-    branch_dirs = branch_dirs or {n: str(out / n) for n in BRANCHES}
+def write_report(out: Path, summary: dict) -> dict[str, Path]:
+    """Into the local directory `out` (a gs:// run's mirror: the caller uploads the files)."""
     img = out / "img"
     img.mkdir(parents=True, exist_ok=True)
     paths = {"loss": plot_losses(out, img / "loss.png"), "timeline": plot_timeline(out, img / "timeline.png")}
-    try:  # sparsity of both deltas (reads every tensor of the base and both checkpoints once)
-        from paft_jax.merge.sparsity import analyze, plot
-        from paft_jax.pipeline.run import base_source
-        from paft_jax.train.restore import CheckpointSource
-        rep = analyze(base_source(tcs["sft"], bases, out), [CheckpointSource(branch_dirs[n]) for n in BRANCHES])
-        summary["sparsity"] = {"tolerances": rep["tolerances"], "tolerance_kind": rep["tolerance_kind"],
-                               "total": rep["total"], "modules": rep["modules"]}
-        paths["sparsity"] = plot(rep, img / "sparsity.png")
-    except Exception as e:  # noqa: BLE001 - the report must not lose the run's other results
-        summary["sparsity_error"] = f"{type(e).__name__}: {e}"
+    rep = (summary.get("merge") or {}).pop("sparsity", None)  # computed by the merge stage (merge.json)
+    if rep is not None:
+        from paft_jax.merge.sparsity import plot
+        summary["sparsity"] = {k: rep[k] for k in ("tolerances", "tolerance_kind", "total", "modules")}
+        paths["sparsity"] = plot(rep, img / "sparsity.png", names=list(BRANCHES))
     (out / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     paths["md"] = out / "report.md"
     paths["md"].write_text(markdown(summary))
@@ -169,12 +166,13 @@ def markdown(s: dict) -> str:
     if sp:
         lines += ["", "## Delta sparsity", "", "| branch | exact zeros | " +
                   " | ".join(f"abs(d) <= {t:g} x abs(base)" if sp["tolerance_kind"] == "relative"
-                             else f"abs(d) <= {t:g}" for t in sp["tolerances"]) + " |",
-                  "| --- | ---: | " + " | ".join("---:" for _ in sp["tolerances"]) + " |"]
+                             else f"abs(d) <= {t:g}" for t in sp["tolerances"]) + " | changes the bf16 weight |",
+                  "| --- | ---: | " + " | ".join("---:" for _ in sp["tolerances"]) + " | ---: |"]
         for i, n in enumerate(BRANCHES):
             t = sp["total"]["models"][i]
             lines.append(f"| {n} | {t['zero_frac']:.1%} | " +
-                         " | ".join(f"{t['under_frac'][format(x, 'g')]:.1%}" for x in sp["tolerances"]) + " |")
+                         " | ".join(f"{t['under_frac'][format(x, 'g')]:.1%}" for x in sp["tolerances"]) +
+                         f" | {t['bf16_visible_frac']:.1%} |")
         if sp["total"].get("sign_agreement") is not None:
             lines.append(f"\nWhere both deltas are nonzero, their signs agree on "
                          f"{sp['total']['sign_agreement']:.1%} of entries.")
@@ -196,7 +194,9 @@ def headline(s: dict) -> str:
     sp = s.get("sparsity")
     if sp:
         z = [sp["total"]["models"][i]["zero_frac"] for i in range(2)]
-        lines.append(f"  delta exact zeros: sft {z[0]:.1%}, preference {z[1]:.1%}")
+        v = [sp["total"]["models"][i]["bf16_visible_frac"] for i in range(2)]
+        lines.append(f"  delta exact zeros: sft {z[0]:.1%}, preference {z[1]:.1%}; entries that change the "
+                     f"bf16 weight: sft {v[0]:.1%}, preference {v[1]:.1%}")
     if s.get("training_wall_s") is not None:
         lines.append(f"  training wall {s['training_wall_s']:.0f}s; both branches stepping at once for "
                      f"{s['overlap']['both_stepping_s']:.0f}s; merged model in {s['merge'].get('dir')}")
@@ -230,14 +230,17 @@ def plot_losses(out: Path, path: Path) -> Path:
         if ev:
             ax.plot(*zip(*ev), "o-", label="held-out loss")
         acc = [(r["step"], r["eval_rewards/accuracies"]) for r in rec if "eval_rewards/accuracies" in r]
+        handles = ax.get_legend_handles_labels()[0]
         if acc:
             ax2 = ax.twinx()
             ax2.plot(*zip(*acc), "s--", color="tab:green", label="held-out reward accuracy")
             ax2.set_ylim(0, 1.05)
-            ax2.legend(loc="center right", fontsize=8)
+            handles += ax2.get_legend_handles_labels()[0]
         ax.set_title(n)
         ax.set_xlabel("step")
-        ax.legend(fontsize=8)
+        if handles:  # one legend for both axes, below the plot: it never covers a point
+            ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3,
+                      frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -255,6 +258,13 @@ def plot_timeline(out: Path, path: Path) -> Path:
     for row, (n, iv) in enumerate(ivs.items()):
         ax.broken_barh([(s - t0, e - s) for s, e in iv], (row - 0.35, 0.7),
                        facecolors="tab:blue" if n == "sft" else "tab:orange", edgecolor="white", linewidth=0.5)
+        for t in restarts(read_metrics(out / n / "metrics.jsonl")):  # a resumed branch: mark the gap
+            before = max((e for s, e in iv if e <= t), default=None)
+            if before is not None:
+                ax.axvspan(before - t0, t - t0, ymin=row / len(ivs), ymax=(row + 1) / len(ivs), color="0.85",
+                           hatch="//", edgecolor="0.6", lw=0)
+            ax.axvline(t - t0, ymin=row / len(ivs), ymax=(row + 1) / len(ivs), color="k", ls="--", lw=0.8)
+            ax.annotate("resumed", (t - t0, row + 0.38), fontsize=7, ha="left", va="bottom")
     ax.set_yticks(range(len(ivs)), list(ivs))
     ax.set_xlabel("seconds since the first training step")
     ax.set_title("train steps of each branch over wall time")

@@ -23,11 +23,8 @@ a global barrier before process 0 merges.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
@@ -36,46 +33,51 @@ from typing import Any
 import jax
 
 from paft_jax.checkpoint import StopRequest
-from paft_jax.faults import fault_point
-from paft_jax.mesh import (barrier, build_mesh, init_distributed, mesh_processes, select_devices, split_devices,
-                           tree_shardings)
+from paft_jax.mesh import barrier, init_distributed, mesh_processes, select_devices
 from paft_jax.models.config import ModelConfig
-from paft_jax.models.decoder import abstract_params
 from paft_jax.pipeline import split as split_lib
+from paft_jax.pipeline.base import StackedSource, base_model_config, base_source, place, say
 from paft_jax.pipeline.config import BRANCHES, PaftConfig, branch_configs
 from paft_jax.rundir import RunDir
 from paft_jax.train.config import TrainConfig
-from paft_jax.train.loop import Base, Branch, load_base, resolve_compute_dtype, resolve_tokenizer, run_branch
+from paft_jax.train.loop import Base, Branch, load_base, run_branch
 
 log = logging.getLogger("paft_jax")
-
-
-def say(msg: str) -> None:
-    if jax.process_index() == 0:
-        from tqdm.auto import tqdm
-        tqdm.write(f"[paft] {msg}", file=sys.stderr)  # stdout carries only the final JSON line
-
-
-def base_model_config(tc: TrainConfig) -> ModelConfig:
-    """The base's ModelConfig without loading its weights (for the work estimate)."""
-    if tc.model == "random":
-        mc = dict(tc.model_config)
-        if "vocab_size" not in mc:
-            mc["vocab_size"] = len(resolve_tokenizer(tc.tokenizer, None))
-        return ModelConfig(**mc)
-    from paft_jax.hf.load import read_model_config
-    return read_model_config(tc.model, dtype=resolve_compute_dtype(tc.compute_dtype))[1]
-
-
-def place(base: Base, mesh, rules) -> Base:
-    """The same base on another (sub-)mesh: a copy of the weights onto that mesh's devices."""
-    shapes, axes = abstract_params(base.cfg)
-    return dataclasses.replace(base, params=jax.device_put(base.params, tree_shardings(axes, shapes, mesh, rules)))
 
 
 def run_dir(cfg: PaftConfig, tcs: dict[str, TrainConfig]) -> RunDir:
     """The run directory; a gs:// one is mirrored under the branches' (shared) cache_dir."""
     return RunDir.of(cfg.output_dir, tcs["sft"].cache_dir)
+
+
+def check_rerun(cfg: PaftConfig, tcs: dict[str, TrainConfig], rd: RunDir) -> None:
+    """A rerun continues the run in output_dir: refuse, before anything loads, settings that change what a
+    branch has already trained (a branch with a checkpoint or done.json), naming the keys.  The merge
+    recipe may change: merge_and_export redoes the merge then."""
+    from paft_jax import storage
+    from paft_jax.config import to_dict
+    from paft_jax.train.config import RESUMABLE_KEYS, resume_conflicts
+    conflicts = []
+    saved = rd.read_json("paft_config.json") or {}
+    if saved.get("mode", cfg.mode) != cfg.mode:
+        conflicts.append(f"mode: {saved['mode']!r} -> {cfg.mode!r}")
+    for n in BRANCHES:
+        prev = rd.read_json(f"{n}/config.json")
+        trained = prev is not None and (rd.read_json(f"{n}/done.json") is not None or any(
+            c.isdigit() for c in storage.child_names(rd.join(n, "checkpoints"))))
+        if trained:
+            conflicts += [f"{n}.{c}" for c in resume_conflicts(prev, to_dict(tcs[n]))]
+    if conflicts:
+        raise ValueError(f"{rd.url} holds a run trained with other settings ({'; '.join(conflicts)}); a rerun "
+                         f"continues it and may change only the merge and, per branch, {', '.join(RESUMABLE_KEYS)}. "
+                         "To train with the new settings, give a new output_dir or pass --fresh "
+                         "(a new run directory beside this one)")
+
+
+def merge_key(cfg: PaftConfig) -> dict:
+    """What the merged export depends on besides the checkpoints: the recipe (on placeholder names) and layout."""
+    return {"recipe": cfg.merge.recipe("base", "sft", "preference", cfg.mode), "dtype": cfg.merge.dtype,
+            "max_shard_size": cfg.merge.max_shard_size}
 
 
 def branch_done(rd: RunDir, name: str, tc: TrainConfig) -> dict | None:
@@ -101,21 +103,13 @@ def plan(cfg: PaftConfig, tcs: dict[str, TrainConfig], mcfg: ModelConfig) -> Pla
     devices = select_devices(cfg.devices)
     works = [split_lib.estimate(tcs[n], mcfg).total for n in BRANCHES]
     rules = {n: tcs[n].mesh.logical_rules() for n in BRANCHES}
-    if cfg.mode == "sequential":  # one branch after the other, each on every device
-        for n in BRANCHES:
-            why = split_lib.fits(tcs[n], len(devices))
-            if why:
-                raise ValueError(f"sequential mode runs {n} on all {len(devices)} devices: {why}")
-        meshes = {n: build_mesh(tcs[n].mesh, devices) for n in BRANCHES}
-        return Plan("sequential", devices, [len(devices)] * 2, works, meshes, rules, list(BRANCHES))
-    if len(devices) < 2:
-        raise ValueError("parallel mode needs at least 2 devices (one per branch); on CPU set "
-                         "XLA_FLAGS=--xla_force_host_platform_device_count=8, or use mode: sequential")
     multi = jax.process_count() > 1
     granularity = jax.local_device_count() if multi else 1
-    counts = split_lib.choose_split(len(devices), works, [tcs[n] for n in BRANCHES], granularity, cfg.split)
-    groups = split_devices(devices, counts)
-    meshes = {n: build_mesh(tcs[n].mesh, g) for n, g in zip(BRANCHES, groups)}
+    counts, meshes = split_lib.branch_meshes(cfg.mode, cfg.split, [tcs[n] for n in BRANCHES], works, devices,
+                                             granularity)
+    meshes = dict(zip(BRANCHES, meshes))
+    if cfg.mode == "sequential":
+        return Plan("sequential", devices, counts, works, meshes, rules, list(BRANCHES))
     me = jax.process_index()
     mine = [n for n in BRANCHES if any(d.process_index == me for d in meshes[n].devices.flat)]
     if multi and len(mine) != 1:
@@ -209,49 +203,6 @@ def _stacked_base(base: Base, sft_dir: str, mesh, rules) -> Base:
 # ------------------------------------------------------------------------------------ merge and export
 
 
-def base_source(tc: TrainConfig, bases: dict[str, Base], out: Path):
-    """The merge's base: an HF directory is streamed from disk; anything else (GGUF, random) is the loaded
-    base (loaded now on one device if this process trained nothing, e.g. on a rerun).  `out`: a local
-    directory (the run's, or its mirror) for the base's tokenizer files."""
-    from paft_jax.merge.params_source import ParamsSource
-    from paft_jax.merge.sources import HFDirSource
-    if tc.model != "random" and Path(tc.model).is_dir() and any(Path(tc.model).glob("*.safetensors")):
-        return HFDirSource(tc.model)
-    base = next((b for b in bases.values() if all(
-        leaf.is_fully_addressable for leaf in jax.tree_util.tree_leaves(b.params))), None)
-    if base is None:  # nothing loaded here, or only a base spread over other processes too
-        from paft_jax.config import MeshConfig
-        one = MeshConfig(data=1, fsdp=1, tensor=1)
-        base = load_base(tc, build_mesh(one, jax.local_devices()[:1]), one.logical_rules())
-    side = out / "base_files"  # tokenizer + generation config, copied into the export
-    if not side.exists():
-        tmp = out / f".base_files.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        if base.tokenizer is not None:
-            base.tokenizer.save_pretrained(str(tmp))
-        if base.generation_config:
-            (tmp / "generation_config.json").write_text(json.dumps(base.generation_config, indent=2))
-        os.replace(tmp, side)
-    return ParamsSource(base.params, base.cfg, base.source, hf_config=base.hf_config, side_dir=side)
-
-
-class _CountingSource:
-    """The base source, with a fault point after each tensor read (`export-tensor-<n>`): the export
-    reads the base once per output tensor, in order, so kill tests can stop it half-written."""
-
-    def __init__(self, src):
-        self._src, self._reads = src, 0
-
-    def __getattr__(self, name):
-        return getattr(self._src, name)
-
-    def get(self, name: str):
-        self._reads += 1
-        fault_point(f"export-tensor-{self._reads}")
-        return self._src.get(name)
-
-
 def merge_and_export(cfg: PaftConfig, tcs: dict[str, TrainConfig], bases: dict[str, Base]) -> dict:
     """Merge the two branch checkpoints into the base and export (atomic), verified; skipped if done."""
     from paft_jax import storage
@@ -260,7 +211,11 @@ def merge_and_export(cfg: PaftConfig, tcs: dict[str, TrainConfig], bases: dict[s
     rd = run_dir(cfg, tcs)
     merged = rd.join("merged")
     done = rd.read_json("merge.json")
-    if done is not None and (storage.is_complete_dir(merged) if rd.remote else Path(merged).is_dir()):
+    changed = done is not None and done.get("key", merge_key(cfg)) != merge_key(cfg)
+    if changed:
+        say(f"merge: the recipe changed since {merged} was merged ({done.get('method')} then, {cfg.merge.method} "
+            "now, or its parameters); redoing the merge")
+    elif done is not None and (storage.is_complete_dir(merged) if rd.remote else Path(merged).is_dir()):
         say(f"merge: already done ({merged}); not redone")
         return done
     if done is not None:  # the marker of an export that is gone or being replaced
@@ -273,11 +228,13 @@ def merge_and_export(cfg: PaftConfig, tcs: dict[str, TrainConfig], bases: dict[s
         for stale in rd.local.glob(".merged.tmp-*"):  # a killed export's temporary directory
             say(f"merge: removing the unfinished export {stale}")
             shutil.rmtree(stale, ignore_errors=True)
-        if Path(merged).exists():  # renamed but not verified (killed during verification): redo it
-            shutil.rmtree(merged)
+        if Path(merged).exists() and not changed:  # renamed but not verified (killed during verification)
+            shutil.rmtree(merged)  # (a changed recipe's old export stays readable until the new one replaces it)
     rd.local.mkdir(parents=True, exist_ok=True)
-    base_src = _CountingSource(base_source(tcs["sft"], bases, rd.local))
+    base_src = base_source(tcs["sft"], bases, rd.local)
     ckpts = {rd.join(n): CheckpointSource(rd.join(n)) for n in BRANCHES}
+    if cfg.mode == "sequential":  # the preference branch trained on base + d_sft in the base's dtype: that model
+        base_src = StackedSource(base_src, ckpts[rd.join("sft")])
     recipe = load_recipe(cfg.merge.recipe(base_src.label, rd.join("sft"), rd.join("preference"), cfg.mode))
     models = [ckpts.get(m) or (base_src if m == base_src.label else None) for m in recipe.models]
     if any(m is None for m in models):
@@ -287,7 +244,11 @@ def merge_and_export(cfg: PaftConfig, tcs: dict[str, TrainConfig], bases: dict[s
     res = merge_to_hf(recipe.spec, base_src, models, merged, recipe_text=recipe.text, overwrite=True,
                       max_shard_size=cfg.merge.max_shard_size, verify=cfg.merge.verify, atol=cfg.merge.atol)
     rep = res.verify
-    info = {"method": recipe.spec.method, "recipe": recipe.text, "seconds": time.time() - t0,
+    # the deltas' sparsity from the sources the merge already holds (no second restore, no second base load)
+    from paft_jax.merge.sparsity import analyze
+    sparsity = analyze(base_src.base if cfg.mode == "sequential" else base_src, [ckpts[rd.join(n)] for n in BRANCHES])
+    sparsity.pop("tensors")
+    info = {"method": recipe.spec.method, "key": merge_key(cfg), "sparsity": sparsity, "recipe": recipe.text, "seconds": time.time() - t0,
             "merge_seconds": res.seconds, "tensors": res.tensors, "bytes": res.bytes_written, "dir": str(merged),
             "verified": rep is not None,
             "verify_max_abs_diff": getattr(rep, "max_abs_diff", None), "verify_atol": cfg.merge.atol}
@@ -337,6 +298,7 @@ def run_paft(cfg: PaftConfig, *, progress: bool = True) -> dict:
     p = plan(cfg, tcs, mcfg)
     rd = run_dir(cfg, tcs)
     out = rd.join()
+    check_rerun(cfg, tcs, rd)
     if jax.process_index() == 0:
         rd.local.mkdir(parents=True, exist_ok=True)
         from paft_jax.config import to_dict
@@ -347,7 +309,6 @@ def run_paft(cfg: PaftConfig, *, progress: bool = True) -> dict:
         say(split_lib.describe(p.works, p.counts) + f"; schedule {cfg.schedule}")
     t0 = time.time()
     trained = train_branches(cfg, tcs, p, progress)
-    fault_point("after-training")
     if trained.get("stopped"):
         say(f"stopped by {trained['stopped']}: checkpoints saved; run the same command again to continue")
         return {"status": "stopped", "reason": trained["stopped"]}
@@ -367,8 +328,7 @@ def run_paft(cfg: PaftConfig, *, progress: bool = True) -> dict:
         summary = {"status": "done", **report_lib.summarize(cfg, tcs, p, trained, merge, answers, mcfg,
                                                             time.time() - t0, local=rd.local)}
         if cfg.report:
-            paths = report_lib.write_report(rd.local, summary, trained["bases"], tcs,
-                                            branch_dirs={n: rd.join(n) for n in BRANCHES})
+            paths = report_lib.write_report(rd.local, summary)
             uploaded = rd.upload([str(Path(f).relative_to(rd.local)) for f in paths.values()] + ["report.json"])
             say(f"report: {rd.join('report.md')}" + (f" ({len(uploaded)} files uploaded from {rd.local})"
                                                      if rd.remote else "") + "\n" + report_lib.headline(summary))

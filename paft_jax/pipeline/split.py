@@ -86,6 +86,25 @@ def choose_split(n_devices: int, works: list[float], cfgs: list[TrainConfig], gr
     return best[1]
 
 
+def branch_meshes(mode: str, split, cfgs: list[TrainConfig], works: list[float], devices: list,
+                  granularity: int = 1) -> tuple[list[int], list]:
+    """(device counts, meshes) of the two branches over `devices`: sequential mode gives each branch every
+    device; parallel mode splits them (whole processes of `granularity` devices) by `choose_split`."""
+    from paft_jax.mesh import build_mesh, split_devices
+    names = ("sft", "preference")
+    if mode == "sequential":  # one branch after the other, each on every device
+        for n, tc in zip(names, cfgs):
+            why = fits(tc, len(devices))
+            if why:
+                raise ValueError(f"sequential mode runs {n} on all {len(devices)} devices: {why}")
+        return [len(devices)] * 2, [build_mesh(tc.mesh, devices) for tc in cfgs]
+    if len(devices) < 2:
+        raise ValueError("parallel mode needs at least 2 devices (one per branch); on CPU set "
+                         "XLA_FLAGS=--xla_force_host_platform_device_count=8, or use mode: sequential")
+    counts = choose_split(len(devices), works, cfgs, granularity, split)
+    return counts, [build_mesh(tc.mesh, g) for tc, g in zip(cfgs, split_devices(devices, counts))]
+
+
 def predicted_end(works: list[float], counts: list[int]) -> list[float]:
     """Relative end times if the devices ran independently at equal speed (1.0 = the later one)."""
     t = [w / c for w, c in zip(works, counts)]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 log = logging.getLogger("paft_jax")
 
@@ -15,22 +16,50 @@ def cmd_train(args) -> int:
     from paft_jax.train.loop import train
     overrides = list(args.overrides or [])
     if args.command != "train":
+        said = _config_kind(args.config)
+        if said is not None and said != KINDS[args.command] and not any(
+                o.startswith("objective.kind=") for o in overrides):
+            raise ValueError(f"{args.config} says objective.kind: {said}, which contradicts the `{args.command}` "
+                             f"command; run `{said}` or `train` with it, or add objective.kind={KINDS[args.command]}")
         overrides.insert(0, f"objective.kind={KINDS[args.command]}")
-    try:
-        cfg = load_train_config(args.config, overrides)
-        if args.command != "train" and cfg.objective.kind != KINDS[args.command]:
-            raise ValueError(f"objective.kind={cfg.objective.kind!r} contradicts the `{args.command}` command")
-        mesh = build_mesh(cfg.mesh)
-        cfg.validate(data_parallel=mesh.shape["data"] * mesh.shape["fsdp"])
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg = load_train_config(args.config, overrides)
+    if args.fresh:
+        from paft_jax.rundir import fresh_dir
+        new = fresh_dir(cfg.output_dir)
+        if new != cfg.output_dir:
+            log.info("--fresh: %s holds a run; this one goes to %s", cfg.output_dir, new)
+        cfg.output_dir = new
+    if args.command != "train" and cfg.objective.kind != KINDS[args.command]:
+        raise ValueError(f"objective.kind={cfg.objective.kind!r} contradicts the `{args.command}` command")
+    mesh = build_mesh(cfg.mesh)
+    cfg.validate(data_parallel=mesh.shape["data"] * mesh.shape["fsdp"])
+    from paft_jax import storage
+    if not storage.is_url(cfg.output_dir):  # an unwritable output_dir is refused now, not after the model loads
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     result = train(cfg, mesh=mesh, progress=not args.no_progress)
-    if result.preempted:
-        log.warning("stopped early by a signal; the same command resumes from the saved checkpoint")
     final = {k: v for r in result.history for k, v in r.items() if not k.startswith("time")}
+    print(json.dumps({"status": "stopped" if result.preempted else "done", **final}))
+    if result.preempted:
+        from paft_jax.checkpoint import EXIT_STOPPED
+        log.warning("stopped early by a signal (exit code %d); the same command resumes from the saved "
+                    "checkpoint", EXIT_STOPPED)
+        return EXIT_STOPPED
     log.info("done in %.1fs; metrics in %s/metrics.jsonl", result.wall_s, cfg.output_dir)
-    print(json.dumps(final))
     return 0
+
+
+def _config_kind(path: str | None) -> str | None:
+    """The objective.kind a training config file names, if it names one."""
+    if path is None:
+        return None
+    import yaml
+    from paft_jax.config import yaml_load
+    try:
+        data = yaml_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None  # load_train_config reports it, naming the file
+    objective = data.get("objective") if isinstance(data, dict) else None
+    return objective.get("kind") if isinstance(objective, dict) else None
 
 
 def register(subparsers) -> None:
@@ -39,10 +68,18 @@ def register(subparsers) -> None:
              "dpo": "DPO branch against the frozen base as reference (objective.loss_type picks the variant)",
              "orpo": "ORPO branch (no reference)", "simpo": "SimPO branch (no reference)"}
     for name, text in helps.items():
-        p = subparsers.add_parser(name, help=text, description=text + ". Keys: see README 'Training config'.")
+        p = subparsers.add_parser(name, help=text, description=text + ". Keys: README.md, Config reference, Training; docs/training.md.")
+        example = {"train": "configs/tiny_sft.yaml", "sft": "configs/tiny_sft.yaml", "dpo": "configs/tiny_dpo.yaml",
+                   "orpo": "configs/tiny_dpo.yaml objective.kind=orpo",
+                   "simpo": "configs/tiny_dpo.yaml objective.kind=simpo"}[name]
         p.add_argument("--config", required=name == "train", default=None,
-                       help="YAML training config, e.g. configs/tiny_sft.yaml")
+                       help=f"YAML training config, e.g. {example} (a config naming another objective.kind is "
+                            "refused unless objective.kind is given on the command line)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="dotted overrides applied after the YAML, e.g. steps=50 optim.learning_rate=1e-5")
-        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--no-progress", action="store_true",
+                       help="no progress bar: a log line every log_every steps and at each evaluation instead")
+        p.add_argument("--fresh", action="store_true",
+                       help="start a new run: when output_dir already holds one, write to the first free "
+                            "output_dir-2, -3, ... (without it, a rerun resumes, and refuses changed settings)")
         p.set_defaults(fn=cmd_train)

@@ -3,13 +3,14 @@ before anything is loaded or compiled."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from paft_jax.checkpoint import CheckpointConfig
 from paft_jax.config import MeshConfig, load_config
 from paft_jax.data.config import DataConfig
-from paft_jax.models.config import REMAT_POLICIES
+from paft_jax.models.config import ATTENTION, REMAT_POLICIES
 from paft_jax.train.delta import DeltaConfig
 from paft_jax.train.objectives import ObjectiveConfig
 from paft_jax.train.optim import OptimConfig
@@ -25,6 +26,8 @@ class TrainConfig:
     param_dtype: str = "auto"          # dtype the frozen base is held in (auto: the checkpoint's)
     compute_dtype: str = "auto"        # auto: float32 on CPU, bfloat16 on accelerators
     remat: str = "none"                # none | full | dots | dots_no_batch
+    attention: str = "naive"           # naive (the reference) | chunked (query blocks: less memory at long rows)
+    attention_block: int = 512         # chunked: query rows per block
     mesh: MeshConfig = field(default_factory=MeshConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval_data: DataConfig | None = None  # held-out set (defaults: no shuffle, one pass)
@@ -36,6 +39,8 @@ class TrainConfig:
     eval_every: int = 0                # 0: evaluate at the end only (when eval_data is set)
     eval_batches: int = 0              # 0: the whole held-out set
     eval_at_start: bool = False        # also evaluate the untrained branch (= the base) at step 0
+    log_every: int = 10                # without a progress bar (--no-progress): a log line every this many steps
+    profile: str | None = None         # START:STOP: a jax.profiler trace of those steps in output_dir/profile
     ref_cache: bool = True             # dpo: precompute reference log-probs once, cached on disk
     cache_dir: str = "cache/paft_jax"  # reference log-prob cache (content-addressed)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -46,13 +51,24 @@ class TrainConfig:
         """Every refusal that needs no devices, data or weights."""
         if self.steps < 1:
             raise ValueError(f"steps={self.steps} must be >= 1")
-        if self.grad_accum < 1 or self.eval_every < 0 or self.eval_batches < 0:
-            raise ValueError("grad_accum must be >= 1, eval_every and eval_batches >= 0")
+        if self.grad_accum < 1 or self.eval_every < 0 or self.eval_batches < 0 or self.log_every < 1:
+            raise ValueError("grad_accum and log_every must be >= 1, eval_every and eval_batches >= 0")
+        from paft_jax.train.recorder import parse_profile
+        parse_profile(self.profile)
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: expected one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION or self.attention_block < 1:
+            raise ValueError(f"attention={self.attention!r} / attention_block={self.attention_block}: expected one "
+                             f"of {ATTENTION} and a block >= 1")
         if self.compute_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"compute_dtype={self.compute_dtype!r}: expected auto | float32 | bfloat16")
         self.objective.validate()
+        from paft_jax.losses import DPO_LOSS_TYPES
+        if self.objective.loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"objective.loss_type={self.objective.loss_type!r}: expected one of {DPO_LOSS_TYPES}")
+        if self.objective.kind != "dpo" and self.objective.loss_type != "sigmoid":
+            raise ValueError(f"objective.loss_type={self.objective.loss_type!r} has no effect on "
+                             f"objective.kind={self.objective.kind!r}: only dpo reads it")
         self.checkpoint.validate()
         self.optim.validate(self.steps)
         self.delta.validate()
@@ -74,6 +90,37 @@ class TrainConfig:
                                  f"data-parallel size {data_parallel} (mesh data x fsdp)")
         if self.model == "random" and not self.model_config:
             raise ValueError("model: random needs model_config (ModelConfig fields such as vocab_size)")
+
+
+# What a resumed run may change: how long and how often it evaluates and saves, where it writes, and how the
+# same math is laid out on the devices.  Every other key changes what is trained (model, data, delta,
+# objective, optimizer, seed): a resume with a different value would continue a run under settings it was
+# not trained with, so it is refused (resume_conflicts).
+RESUMABLE_KEYS = ("steps", "eval_every", "eval_batches", "eval_at_start", "log_every", "profile", "eval_data",
+                  "checkpoint", "output_dir", "cache_dir", "mesh", "remat", "attention", "attention_block",
+                  "grad_accum", "ref_cache")
+
+
+def flat_items(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted.key: leaf} of a nested mapping (lists are leaves)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(flat_items(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def resume_conflicts(saved: dict, new: dict, allowed: tuple[str, ...] = RESUMABLE_KEYS) -> list[str]:
+    """`key: saved -> new` for each setting that differs between a run's saved config and a rerun's and
+    that a resume may not change (keys present in both only: a key added in a later version is not a change)."""
+    a, b = (flat_items(json.loads(json.dumps(t, default=str))) for t in (saved, new))  # as the JSON saved it
+    out = []
+    for key in sorted(set(a) & set(b)):
+        if key.split(".")[0] in allowed or a[key] == b[key]:
+            continue
+        out.append(f"{key}: {a[key]!r} -> {b[key]!r}")
+    return out
 
 
 def load_train_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:

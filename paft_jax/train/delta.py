@@ -171,7 +171,9 @@ def freeze_mask(base: Any, dcfg: DeltaConfig) -> Any | None:
     return mask
 
 
-def apply_delta(base: Any, delta: Any, dcfg: DeltaConfig) -> Any:
-    """base + delta, in float32 (the model casts to its compute dtype)."""
-    dense = materialize(delta, dcfg, base)
-    return jax.tree_util.tree_map(lambda w, d: w.astype(jnp.float32) + d, base, dense)
+def lora_variables(delta: Any, dcfg: DeltaConfig) -> Any:
+    """The "lora" collection the decoder reads: the factors with alpha / r folded into B (a small tensor;
+    the model then adds (x A) B' to each targeted projection)."""
+    scale = dcfg.lora_alpha / dcfg.lora_rank
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: x * scale if str(getattr(p[-1], "key", p[-1])) == "lora_b" else x, delta)

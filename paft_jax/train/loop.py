@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,17 +17,16 @@ from jax.sharding import Mesh
 
 from paft_jax.config import to_dict
 from paft_jax.data import make_loader, one_pass, to_global
-from paft_jax.faults import fault_point
-from paft_jax.hf.load import LoadedModel, _resolve, load_model, load_tokenizer
-from paft_jax.mesh import build_mesh, is_mesh_primary, mesh_processes, process_rank, tree_shardings
+from paft_jax.hf.load import LoadedModel, load_model, load_tokenizer, resolve_model_path
+from paft_jax.mesh import build_mesh, is_mesh_primary, mesh_processes, process_rank
 from paft_jax.models import flops as flops_lib
 from paft_jax.models.config import ModelConfig
-from paft_jax.models.decoder import abstract_params, init_params
+from paft_jax.models.decoder import init_params
 from paft_jax.train import delta as delta_lib
 from paft_jax.train import objectives
 from paft_jax.train.config import TrainConfig, eval_view
-from paft_jax.train.optim import make_optimizer, schedule
-from paft_jax.train.step_fn import TrainState, batch_spec, build_steps, init_state, jit_steps, state_shardings
+from paft_jax.train.programs import branch_programs
+from paft_jax.train.step_fn import TrainState, init_state
 
 log = logging.getLogger("paft_jax")
 
@@ -61,7 +59,7 @@ def resolve_tokenizer(spec: str | None, fallback: Any):
     if spec == "llama3-test":
         from paft_jax.data.testing import llama3_style_tokenizer
         return llama3_style_tokenizer()
-    directory, gguf = _resolve(spec)
+    directory, gguf = resolve_model_path(spec)
     tok = load_tokenizer(directory, gguf)
     if tok is None:
         raise ValueError(f"tokenizer {spec!r}: nothing loadable there")
@@ -75,6 +73,9 @@ def load_base(cfg: TrainConfig, mesh: Mesh, rules: tuple) -> Base:
         mc = dict(cfg.model_config)
         tok = resolve_tokenizer(cfg.tokenizer, None)
         mc.setdefault("vocab_size", len(tok))
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # what an export's configs name
+            if getattr(tok, key, None) is not None:
+                mc.setdefault(key, getattr(tok, key))
         mcfg = ModelConfig(**mc).replace(dtype=dtype, remat=cfg.remat)
         if cfg.param_dtype != "auto":
             mcfg = mcfg.replace(param_dtype=cfg.param_dtype)
@@ -102,19 +103,11 @@ class Branch:
         self.train_it = make_loader(cfg.data, base.tokenizer, process_index=rank, process_count=count)
         self.eval_it = (make_loader(eval_view(cfg.eval_data), base.tokenizer, process_index=rank,
                                     process_count=count) if cfg.eval_data else None)
-        mask = delta_lib.freeze_mask(base.params, cfg.delta)
-        self.lr = schedule(cfg.optim, cfg.steps)
-        opt = make_optimizer(cfg.optim, cfg.steps, mask)
-        train, evals = build_steps(base.cfg, cfg.delta, cfg.objective, opt, self.lr, grad_accum=cfg.grad_accum,
-                                   mesh=mesh, rules=rules)
-        shapes, axes = abstract_params(base.cfg)
-        self.base_sh = tree_shardings(axes, shapes, mesh, rules)
-        d_abs, _ = delta_lib.delta_abstract(base.cfg, cfg.delta)
-        self.state_sh = state_shardings(opt, d_abs, delta_lib.delta_shardings(base.cfg, cfg.delta, mesh, rules), mesh)
-        self.train_step, self.eval_sums = jit_steps(train, evals, self.state_sh, self.base_sh, mesh, rules)
+        p = branch_programs(cfg, base.cfg, mesh, rules)
+        self.lr, self.base_sh, self.state_sh, self.data_sharding = p.lr, p.base_sh, p.state_sh, p.data_sharding
+        self.train_step, self.eval_sums = p.train_step, p.eval_sums
         delta = delta_lib.init_delta(base.cfg, cfg.delta, jax.random.key(cfg.seed + 1), mesh, rules)
-        self.state = init_state(delta, opt, self.state_sh)
-        self.data_sharding = jax.sharding.NamedSharding(mesh, batch_spec(rules))
+        self.state = init_state(delta, p.opt, self.state_sh)
         reference = cfg.objective.needs_reference and not cfg.ref_cache
         self.flops_per_step = flops_lib.step_flops(base.cfg, cfg.data.batch_size, cfg.data.seq_len,
                                                    reference_forward=reference)
@@ -171,12 +164,15 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
     if ckpt is not None and cfg.checkpoint.resume != "never":
         result.resumed_from = _resume(branch, ckpt, cfg)
     start_step = int(jax.device_get(branch.state.step))
+    finished_before = start_step >= cfg.steps  # a rerun of a finished run: nothing to train, nothing to re-log
     if primary:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
         rd.pull("metrics.jsonl")  # a remote run: the history so far is the store's (the mirror may be empty)
         _truncate_metrics(out / "metrics.jsonl", start_step)
     metrics_file = (out / "metrics.jsonl").open("a") if primary else None
+    if metrics_file and result.resumed_from is not None and not finished_before:  # the timeline marks the gap
+        metrics_file.write(json.dumps({"step": start_step, "event": "resumed", "time": time.time()}) + "\n")
     tb = _tensorboard(out / "tb") if primary else None
 
     def sync() -> None:
@@ -195,7 +191,7 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
     def save(step: int, wait: bool = False) -> None:
         ckpt.save(step, branch.state, branch.train_it.state(), {**meta, "step": step}, wait=wait)
 
-    def record(rec: dict) -> None:
+    def write(rec: dict) -> None:  # on the recorder's thread, one record at a time, in order
         result.history.append(rec)
         if metrics_file:
             metrics_file.write(json.dumps(rec) + "\n")
@@ -204,6 +200,13 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
             for k, v in rec.items():
                 if k not in ("step", "time_start", "time_end") and isinstance(v, (int, float)):
                     tb.add_scalar(k, v, rec["step"])
+        if "loss" in rec and "time_start" in rec:
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
+            if bar.disable and primary and (rec["step"] % cfg.log_every == 0 or rec["step"] == cfg.steps):
+                log.info("[%s] step %d/%d: %s", name, rec["step"], cfg.steps, _summary(rec))
+        elif bar.disable and primary and rec.get("step", 0) < cfg.steps:
+            log.info("[%s] eval at step %d: %s", name, rec["step"], _summary(rec))
 
     from paft_jax.checkpoint import StopRequest
     from tqdm.auto import tqdm
@@ -212,21 +215,33 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
     scope = branch.mesh if jax.process_count() > 1 else None
     bar = tqdm(total=cfg.steps, initial=start_step, desc=name, disable=not (progress and primary),
                dynamic_ncols=True, position=bar_position)
+    from paft_jax.train.recorder import MetricsRecorder, ProfileWindow
+    recorder = MetricsRecorder(write)
+    profile = ProfileWindow(cfg.profile, str(out / "profile"))
     t_start = time.time()
     finished = False
+    if finished_before:
+        log.info("[%s] already trained to step %d (%s); nothing to do (raise steps to train on)", name,
+                 start_step, ckpt.directory)
+        if (out / "metrics.jsonl").exists():
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            result.history = [r for r in rows if "event" not in r]
     try:
         if cfg.eval_at_start and start_step == 0 and branch.eval_it is not None:
-            record({"step": 0, **branch.evaluate()})
+            recorder.record({"step": 0, **branch.evaluate()})
         for step in range(start_step, cfg.steps):
-            batch = next(branch.train_it)
+            profile.before(step + 1, recorder.drain)
+            batch = next(branch.train_it)  # read and placed while the step before still computes
             tokens = float(batch["loss_mask"].sum()), int((batch["segment_ids"] > 0).sum())
+            recorder.reserve()
             t0 = time.time()
-            metrics = branch.step(batch)
-            _log_step(record, bar, step, metrics, t0, tokens, branch.flops_per_step, branch.peak_flops)
+            metrics = branch.step(batch)  # dispatched: returns before the devices finish
+            recorder.step(step, metrics, t0, tokens, branch.flops_per_step, branch.peak_flops)
             done = step + 1
-            fault_point(f"{name}-step-{done}")
+            profile.after(done, recorder.drain)
             if stop.requested(scope):
                 if ckpt is not None:
+                    recorder.drain()
                     sync()  # before the checkpoint: a saved step always has its metrics on the store
                     save(done, wait=True)
                 bar.write(f"[{name}] stopped by {stop.describe()} after step {done}" +
@@ -234,18 +249,22 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
                 result.preempted = True
                 break
             if ckpt is not None and ckpt.should_save(done, cfg.steps):
+                recorder.drain()  # a non-finite loss is raised here, before it is saved
                 sync()
                 save(done)
             if (cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps
                     and branch.eval_it is not None):
-                record({"step": done, **branch.evaluate()})
-        if branch.eval_it is not None and not result.preempted:
+                recorder.record({"step": done, **branch.evaluate()})
+        recorder.drain()
+        if branch.eval_it is not None and not result.preempted and not finished_before:
             ev = branch.evaluate()
-            record({"step": cfg.steps, **ev})
-            bar.write(f"[{name}] eval at step {cfg.steps}: " +
-                      ", ".join(f"{k}={v:.4g}" for k, v in ev.items()))
+            recorder.record({"step": cfg.steps, **ev})
+            recorder.drain()
+            bar.write(f"[{name}] eval at step {cfg.steps}: " + _summary(ev))
         finished = True
     finally:
+        profile.close()
+        recorder.close()
         if own_stop:
             stop.restore_handlers()
         bar.close()
@@ -287,13 +306,12 @@ def _checkpointer(cfg: TrainConfig, processes: list[int] | None = None):
 
 
 def _resume(branch: Branch, ckpt, cfg: TrainConfig) -> int | None:
-    """Restore the latest complete checkpoint (or the one `checkpoint.resume` names) into the branch."""
+    """Restore the latest complete checkpoint (or the one `checkpoint.resume` names) into the branch, after
+    checking that it was trained with this run's settings (check_resumable)."""
     from paft_jax.checkpoint import BranchCheckpointer, abstract_like
     abstract = abstract_like(branch.state, branch.state_sh)
-    source = ckpt.directory
-    if cfg.checkpoint.resume == "auto":
-        got = ckpt.restore(abstract)
-    else:
+    source, reader, step_wanted = ckpt.directory, ckpt, None
+    if cfg.checkpoint.resume != "auto":
         from paft_jax import storage
         parent, _, step_name = str(cfg.checkpoint.resume).rstrip("/").rpartition("/")  # no pathlib on gs://
         if not storage.is_url(parent):
@@ -301,28 +319,42 @@ def _resume(branch: Branch, ckpt, cfg: TrainConfig) -> int | None:
         if not step_name.isdigit():
             raise ValueError(f"checkpoint.resume={cfg.checkpoint.resume!r}: expected auto, never, or a "
                              "checkpoint step directory such as runs/x/checkpoints/200")
-        source = parent
-        other = BranchCheckpointer(dataclasses.replace(cfg.checkpoint, fallback=False), parent,
-                                   mesh_processes(branch.mesh))
-        try:
-            got = other.restore(abstract, int(step_name))
-        finally:
-            other.close()
+        source, step_wanted = parent, int(step_name)
+        reader = BranchCheckpointer(dataclasses.replace(cfg.checkpoint, fallback=False), parent,
+                                    mesh_processes(branch.mesh))
+    try:
+        steps = reader.steps()
+        latest = step_wanted if step_wanted is not None else (steps[-1] if steps else None)
+        meta = reader.saved_meta(latest) if latest is not None else None
+        if meta is not None:  # before the restore: a changed delta shape would fail inside Orbax, unexplained
+            check_resumable(meta, cfg, f"{source}/{latest}")
+        got = reader.restore(abstract, step_wanted)
+    finally:
+        if reader is not ckpt:
+            reader.close()
     if got is None:
         return None
     step, state, data_state, meta = got
-    saved = meta.get("config", {})
-    for key in ("objective", "delta"):
-        mine = to_dict(getattr(cfg, key))
-        theirs = saved.get(key)
-        if theirs is not None and {k: theirs.get(k) for k in ("kind", "lora_rank", "lora_targets") if k in mine} \
-                != {k: mine.get(k) for k in ("kind", "lora_rank", "lora_targets") if k in mine}:
-            raise ValueError(f"checkpoint step {step} in {ckpt.directory} was written by a run with "
-                             f"{key}={theirs}, not {key}={mine}; refusing to resume it")
+    check_resumable(meta, cfg, f"{source}/{step}")  # the step restored (a fallback may read an older one)
     branch.state = state
     branch.train_it.restore(data_state)
     log.info("resumed from %s/%d", source, step)
     return step
+
+
+def check_resumable(meta: dict, cfg: TrainConfig, where: str) -> None:
+    """Refuse to continue a checkpoint under settings that change what it trains, naming the keys."""
+    from paft_jax.train.config import RESUMABLE_KEYS, resume_conflicts
+    conflicts = resume_conflicts(meta.get("config") or {}, to_dict(cfg))
+    if conflicts:
+        raise ValueError(f"checkpoint {where} was trained with other settings than this run's ("
+                         f"{'; '.join(conflicts)}); a resumed run may change only {', '.join(RESUMABLE_KEYS)}. "
+                         "To train with the new settings, give a new output_dir or pass --fresh "
+                         "(a new run directory beside this one)")
+    step = meta.get("step")
+    if isinstance(step, int) and step > cfg.steps:
+        raise ValueError(f"checkpoint {where} is at step {step}, past steps={cfg.steps}: resuming would train "
+                         f"nothing; set steps >= {step}, or export that step with `export --checkpoint {where}`")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -336,18 +368,10 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def _log_step(record, bar, step: int, metrics: dict, t0: float, tokens: tuple[float, int], flops: float,
-              peak: float | None) -> None:
-    m = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step to finish
-    t1 = time.time()
-    if not math.isfinite(m["loss"]):
-        raise FloatingPointError(f"step {step}: loss is {m['loss']} (metrics {m}); stopping, the last good "
-                                 "state is the previous step's")
-    rec = {"step": step + 1, **m, "trained_tokens": tokens[0], "tokens": tokens[1],
-           "time_start": t0, "time_end": t1, "tokens_per_second": tokens[1] / max(t1 - t0, 1e-9),
-           "model_tflops_per_second": flops / max(t1 - t0, 1e-9) / 1e12}
-    if peak:  # known accelerators only (flops.PEAK_FLOPS)
-        rec["mfu"] = flops / max(t1 - t0, 1e-9) / peak
-    record(rec)
-    bar.update(1)
-    bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
+_SHOWN = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu")
+
+
+def _summary(rec: dict) -> str:
+    """A metrics record as one log line: the step's headline numbers, or every eval_ metric."""
+    keys = [k for k in _SHOWN if k in rec] or [k for k in rec if k.startswith("eval_")]
+    return ", ".join(f"{k}={rec[k]:.4g}" for k in keys)

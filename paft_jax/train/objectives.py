@@ -64,7 +64,7 @@ class ObjectiveConfig:
         return self.kind == "dpo"
 
 
-# a function (params, micro_batch) -> (token log-probs [b, T], argmax hits [b, T])
+# a function (model variables, micro_batch) -> (token log-probs [b, T], argmax hits [b, T])
 LogpFn = Callable[[Any, dict], tuple[jax.Array, jax.Array]]
 
 
@@ -79,12 +79,13 @@ def batch_totals(ocfg: ObjectiveConfig, batch: dict) -> dict[str, jax.Array]:
     return out
 
 
-def reference_params(base: Any) -> Any:
-    """The DPO reference is the base itself (delta = 0), in the policy's float32 numerics."""
-    return jax.tree_util.tree_map(lambda w: w.astype(jnp.float32), base)
+def reference_params(base: Any) -> dict:
+    """The DPO reference is the base itself (delta = 0): the model's variables of the base as it is stored
+    (no copy; the model casts weights to the compute dtype, as it does for the policy)."""
+    return {"params": base}
 
 
-def reference_pair_logps(logp_fn: LogpFn, ref_params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
+def reference_pair_logps(logp_fn: LogpFn, ref_params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
     """The reference's summed chosen / rejected completion log-probs, [B, P] each (no gradient)."""
     lp, _ = logp_fn(ref_params, batch)
     out = losses.pair_logps(jax.lax.stop_gradient(lp), batch["loss_mask"].astype(jnp.float32),

@@ -27,6 +27,7 @@ class OptimConfig:
     b2: float = 0.999
     eps: float = 1e-8
     max_grad_norm: float = 1.0         # 0 disables clipping
+    mu_dtype: str | None = None        # Adam's first moment: null = the delta's (float32); bfloat16 halves it
 
     def validate(self, steps: int) -> None:
         if not self.learning_rate > 0:
@@ -39,6 +40,8 @@ class OptimConfig:
             raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be within [0, 1]")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("optim.weight_decay and optim.max_grad_norm must be >= 0")
+        if self.mu_dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(f"optim.mu_dtype={self.mu_dtype!r}: expected null, float32 or bfloat16")
         if not self.eps > 0:
             # an entry whose gradients have all been 0 (a frozen leaf, an unused embedding row) would get 0/0
             raise ValueError(f"optim.eps={self.eps} must be > 0")
@@ -75,6 +78,7 @@ def make_optimizer(cfg: OptimConfig, steps: int, trainable_mask: Any | None = No
     if cfg.max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
     parts.append(optax.adamw(schedule(cfg, steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             mu_dtype=jnp.dtype(cfg.mu_dtype) if cfg.mu_dtype else None,
                              weight_decay=cfg.weight_decay))
     opt = BranchOptimizer(*optax.chain(*parts))
     opt.config, opt.trainable_mask = cfg, trainable_mask

@@ -23,6 +23,7 @@ import numpy as np
 
 from paft_jax.data import one_pass
 from paft_jax.train.objectives import reference_pair_logps, reference_params
+from paft_jax.train.programs import branch_model
 from paft_jax.train.step_fn import make_logp_fn
 
 log = logging.getLogger("paft_jax")
@@ -69,6 +70,18 @@ def data_fingerprint(ds) -> str:
     return h.hexdigest()
 
 
+def reference_program(mcfg, logits_chunk: int, mesh, rules, base_sh, data_sharding):
+    """The jitted pass (base params, batch) -> (chosen, rejected, example_index): exactly what the step
+    computes for the reference when nothing is cached."""
+    logp_fn = make_logp_fn(mcfg, mesh, rules, logits_chunk)
+
+    def ref(base_params, batch):
+        return (*reference_pair_logps(logp_fn, reference_params(base_params), batch), batch["example_index"])
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(ref, in_shardings=(base_sh, data_sharding), out_shardings=replicated)
+
+
 def reference_table(branch, it, split: str) -> RefTable:
     """Load or compute (and atomically save) the base's chosen/rejected log-probs for `it`'s data set."""
     base, cfg = branch.base, branch.cfg
@@ -82,13 +95,8 @@ def reference_table(branch, it, split: str) -> RefTable:
         log.info("reference log-probs for %s: reusing %s", split, path)
         return table
 
-    logp_fn = make_logp_fn(base.cfg, branch.mesh, branch.rules, cfg.objective.logits_chunk)
-
-    def ref(base_params, batch):  # exactly what the step computes when nothing is cached
-        return (*reference_pair_logps(logp_fn, reference_params(base_params), batch), batch["example_index"])
-
-    replicated = jax.sharding.NamedSharding(branch.mesh, jax.sharding.PartitionSpec())
-    ref = jax.jit(ref, in_shardings=(branch.base_sh, branch.data_sharding), out_shardings=replicated)
+    ref = reference_program(branch_model(cfg, base.cfg), cfg.objective.logits_chunk, branch.mesh, branch.rules,
+                            branch.base_sh, branch.data_sharding)
     idx, ch, rj = [], [], []
     from tqdm.auto import tqdm
     from paft_jax.mesh import is_mesh_primary

@@ -82,25 +82,32 @@ def restore_delta(path: str | Path, mesh: Mesh | None = None, rules: tuple = ())
     from paft_jax.mesh import build_mesh, mesh_processes
     from paft_jax.models.decoder import abstract_params
     from paft_jax.config import MeshConfig
-    directory, step = locate(path)
-    step, meta = read_meta(directory, step)
+    directory, asked = locate(path)
+    step, meta = read_meta(directory, asked)
     cfg = from_dict(TrainConfig, meta["config"])
     mcfg = model_config_from_meta(meta).replace(remat="none")
     mesh = mesh or build_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.local_devices()[:1])
     shapes, _ = abstract_params(mcfg)
-    mask = delta_lib.freeze_mask(shapes, cfg.delta)
-    opt = make_optimizer(cfg.optim, cfg.steps, mask)
     d_abs, _ = delta_lib.delta_abstract(mcfg, cfg.delta)
-    sh = state_shardings(opt, d_abs, delta_lib.delta_shardings(mcfg, cfg.delta, mesh, rules), mesh)
-    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), delta=d_abs,
-                          opt_state=jax.eval_shape(opt.init, d_abs))
+    d_sh = delta_lib.delta_shardings(mcfg, cfg.delta, mesh, rules)
     ckpt = BranchCheckpointer(dataclasses.replace(cfg.checkpoint, fallback=False), directory,
                               processes=mesh_processes(mesh))
     try:
-        _, state, _, _ = ckpt.restore(abstract_like(abstract, sh), step)
+        delta = ckpt.restore_delta(step, abstract_like(d_abs, d_sh))  # the delta alone: no moments
+        if delta is None:  # a checkpoint a process wrote alone holds the whole state in one item
+            opt = make_optimizer(cfg.optim, cfg.steps, delta_lib.freeze_mask(shapes, cfg.delta))
+            abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), delta=d_abs,
+                                  opt_state=jax.eval_shape(opt.init, d_abs))
+            delta = ckpt.restore(abstract_like(abstract, state_shardings(opt, d_abs, d_sh, mesh)), step)[1].delta
+    except CheckpointError as e:
+        older = [s for s in ckpt.steps() if s < step] if asked is None else []
+        if not older:
+            raise
+        raise CheckpointError(f"{e}; the previous checkpoint, {directory}/{older[-1]}, may be readable: name that "
+                              "step directory to use it") from None
     finally:
         ckpt.close()
-    return cfg, mcfg, step, delta_lib.materialize(state.delta, cfg.delta, shapes)
+    return cfg, mcfg, step, delta_lib.materialize(delta, cfg.delta, shapes)
 
 
 class CheckpointSource:

@@ -20,7 +20,7 @@ from paft_jax.mesh import logical_to_spec
 from paft_jax.models.config import ModelConfig
 from paft_jax.models.decoder import Decoder
 from paft_jax.train import objectives, optim
-from paft_jax.train.delta import DeltaConfig, apply_delta
+from paft_jax.train.delta import DeltaConfig, lora_variables
 from paft_jax.train.objectives import ObjectiveConfig
 
 
@@ -35,14 +35,28 @@ def batch_spec(rules: tuple) -> P:
     return logical_to_spec(("act_batch",), rules)
 
 
+def model_variables(base: Any, delta: Any = None, dcfg: DeltaConfig | None = None) -> dict:
+    """What the decoder reads: the frozen base as it is stored, plus a branch's trained state, which the
+    model applies inside each layer (a dense delta as W + dW, LoRA as x A B): no merged copy of the model."""
+    if delta is None:
+        return {"params": base}
+    if dcfg.kind == "dense":
+        return {"params": base, "delta": delta}
+    return {"params": base, "lora": lora_variables(delta, dcfg)}
+
+
 def make_logp_fn(cfg: ModelConfig, mesh: Mesh | None, rules: tuple, chunk: int):
+    """(model variables, batch) -> (token log-probs, argmax hits)."""
     model = Decoder(cfg, mesh=mesh, rules=rules)
 
-    def logp_fn(params, batch):
-        hidden, _ = model.apply({"params": params}, batch["input_ids"], positions=batch["positions"],
+    def logp_fn(variables, batch):
+        hidden, _ = model.apply(variables, batch["input_ids"], positions=batch["positions"],
                                 segment_ids=batch["segment_ids"], return_hidden=True)
         tied = cfg.tie_word_embeddings
-        kernel = params["embed_tokens"]["embedding"] if tied else params["lm_head"]["kernel"]
+        path = ("embed_tokens", "embedding") if tied else ("lm_head", "kernel")
+        kernel = variables["params"][path[0]][path[1]]
+        if "delta" in variables:  # the head's delta: one tensor, added here as the layers add theirs
+            kernel = kernel.astype(jnp.float32) + variables["delta"][path[0]][path[1]]
         if chunk <= 0:  # full [B, T, V] fp32 logits: no recompute in the backward pass, more memory
             logits = jnp.einsum("bte,ve->btv" if tied else "bte,ev->btv", hidden, kernel.astype(hidden.dtype),
                                 preferred_element_type=jnp.float32)
@@ -84,15 +98,20 @@ def l1_prox(ocfg: ObjectiveConfig, opt: optax.GradientTransformation, delta: Any
 DELTA_TOL = 1e-6  # |delta| at or below this counts as "near zero" in the per-step metrics
 
 
-def delta_stats(delta: Any) -> dict[str, jax.Array]:
+def delta_stats(delta: Any, tols: tuple[float, ...] = ()) -> dict[str, jax.Array]:
     """Sparsity of the trained state after the update (over every trained array: the dense delta, or the
-    LoRA factors): exact zeros, entries with |x| <= DELTA_TOL, and the mean |x| (the L1 norm per entry)."""
+    LoRA factors): exact zeros, entries with |x| <= DELTA_TOL (and each of `tols`: `delta/abs_le_<t>`), and
+    the mean |x| (the L1 norm per entry)."""
     leaves = jax.tree_util.tree_leaves(delta)
-    n = sum(x.size for x in leaves)
-    zeros = sum(jnp.sum(x == 0, dtype=jnp.float32) for x in leaves)
-    small = sum(jnp.sum(jnp.abs(x) <= DELTA_TOL, dtype=jnp.float32) for x in leaves)
-    l1 = sum(jnp.sum(jnp.abs(x), dtype=jnp.float32) for x in leaves)
-    return {"delta/zero_frac": zeros / n, "delta/near_zero_frac": small / n, "delta/mean_abs": l1 / n}
+    n = float(sum(x.size for x in leaves))  # a float: above 2**31 entries a Python int does not fit int32
+
+    def frac(pred) -> jax.Array:
+        return sum(jnp.sum(pred(x), dtype=jnp.float32) for x in leaves) / n
+    out = {"delta/zero_frac": frac(lambda x: x == 0), "delta/near_zero_frac": frac(lambda x: jnp.abs(x) <= DELTA_TOL),
+           "delta/mean_abs": sum(jnp.sum(jnp.abs(x), dtype=jnp.float32) for x in leaves) / n}
+    for t in tols:
+        out[f"delta/abs_le_{t:g}"] = frac(lambda x, t=t: jnp.abs(x) <= t)
+    return out
 
 
 def build_steps(cfg: ModelConfig, dcfg: DeltaConfig, ocfg: ObjectiveConfig, opt: optax.GradientTransformation,
@@ -106,8 +125,7 @@ def build_steps(cfg: ModelConfig, dcfg: DeltaConfig, ocfg: ObjectiveConfig, opt:
         jax.lax.with_sharding_constraint, shardings=NamedSharding(mesh, batch_spec(rules)))
 
     def loss_of(delta, base, ref_params, mb, totals):
-        params = apply_delta(base, delta, dcfg)
-        return objectives.micro_loss(ocfg, logp_fn, params, ref_params, mb, totals)
+        return objectives.micro_loss(ocfg, logp_fn, model_variables(base, delta, dcfg), ref_params, mb, totals)
 
     def reference(base):
         return objectives.reference_params(base) if ocfg.needs_reference else None

@@ -1,0 +1,94 @@
+"""TPU slices by their gcloud accelerator type (v4-32, v5litepod-64, v5p-8, v6e-16, ...), as devices to
+compile for on a machine without TPUs (libtpu describes the topology; nothing runs).
+
+Chip counts, shapes and hosts follow Cloud TPU's published slice shapes: v4 and v5p name TensorCores
+(two per chip, one megacore device each), v5e and v6e name chips.  HBM per chip is what each generation
+has: v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e 32 GiB.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+
+GIB = 2 ** 30
+
+# generation: (topology prefix, chip config, HBM bytes per chip, chips in the accelerator type's number)
+GENERATIONS = {
+    "v4": ("v4", "megacore", 32 * GIB, 0.5),
+    "v5p": ("v5p", "megacore", 95 * GIB, 0.5),
+    "v5litepod": ("v5e", "default", 16 * GIB, 1),
+    "v5e": ("v5e", "default", 16 * GIB, 1),
+    "v6e": ("v6e", "default", 32 * GIB, 1),
+}
+_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8), 256: (4, 8, 8),
+       512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16)}
+_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
+
+
+@dataclass(frozen=True)
+class Topology:
+    accelerator: str           # the gcloud accelerator type, e.g. v4-32
+    name: str                  # libtpu's topology name, e.g. v4:2x2x4
+    chip_config: str
+    chips: int
+    chips_per_host: tuple[int, int, int]
+    hbm_bytes: int
+
+    @property
+    def hosts(self) -> int:
+        return self.chips // math.prod(self.chips_per_host)
+
+    @property
+    def devices_per_host(self) -> int:
+        return math.prod(self.chips_per_host)
+
+
+def parse_accelerator(accel: str) -> Topology:
+    """'v4-32' -> its topology; an unknown or impossible type is refused, naming the known sizes."""
+    m = re.fullmatch(r"(v4|v5p|v5litepod|v5e|v6e)-(\d+)", accel.strip().lower())
+    if not m:
+        raise ValueError(f"--topology {accel!r}: expected a gcloud accelerator type such as v4-32, "
+                         "v5litepod-64, v5p-8 or v6e-16")
+    gen, number = m.group(1), int(m.group(2))
+    prefix, chip_config, hbm, per = GENERATIONS[gen]
+    chips = int(number * per)
+    shapes = _3D if gen in ("v4", "v5p") else _2D
+    if chips not in shapes or chips * (1 / per) != number:
+        sizes = sorted(int(c / per) for c in shapes)
+        raise ValueError(f"--topology {accel!r}: no such {gen} slice; known sizes: "
+                         + ", ".join(f"{gen}-{s}" for s in sizes))
+    dims = shapes[chips]
+    if gen in ("v4", "v5p"):
+        per_host = (2, 2, 1) if chips >= 4 else dims
+    else:  # v5e / v6e: up to 8 chips on one host; larger slices have 4 chips a host
+        per_host = (*dims, 1) if chips <= 8 else (2, 2, 1)
+    return Topology(accel, f"{prefix}:{'x'.join(map(str, dims))}", chip_config, chips, per_host, hbm)
+
+
+def topology_devices(topo: Topology) -> list:
+    """The slice's devices (one per chip), described by libtpu; no TPU needs to be attached."""
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server to ask on a CPU machine
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chip is used: several compiles may run at once
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise ValueError("compiling for a TPU topology needs libtpu: pip install -e '.[tpu]' "
+                         "(or pip install 'jax[tpu]')") from None
+    from jax.experimental import topologies
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.name, chip_config_name=topo.chip_config,
+                                        chips_per_host_bounds=topo.chips_per_host, num_slices=1)
+    devices = list(desc.devices)
+    if len(devices) != topo.chips:
+        raise ValueError(f"{topo.accelerator}: libtpu described {len(devices)} devices, expected {topo.chips}")
+    return devices
+
+
+def device_hbm(device) -> int | None:
+    """HBM bytes of an attached device (its allocator's limit), or None where the platform says nothing."""
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - CPU devices and some plugins do not report
+        return None
+    return stats.get("bytes_limit")

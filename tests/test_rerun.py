@@ -1,0 +1,92 @@
+"""A rerun of a run directory: it continues the run, refuses settings that change what was trained (naming
+them), allows those that may change on resume, never rewrites the saved config or repeats metric rows, and
+`--fresh` starts a new directory beside it."""
+import json
+
+import pytest
+
+from paft_jax.launch import main
+from paft_jax.train.config import resume_conflicts
+
+TINY = ["--config", "configs/tiny_sft.yaml", "--no-progress", "eval_every=0", "eval_batches=1",
+        "checkpoint.save_every=2", "checkpoint.async_save=false", "optim.warmup_steps=0"]
+
+
+def test_resume_conflicts_names_result_changing_keys_only():
+    saved = {"steps": 10, "optim": {"learning_rate": 3e-3, "b1": 0.9}, "mesh": {"fsdp": 8}, "seed": 0,
+             "data": {"sources": [{"path": "a.jsonl"}]}, "old_key": 1}
+    new = {"steps": 20, "optim": {"learning_rate": 1e-4, "b1": 0.9}, "mesh": {"fsdp": 4}, "seed": 0,
+           "data": {"sources": [{"path": "b.jsonl"}]}, "new_key": 2}
+    assert resume_conflicts(saved, new) == ["data.sources: [{'path': 'a.jsonl'}] -> [{'path': 'b.jsonl'}]",
+                                            "optim.learning_rate: 0.003 -> 0.0001"]
+    assert resume_conflicts(saved, saved) == []
+    # tuples and lists are the same once saved as JSON
+    assert resume_conflicts({"x": [1, 2]}, {"x": (1, 2)}) == []
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rerun") / "sft"
+    assert main(["sft", *TINY, "steps=2", f"output_dir={out}"]) == 0
+    return out
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_changed_learning_rate_is_refused_naming_it_and_nothing_is_rewritten(finished):
+    before = (finished / "config.json").read_text(), (finished / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"optim\.learning_rate: 0\.003 -> 0\.0001.*--fresh"):
+        main(["sft", *TINY, "steps=2", "optim.learning_rate=1e-4", f"output_dir={finished}"])
+    assert ((finished / "config.json").read_text(), (finished / "metrics.jsonl").read_text()) == before
+
+
+def test_rerun_of_a_finished_run_trains_and_logs_nothing(finished, capsys, caplog):
+    before = (finished / "metrics.jsonl").read_text()
+    with caplog.at_level("INFO", logger="paft_jax"):
+        assert main(["sft", *TINY, "steps=2", f"output_dir={finished}"]) == 0
+    captured = capsys.readouterr()
+    assert "already trained to step 2" in caplog.text
+    assert (finished / "metrics.jsonl").read_text() == before  # no duplicate eval row
+    assert json.loads(captured.out.strip().splitlines()[-1])["step"] == 2  # the run's final numbers
+
+
+def test_steps_below_the_checkpoint_are_refused(finished):
+    with pytest.raises(ValueError, match="is at step 2, past steps=1"):
+        main(["sft", *TINY, "steps=1", f"output_dir={finished}"])
+
+
+def test_more_steps_continue_and_fresh_starts_beside(finished, tmp_path):
+    import shutil
+    run = tmp_path / "sft"
+    shutil.copytree(finished, run)
+    assert main(["sft", *TINY, "steps=3", "eval_batches=2", f"output_dir={run}"]) == 0  # allowed changes
+    recs = rows(run)
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in recs if "eval_loss" in r] == [2, 3]
+    assert json.loads((run / "config.json").read_text())["steps"] == 3
+    # --fresh with a changed setting: a new run directory beside, the old one untouched
+    assert main(["sft", *TINY, "--fresh", "steps=2", "optim.learning_rate=1e-4", f"output_dir={run}"]) == 0
+    fresh = tmp_path / "sft-2"
+    assert json.loads((fresh / "config.json").read_text())["optim"]["learning_rate"] == 1e-4
+    assert [r["step"] for r in rows(fresh) if "loss" in r] == [1, 2]
+    assert json.loads((run / "config.json").read_text())["optim"]["learning_rate"] == 3e-3
+
+
+def test_generate_reads_a_run_directory_as_its_export_would(finished, tmp_path, capsys):
+    """`generate --model RUN` (and --checkpoint RUN) answer with base + delta: the same greedy tokens as the
+    branch's HF export; the export names the tokenizer's special tokens."""
+    args = ["--prompt", "What is 2 + 3?", "--max-new-tokens", "6"]
+    capsys.readouterr()
+    assert main(["generate", "--model", str(finished), *args]) == 0
+    from_run = capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(finished / "checkpoints"), *args]) == 0
+    assert capsys.readouterr().out == from_run
+    assert main(["export", "--checkpoint", str(finished), "--out", str(tmp_path / "hf"), "--no-verify"]) == 0
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert gen["bos_token_id"] == 0 and gen["eos_token_id"] == 4  # the llama3-test tokenizer's
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == 4
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "hf"), *args]) == 0
+    assert capsys.readouterr().out == from_run
