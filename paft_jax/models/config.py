@@ -14,7 +14,7 @@ import jax.numpy as jnp
 FAMILIES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION = ("naive", "chunked")
+ATTENTION = ("auto", "naive", "chunked", "splash", "cudnn")
 
 _DTYPES = {
     "float32": jnp.float32, "fp32": jnp.float32,
@@ -63,8 +63,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of matmuls; norms, softmax and logits stay fp32
     remat: str = "none"
-    # naive: the [B, K, G, T, S] fp32 scores at once (the reference); chunked: query blocks of
-    # attention_block rows, each recomputed in the backward pass (scores [B, K, G, block, S] at a time)
+    # paft_jax.models.attention: auto | naive (the reference) | chunked | splash (TPU) | cudnn (GPU)
     attention: str = "naive"
     attention_block: int = 512
 

@@ -6,7 +6,9 @@ fp32 frequencies, softmax in fp32).  Every parameter and major activation carrie
 parameters with a leading "layers" axis).
 
 Attention is masked by segment ids (0 = padding) and slot order, so packed sequences never attend
-across segments, and the same code serves training (no cache) and generation (a KV cache).
+across segments, and the same code serves training (no cache) and generation (a KV cache).  The
+implementation (the naive reference, query blocks, splash on TPU, cuDNN on GPU) is `cfg.attention`,
+resolved per platform in `paft_jax.models.attention`.
 """
 from __future__ import annotations
 
@@ -19,10 +21,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from paft_jax.mesh import fit_spec, logical_to_spec
+from paft_jax.models import attention
 from paft_jax.models.config import ModelConfig
 
 Array = jax.Array
-_NEG = -0.7 * float(np.finfo(np.float32).max)  # finite "minus infinity": fully masked rows stay NaN-free
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -60,15 +62,6 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return x * cos + rotated * sin
 
 
-def attention_mask(q_seg: Array, kv_seg: Array, q_slot: Array, kv_slot: Array, window: int | None) -> Array:
-    """[B, T, S] bool: causal by slot, same segment, key not padding, within the sliding window."""
-    causal = q_slot[:, :, None] >= kv_slot[:, None, :]
-    mask = causal & (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
-    if window is not None:
-        mask &= (q_slot[:, :, None] - kv_slot[:, None, :]) < window
-    return mask
-
-
 def segment_positions(segment_ids: Array) -> Array:
     """Position of each token inside its segment (packed rows restart at 0 for each segment)."""
     t = segment_ids.shape[-1]
@@ -84,11 +77,17 @@ class _Sharder:
     def __init__(self, mesh: Mesh | None, rules: tuple):
         self.mesh, self.rules = mesh, rules
 
+    def spec(self, names: tuple, shape: tuple):
+        return fit_spec(logical_to_spec(names, self.rules), shape, self.mesh)
+
     def __call__(self, x: Array, names: tuple) -> Array:
         if self.mesh is None:
             return x
-        spec = fit_spec(logical_to_spec(names, self.rules), x.shape, self.mesh)
-        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.spec(names, x.shape)))
+
+    @property
+    def platform(self) -> str:
+        return jax.default_backend() if self.mesh is None else self.mesh.devices.flat[0].platform
 
 
 def _with_delta(module: nn.Module, name: str, w: Array) -> Array:
@@ -172,21 +171,8 @@ class Embed(nn.Module):
         return jnp.dot(x.astype(self.cfg.jnp_dtype), self.table().T)
 
 
-def _attend(qg: Array, kk: Array, v: Array, mask: Array) -> Array:
-    """Softmax attention of queries [b, t, k, g, d] over keys/values [b, s, k, d] under mask [b, t, s]:
-    fp32 scores and softmax, output [b, t, k, g, d] in the values' dtype."""
-    d = qg.shape[-1]
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, kk, preferred_element_type=jnp.float32) * (d ** -0.5)
-    logits = jnp.where(mask[:, None, None], logits, _NEG)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
-
-
-def _query_block(t: int, block: int) -> int:
-    """The largest query block <= `block` that divides t (t itself when t <= block)."""
-    if t <= block:
-        return t
-    return max(c for c in range(1, block + 1) if t % c == 0)
+def _implementation(cfg: ModelConfig, sh: _Sharder, seq_len: int, decoding: bool) -> str:
+    return attention.resolve(cfg.attention, sh.platform, seq_len=seq_len, dtype=cfg.jnp_dtype, decoding=decoding)
 
 
 class Attention(nn.Module):
@@ -194,7 +180,7 @@ class Attention(nn.Module):
     shard: Any = None
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
+    def __call__(self, x, cos, sin, attn, layer_cache, cache_index):
         cfg, sh = self.cfg, self.shard
         n, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
         bias = cfg.attention_bias
@@ -210,18 +196,21 @@ class Attention(nn.Module):
             vc = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, 1)
             new_cache = {"k": kc, "v": vc}
             kk, v = kc.astype(q.dtype), vc.astype(q.dtype)
-        b, t = q.shape[:2]
-        qg = q.reshape(b, t, k, n // k, d)
-        block = _query_block(t, cfg.attention_block) if cfg.attention == "chunked" else t
-        if block == t:
-            out = _attend(qg, kk, v, mask)
-        else:  # query blocks one at a time, each recomputed in the backward pass: scores [b, k, g, block, s]
-            nb = t // block
-            blocks = (qg.reshape(b, nb, block, *qg.shape[2:]).swapaxes(0, 1),
-                      mask.reshape(b, nb, block, mask.shape[-1]).swapaxes(0, 1))
-            attend = jax.checkpoint(lambda qm: _attend(qm[0], kk, v, qm[1]), prevent_cse=False)
-            out = jax.lax.map(attend, blocks).swapaxes(0, 1).reshape(b, t, k, n // k, d)
-        out = out.reshape(b, t, n, d)
+        m, seg = attn
+        impl = _implementation(cfg, sh, q.shape[1], layer_cache is not None)
+        if impl == "splash":
+            batch_axes = head_axes = None
+            if sh.mesh is not None:  # per device over batch and heads (when q and kv heads split alike)
+                qs = sh.spec(("act_batch", "act_length", "act_heads", "head_dim"), q.shape)
+                ks = sh.spec(("act_batch", "act_length", "act_kv_heads", "head_dim"), kk.shape)
+                batch_axes, head_axes = qs[0], (qs[2] if qs[2] == ks[2] else None)
+            out = attention.splash(q, kk, v, seg, window=cfg.sliding_window, block=cfg.attention_block,
+                                   interpret=sh.platform == "cpu", mesh=sh.mesh, batch_axes=batch_axes,
+                                   head_axes=head_axes)
+        elif impl == "cudnn":
+            out = attention.cudnn(q, kk, v, seg, window=cfg.sliding_window)
+        else:
+            out = attention.naive(q, kk, v, m, cfg.attention_block if impl == "chunked" else None)
         out = sh(out, ("act_batch", "act_length", "act_heads", "head_dim"))
         out = _dense(cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), cfg, "o_proj")(out)
         return out, new_cache
@@ -245,9 +234,9 @@ class DecoderLayer(nn.Module):
     shard: Any = None
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
+    def __call__(self, x, cos, sin, attn, layer_cache, cache_index):
         h, new_cache = Attention(self.cfg, self.shard, name="self_attn")(
-            RMSNorm(self.cfg, name="input_layernorm")(x), cos, sin, mask, layer_cache, cache_index)
+            RMSNorm(self.cfg, name="input_layernorm")(x), cos, sin, attn, layer_cache, cache_index)
         x = x + h
         x = x + MLP(self.cfg, self.shard, name="mlp")(RMSNorm(self.cfg, name="post_attention_layernorm")(x))
         x = self.shard(x, ("act_batch", "act_length", "act_embed"))
@@ -294,7 +283,8 @@ class Decoder(nn.Module):
                                                          cache_index, 1)
             kv_slot = jnp.broadcast_to(jnp.arange(kv_seg.shape[1]), kv_seg.shape)
             layer_caches = cache["layers"]
-        mask = attention_mask(segment_ids, kv_seg, q_slot, kv_slot, cfg.sliding_window)
+        kernel = _implementation(cfg, sh, t, cache is not None) in ("splash", "cudnn")
+        m = None if kernel else attention.mask(segment_ids, kv_seg, q_slot, kv_slot, cfg.sliding_window)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
 
         embed = Embed(cfg, name="embed_tokens")
@@ -307,7 +297,8 @@ class Decoder(nn.Module):
         stack = nn.scan(layer, variable_axes={"params": 0, "delta": 0, "lora": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        x, new_layer_caches = stack(cfg, sh, name="layers")(x, cos, sin, mask, layer_caches, cache_index)
+        x, new_layer_caches = stack(cfg, sh, name="layers")(x, cos, sin, (m, segment_ids), layer_caches,
+                                                             cache_index)
         x = RMSNorm(cfg, name="norm")(x)
         new_cache = None if cache is None else {"layers": new_layer_caches, "seg": kv_seg}
         if return_hidden:
@@ -327,9 +318,14 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
             "seg": jnp.zeros((batch, max_len), jnp.int32)}
 
 
+def _init(cfg: ModelConfig, rng: Array) -> dict:
+    # the parameters do not depend on the attention implementation; a 1-token row suits only the naive one
+    return Decoder(cfg.replace(attention="naive")).init(rng, jnp.zeros((1, 1), jnp.int32))
+
+
 def abstract_params(cfg: ModelConfig) -> tuple[Any, Any]:
     """(shape/dtype tree, logical-axis-names tree) of the parameters, without allocating anything."""
-    boxed = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    boxed = jax.eval_shape(lambda: _init(cfg, jax.random.key(0)))["params"]
     axes = nn.get_partition_spec(boxed)
     axes = jax.tree_util.tree_map(lambda s: tuple(s), axes, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
     shapes = nn.meta.unbox(boxed)
@@ -341,7 +337,7 @@ def init_params(cfg: ModelConfig, rng: Array, mesh: Mesh | None = None, rules: t
     from paft_jax.mesh import tree_shardings
 
     def init():
-        return nn.meta.unbox(Decoder(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
+        return nn.meta.unbox(_init(cfg, rng)["params"])
 
     if mesh is None:
         return jax.jit(init)()

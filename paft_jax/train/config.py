@@ -26,8 +26,8 @@ class TrainConfig:
     param_dtype: str = "auto"          # dtype the frozen base is held in (auto: the checkpoint's)
     compute_dtype: str = "auto"        # auto: float32 on CPU, bfloat16 on accelerators
     remat: str = "none"                # none | full | dots | dots_no_batch
-    attention: str = "naive"           # naive (the reference) | chunked (query blocks: less memory at long rows)
-    attention_block: int = 512         # chunked: query rows per block
+    attention: str = "auto"            # auto (splash on TPU, cudnn on GPU, naive on CPU) | naive | chunked | splash | cudnn
+    attention_block: int = 512         # chunked: query rows per block; splash: its q / kv block (a multiple of 128)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval_data: DataConfig | None = None  # held-out set (defaults: no shuffle, one pass)
