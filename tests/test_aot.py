@@ -92,7 +92,7 @@ def test_reduced_config_compiles_for_a_tpu_topology(tmp_path, capsys):
     assert main(["compile", "--config", "configs/tiny_dpo.yaml", "--topology", "v4-8", "--no-progress",
                  "--json", str(out), "ref_cache=true"]) == 0
     table = capsys.readouterr().out
-    assert "train_step" in table and "reference_logps" in table and "32.0" in table
+    assert "train_step" in table and "reference_logps" in table and "32.0" in table and "kernels" in table
     rows = json.loads(out.read_text())["programs"]
     assert {r["program"] for r in rows} >= {"train_step", "eval_step", "reference_logps (train)"}
     for r in rows:
@@ -103,12 +103,14 @@ def test_reduced_config_compiles_for_a_tpu_topology(tmp_path, capsys):
 @pytest.mark.skipif(not _libtpu(), reason="libtpu not installed (pip install -e '.[tpu]')")
 def test_compile_refuses_a_program_that_does_not_fit(tmp_path):
     """Refused by the compiler (a tiny model whose batch needs ~1 TiB of attention scores per chip), and by the
-    headroom check after a successful compile: each names the program, the bytes needed and the chip's HBM."""
+    headroom check after a successful compile: each names the program, the bytes needed and the chip's HBM.
+    (attention=naive: splash, auto's choice on TPU, never holds those scores.)"""
     from paft_jax.launch import main
     with pytest.raises(ValueError, match=r"sft/train_step does not fit: the compiler ran out of memory \(.*"
                                          r"required .*\([\d.]+T\) exceeds available HBM"):
         main(["compile", "--config", "configs/tiny_sft.yaml", "--topology", "v5litepod-1", "--no-progress",
-              "--programs", "train_step", "mesh.fsdp=1", "data.batch_size=256", "data.seq_len=8192"])
+              "--programs", "train_step", "mesh.fsdp=1", "data.batch_size=256", "data.seq_len=8192",
+              "attention=naive"])
     with pytest.raises(ValueError, match=r"sft/train_step does not fit: it needs [\d.]+ GiB per chip "
                                          r"\([\d,]+ bytes\) and the chip has 16.0 GiB HBM less the 100% headroom"):
         main(["compile", "--config", "configs/tiny_sft.yaml", "--topology", "v5litepod-1", "--no-progress",
@@ -130,3 +132,20 @@ def test_paft_config_compiles_per_branch_on_its_split_and_alone(tmp_path):
     assert [(r["branch"], r["devices"]) for r in rows] == [("preference", 8)]
     with pytest.raises(ValueError, match="--branch selects a branch of a PAFT config"):
         main(["compile", "--config", "configs/tiny_sft.yaml", "--branch", "sft", "--no-progress"])
+
+
+@pytest.mark.skipif(not _libtpu(), reason="libtpu not installed (pip install -e '.[tpu]')")
+def test_splash_attention_compiles_for_a_tpu_topology(tmp_path):
+    """attention=auto on TPU with rows of a multiple of 128 tokens is splash: its Pallas kernels (forward, and the
+    fused backward in the train step) are in the executables; attention=naive has none; 576-token rows fall back."""
+    from paft_jax.launch import main
+    out = tmp_path / "t.json"
+    kernels = {}
+    for extra in (["attention=auto"], ["attention=naive"], ["attention=auto", "data.seq_len=576",
+                                                            "eval_data.seq_len=576"]):
+        assert main(["compile", "--config", "configs/tiny_sft.yaml", "--topology", "v4-8", "--no-progress",
+                     "--json", str(out), *extra]) == 0
+        kernels[" ".join(extra)] = {r["program"]: r["kernels"] for r in json.loads(out.read_text())["programs"]}
+    assert kernels["attention=auto"] == {"train_step": 2, "eval_step": 1}
+    assert kernels["attention=naive"] == {"train_step": 0, "eval_step": 0}
+    assert kernels["attention=auto data.seq_len=576 eval_data.seq_len=576"] == {"train_step": 0, "eval_step": 0}

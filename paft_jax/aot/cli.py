@@ -121,6 +121,8 @@ def cmd_compile(args) -> int:
     print(f"compile {args.config} for {where}\nmodel {mcfg.family}: {mcfg.num_params():,} params, "
           f"{mcfg.num_layers} layers, hidden {mcfg.hidden_size}; params {mcfg.param_dtype}, compute {mcfg.dtype}, "
           f"remat {mcfg.remat}", file=sys.stderr)
+    for name, tc, _ in branches:
+        print(f"{name}: attention {tc.attention} (block {tc.attention_block}), remat {tc.remat}", file=sys.stderr)
     jobs = [(name, prog, fn, a, mesh) for name, tc, mesh in branches
             for prog, fn, a in abstract_programs(tc, mcfg, mesh) if prog.split(" ")[0] in wanted]
     rows, refused = [], []

@@ -19,6 +19,7 @@ class ProgramMemory:
     temp: int               # XLA temporaries at the peak (activations, gradients, ...)
     hbm: int | None         # the chip's memory, when known
     compile_s: float
+    kernels: int = 0        # Pallas (Mosaic) kernel calls in the executable, e.g. splash attention's
 
     @property
     def peak(self) -> int:
@@ -38,15 +39,16 @@ def compile_memory(branch: str, name: str, fn, args: tuple, mesh, hbm: int | Non
     compiled = fn.lower(*args).compile()
     seconds = time.perf_counter() - t0
     m = compiled.memory_analysis()
+    kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"')
     return ProgramMemory(branch, name, mesh.size, dict(mesh.shape), int(m.argument_size_in_bytes),
                          int(m.output_size_in_bytes), int(m.alias_size_in_bytes), int(m.temp_size_in_bytes),
-                         hbm, round(seconds, 1))
+                         hbm, round(seconds, 1), kernels)
 
 
 def table(rows: list[ProgramMemory]) -> str:
     """Per program and per chip, in GiB: argument, output, alias, temporary and peak against the HBM."""
     head = ("branch", "program", "chips", "mesh", "args", "output", "alias", "temp", "peak", "HBM", "headroom",
-            "fits", "compile")
+            "fits", "kernels", "compile")
     lines = []
     for r in rows:
         mesh = "x".join(f"{k}{v}" for k, v in r.mesh.items() if v > 1) or "1"
@@ -54,7 +56,7 @@ def table(rows: list[ProgramMemory]) -> str:
         lines.append((r.branch, r.program, str(r.devices), mesh, *(f"{b / GIB:.2f}" for b in (
             r.argument, r.output, r.alias, r.temp, r.peak)), f"{r.hbm / GIB:.1f}" if r.hbm else "?",
             f"{hr:.1%}" if hr is not None else "?", ("yes" if hr >= 0 else "NO") if hr is not None else "?",
-            f"{r.compile_s:.0f}s"))
+            str(r.kernels), f"{r.compile_s:.0f}s"))
     widths = [max(len(h), *(len(x[i]) for x in lines)) if lines else len(h) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:{'<' if i < 4 else '>'}{w}}}" for i, w in enumerate(widths))
     return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*x) for x in lines])
