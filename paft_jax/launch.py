@@ -179,6 +179,13 @@ def cmd_eval(args) -> int:
     # data and prompts first: a missing data set or a bad option is refused before the model loads
     prepared = run.prepare(names, split=args.split, limit=args.limit, num_fewshot=args.num_fewshot,
                            data_dir=args.data_dir)
+    if args.checkpoint is None and args.model not in ("smollm2", "smollm2-135m"):
+        from paft_jax.hf.load import resolve_model_path
+        directory, gguf = resolve_model_path(args.model)
+        if gguf is None and not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                         "tokenizer.model")):
+            raise ValueError(f"{args.model}: the model has no tokenizer (no tokenizer.json, tokenizer_config.json or "
+                             "tokenizer.model); the tasks' prompts are text")
     lm = _load(args) if args.checkpoint is None else _load_checkpoint(args)
     mesh, rules = _mesh(args.mesh)
     scorer = Scorer(lm.params, lm.cfg, lm.tokenizer, mesh, rules, args.batch_size)
@@ -190,7 +197,7 @@ def cmd_eval(args) -> int:
     print(f"wall time {report['wall_s']:.0f}s (model {lm.source})")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+        Path(args.output).write_text(json.dumps(run.json_safe(report), indent=2) + "\n")
     return 0
 
 
@@ -317,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax._src", "urllib3", "filelock", "fsspec"):
+    for noisy in ("absl", "jax._src", "urllib3", "filelock", "fsspec", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return int(args.fn(args) or 0)

@@ -103,6 +103,12 @@ CASES = {
                              "--weight", "2", "--weight", "3", "--out", "{tmp}/m"], ["--weight given 3 times"]),
     "sparsity-missing-model": (["sparsity", "--base", "{hf}", "--model", "{tmp}/nope"], ["{tmp}/nope"]),
     "compile-missing-config": (["compile", "--config", "{tmp}/nope.yaml"], ["nope.yaml"]),
+    "eval-unknown-task": (["eval", "--model", "{hf}", "--tasks", "arc_easy,hellaswg"], ["did you mean 'hellaswag'"]),
+    "eval-limit-zero": (["eval", "--model", "{hf}", "--tasks", "arc_easy", "--limit", "0"], ["--limit 0"]),
+    "eval-missing-split": (["eval", "--model", "{hf}", "--tasks", "winogrande", "--split", "train"],
+                           ["winogrande: no train split"]),
+    "eval-no-tokenizer": (["eval", "--model", "{hf}", "--tasks", "winogrande", "--limit", "1"],
+                          ["the model has no tokenizer"]),
 }
 
 

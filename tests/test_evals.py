@@ -206,3 +206,27 @@ def test_wheel_data_counts():
         assert len(load_split(T.TASKS[name], split, None)) == n, (name, split)
     dev = load_split(T.TASKS["mmlu"], "dev", None)
     assert len(dev) == 285 and {r["subject"] for r in dev} == set(T.MMLU_SUBJECTS)
+
+
+@needs_wheel
+@pytest.mark.slow
+def test_launch_eval_on_smollm2(tmp_path):
+    """The command end to end on the real SmolLM2-135M: one document per task (MMLU: one per subject), JSON keyed
+    results[task][metric] with standard errors, the table on stdout."""
+    import json
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "r.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
+    p = subprocess.run([sys.executable, "-m", "paft_jax.launch", "eval", "--model", "smollm2", "--tasks",
+                        "arc_challenge,hellaswag,winogrande,mmlu,gsm8k", "--limit", "1", "--num-fewshot", "0",
+                        "--no-progress", "--output", str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())["results"]
+    assert {"arc_challenge", "hellaswag", "winogrande", "mmlu", "mmlu_stem", "gsm8k"} <= set(r)
+    assert set(r["arc_challenge"]) >= {"acc", "acc_norm", "acc_stderr", "n"} and r["arc_challenge"]["n"] == 1
+    assert r["mmlu"]["n"] == 57 and 0 <= r["mmlu"]["acc"] <= 1
+    assert r["mmlu"]["acc_stderr"] is None  # one document per subject: no stderr (lm-eval's N/A), null in JSON
+    assert set(r["gsm8k"]) >= {"exact_match,strict-match", "exact_match,flexible-extract"}
+    assert "mmlu_humanities" in p.stdout and "wall time" in p.stdout

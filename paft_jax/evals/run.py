@@ -165,6 +165,17 @@ def score(prepared: list[Prepared], scorer: Scorer, params, cfg, tokenizer, batc
     return {"results": results, "timing_s": timing, "samples": samples}
 
 
+def json_safe(x: Any) -> Any:
+    """NaN (a standard error of fewer than two documents) as null: strict JSON."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [json_safe(v) for v in x]
+    return x
+
+
 def table(report: dict) -> str:
     rows = []
     for task, res in report["results"].items():
