@@ -117,7 +117,7 @@ TASKS: dict[str, Task] = {
                       exclude_self=True),
     "winogrande": Task("winogrande", ("sentence", "option1", "option2", "answer"), "validation", "train", "mc",
                        ("acc",), gold=lambda d: {"1": 0, "2": 1}[str(d["answer"])], exclude_self=True),
-    "mmlu": Task("mmlu", ("question", "choices", "answer"), "test", "dev", "mc", ("acc",), text=_mmlu_text,
+    "mmlu": Task("mmlu", ("question", "subject", "choices", "answer"), "test", "dev", "mc", ("acc",), text=_mmlu_text,
                  choices=lambda d: ["A", "B", "C", "D"], gold=lambda d: int(d["answer"]),
                  description=lambda d: "The following are multiple choice questions (with answers) about "
                                        f"{' '.join(d['subject'].split('_'))}.\n\n"),
