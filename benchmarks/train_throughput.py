@@ -188,8 +188,8 @@ def main() -> None:
     for kind in ("sft", "dpo"):
         tokens = args.batch * args.length * (1 if kind == "sft" else 2)
         # the training loop's own counter: fwd + bwd, and for DPO the reference forward, over chosen + rejected
-        rows = args.batch * (1 if kind == "sft" else 2)
-        flops = step_flops(mcfg, rows, args.length, reference_forward=kind == "dpo")
+        seqs = args.batch * (1 if kind == "sft" else 2)
+        flops = step_flops(mcfg, seqs, args.length, reference_forward=kind == "dpo")
         batch = ours_sft_batch(rows) if kind == "sft" else ours_pair_batch(prs)
         runs = [("paft_jax", ours(kind, batch, args))]
         if kind == "dpo":
@@ -197,7 +197,7 @@ def main() -> None:
         if not args.skip_trl:
             runs.append(("TRL " + __import__("trl").__version__, trl_side(kind, rows, prs, args)))
         for name, t in runs:
-            f = flops if "cached" not in name else step_flops(mcfg, rows, args.length)
+            f = flops if "cached" not in name else step_flops(mcfg, seqs, args.length)
             results.append({"objective": kind, "impl": name, "s_per_step": t, "tokens_per_s": tokens / t,
                             "mfu_vs_measured_peak": f / t / peak})
     trl_t = {r["objective"]: r["tokens_per_s"] for r in results if r["impl"].startswith("TRL")}

@@ -25,6 +25,7 @@ from paft_jax.data import one_pass
 from paft_jax.train.objectives import reference_pair_logps, reference_params
 from paft_jax.train.programs import branch_model
 from paft_jax.train.step_fn import make_logp_fn
+from paft_jax.train.turns import one_at_a_time
 
 log = logging.getLogger("paft_jax")
 
@@ -95,8 +96,8 @@ def reference_table(branch, it, split: str) -> RefTable:
         log.info("reference log-probs for %s: reusing %s", split, path)
         return table
 
-    ref = reference_program(branch_model(cfg, base.cfg), cfg.objective.logits_chunk, branch.mesh, branch.rules,
-                            branch.base_sh, branch.data_sharding)
+    ref = one_at_a_time(reference_program(branch_model(cfg, base.cfg), cfg.objective.logits_chunk, branch.mesh,
+                                          branch.rules, branch.base_sh, branch.data_sharding))
     idx, ch, rj = [], [], []
     from tqdm.auto import tqdm
     from paft_jax.mesh import is_mesh_primary

@@ -1,0 +1,58 @@
+"""Device programs one at a time while branch threads share an XLA:CPU process.
+
+XLA:CPU runs the collectives of all its simulated devices on one small thread pool (as many threads as
+cores).  Two programs with collectives in flight at once (the PAFT branches training in parallel threads,
+each on its own sub-mesh) can fill that pool with half-arrived rendezvous and deadlock: XLA aborts the
+process after its 40 s rendezvous timeout (seen on 2-core machines).  On CPU nothing is gained by
+overlapping the branches' programs, so inside `taking_turns()` every program wrapped by `one_at_a_time`
+holds one process-wide lock until its outputs are ready.  Elsewhere (accelerators, a single branch) the
+wrapper calls straight through and dispatch stays asynchronous.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from typing import Callable, Iterator
+
+import jax
+
+_lock = threading.RLock()
+_active = 0
+
+
+@contextlib.contextmanager
+def taking_turns() -> Iterator[None]:
+    """While active (CPU backend only), wrapped programs run one at a time across threads."""
+    global _active
+    on = jax.default_backend() == "cpu"
+    if on:
+        with _lock:
+            _active += 1
+    try:
+        yield
+    finally:
+        if on:
+            with _lock:
+                _active -= 1
+
+
+@contextlib.contextmanager
+def turn() -> Iterator[None]:
+    """Hold the device for a block of host code that runs programs (setting up a branch)."""
+    if not _active:
+        yield
+        return
+    with _lock:
+        yield
+
+
+def one_at_a_time(fn: Callable) -> Callable:
+    """`fn` (a jitted program) that, inside `taking_turns()`, runs alone and returns ready outputs."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not _active:
+            return fn(*args, **kwargs)
+        with _lock:
+            return jax.block_until_ready(fn(*args, **kwargs))
+    return call
