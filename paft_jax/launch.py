@@ -326,8 +326,36 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "urllib3", "filelock", "fsspec", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.verbose:
+        quiet_failed_save_echoes()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return int(args.fn(args) or 0)
+
+
+def quiet_failed_save_echoes() -> None:
+    """When a checkpoint write fails (a full disk), the save's error reaches the CLI, which reports it once.
+    On the way orbax logs it with a traceback from each of its background threads, asyncio logs its
+    never-retrieved copies at exit, and tensorstore finishes the cancelled writes into orbax's closed event
+    loop, each an ignored `RuntimeError: Event loop is closed` traceback (hundreds, some after the CLI's
+    message).  Without `--verbose`: orbax's per-thread echo is dropped, orbax's and asyncio's other records
+    keep their first line only, and that one ignored error is not printed."""
+    class FirstLineOnly(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if "_SignalingThread.run() raised an exception" in str(record.msg):
+                return False   # orbax re-raises it to the saver
+            record.msg, record.args = record.getMessage().split("\n", 1)[0], None
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+            return True
+
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(FirstLineOnly())
+    printed = sys.unraisablehook
+
+    def hook(u):
+        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+            printed(u)
+
+    sys.unraisablehook = hook
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

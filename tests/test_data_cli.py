@@ -136,7 +136,7 @@ WORKER = textwrap.dedent("""
     everything = multihost_utils.process_allgather(g["example_index"], tiled=True)
     steps = [it2.steps_per_epoch(), global_steps_per_epoch(it2)]
     print("RESULT " + json.dumps({"mine": mine, "global_shape": list(g["input_ids"].shape), "steps": steps,
-                                  "global_index": np.asarray(everything).tolist()}))
+                                  "global_index": np.asarray(everything).tolist()}), flush=True)
 """)
 
 

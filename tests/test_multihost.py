@@ -36,7 +36,7 @@ WORKER = textwrap.dedent("""
     branch = float(jax.jit(lambda p: sum(jnp.sum(x) for x in jax.tree_util.tree_leaves(p)))(local))
     multihost_utils.sync_global_devices("branches done")
     print("RESULT " + json.dumps({"total": float(total), "branch": branch,
-                                  "branch_processes": sorted({d.process_index for d in mine.devices.flat})}))
+                                  "branch_processes": sorted({d.process_index for d in mine.devices.flat})}), flush=True)
 """)
 
 
