@@ -156,7 +156,9 @@ def test_two_processes_load_disjoint_rows_covering_the_data(tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    res = [json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]) for out, _ in outs]
+    found = [[line[7:] for line in out.splitlines() if line.startswith("RESULT ")] for out, _ in outs]
+    assert all(found), [(out[-1000:], err[-2000:]) for out, err in outs]
+    res = [json.loads(f[0]) for f in found]
     a, b = set(res[0]["mine"]), set(res[1]["mine"])
     assert len(res[0]["mine"]) == len(a) and not a & b and a | b == set(range(23))
     assert all(i % 2 == 0 for i in a) and all(i % 2 == 1 for i in b)
