@@ -7,6 +7,10 @@ Each side: `--steps` timed steps after `--warmup` untimed ones; the table shows 
 
     XLA_FLAGS= python benchmarks/train_throughput.py [--batch 4 --length 128 --steps 5] [--skip-trl]
 
+paft_jax runs with full logits (`--logits-chunk 0`: TRL computes them whole too) and its 30-layer scan unrolled
+(`--scan-unroll 30`, the `scan_unroll` train key); `--logits-chunk 8192 --scan-unroll 1` are the train
+defaults (bounded logits memory at 7-8B, the fastest compile).
+
 MFU: the training loop's FLOP count (paft_jax/models/flops.py: 6 x matmul parameters, lm head included, plus
 attention, per token; 2 more for DPO's reference forward) / time / peak, where peak is an fp32
 2048x2048 matmul measured in this run (jax), so both sides are held to the same yardstick.
@@ -14,6 +18,7 @@ attention, per token; 2 more for DPO's reference forward) / time / peak, where p
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -26,6 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")   # a CPU benchmark: libtpu (the tpu extra) need not probe for TPUs
 
 
 def matmul_peak() -> float:
@@ -69,7 +75,8 @@ def ours(kind: str, batch_rows, args, ref_cache=False) -> float:
         batch_size=args.batch)
     cfg = TrainConfig(model="smollm2", mesh=MeshConfig(data=1, fsdp=1, tensor=1), data=data,
                       objective=ObjectiveConfig(kind=kind, logits_chunk=args.logits_chunk),
-                      optim=OptimConfig(learning_rate=1e-6), steps=1000, ref_cache=False, output_dir="/tmp/bench")
+                      optim=OptimConfig(learning_rate=1e-6), steps=1000, ref_cache=False, output_dir="/tmp/bench",
+                      scan_unroll=args.scan_unroll)
     mesh = build_mesh(cfg.mesh, devices=jax.devices()[:1])
     base = load_base(cfg, mesh, cfg.mesh.logical_rules())
     branch = Branch(cfg, base, mesh, cfg.mesh.logical_rules())
@@ -169,10 +176,15 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=128, help="tokens per sequence (DPO: prompt + completion)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--logits-chunk", type=int, default=8192)
+    ap.add_argument("--logits-chunk", type=int, default=0,
+                    help="paft_jax objective.logits_chunk; 0: full logits in one matmul, as TRL computes them")
+    ap.add_argument("--scan-unroll", type=int, default=30,
+                    help="paft_jax scan_unroll; 30: SmolLM2's whole layer stack unrolled (faster on XLA:CPU)")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/train_throughput.json"))
     args = ap.parse_args()
+    if not args.skip_trl and importlib.util.find_spec("trl") is None:
+        sys.exit("error: TRL is not installed: pip install -e '.[bench]', or give --skip-trl")
 
     from paft_jax.hf.bundled import smollm2_gguf_path
     from paft_jax.hf.load import load_tokenizer
@@ -202,7 +214,8 @@ def main() -> None:
                             "mfu_vs_measured_peak": f / t / peak})
     trl_t = {r["objective"]: r["tokens_per_s"] for r in results if r["impl"].startswith("TRL")}
     print(f"\nSmolLM2-135M, fp32, CPU ({os.cpu_count()} cores), batch {args.batch} x {args.length} tokens, "
-          f"matmul peak {peak / 1e9:.0f} GFLOP/s (measured)\n")
+          f"matmul peak {peak / 1e9:.0f} GFLOP/s (measured); paft_jax logits_chunk {args.logits_chunk}, "
+          f"scan_unroll {args.scan_unroll}\n")
     print(f"{'objective':9} {'implementation':24} {'s/step':>8} {'tokens/s':>9} {'MFU':>6} {'vs TRL':>7}")
     for r in results:
         ratio = r["tokens_per_s"] / trl_t[r["objective"]] if r["objective"] in trl_t else float("nan")

@@ -76,6 +76,7 @@ CASES = {
     "train-resume-maybe": (["train", "--config", "configs/tiny_sft.yaml", "checkpoint.resume=maybe",
                             "output_dir={tmp}/run"], ["checkpoint.resume='maybe'"]),
     "sft-bad-lr": (["sft", "--config", "configs/tiny_sft.yaml", "optim.learning_rate=0"], ["learning_rate"]),
+    "sft-scan-unroll-zero": (["sft", "--config", "configs/tiny_sft.yaml", "scan_unroll=0"], ["scan_unroll=0"]),
     "sft-loss-type": (["sft", "--config", "configs/tiny_sft.yaml", "objective.loss_type=foo"], ["loss_type='foo'"]),
     "dpo-on-sft-config": (["dpo", "--config", "configs/tiny_sft.yaml"], ["contradicts the `dpo` command"]),
     "orpo-on-dpo-config": (["orpo", "--config", "configs/tiny_dpo.yaml"], ["contradicts the `orpo` command"]),

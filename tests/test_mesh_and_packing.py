@@ -118,3 +118,23 @@ def test_remat_changes_memory_not_results(policy):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
     temp = [f.lower(params).compile().memory_analysis().temp_size_in_bytes for f in (plain, remat)]
     assert temp[1] < 0.5 * temp[0], temp
+
+
+@pytest.mark.parametrize("unroll", [2, 4, 9])
+def test_scan_unroll_changes_the_loop_not_results(unroll):
+    """Unrolling the layer scan (all 4 layers, 2 per trip, more than there are) gives the same logits and
+    gradients as one layer per trip, and the compiled loop makes fewer trips (none when fully unrolled)."""
+    cfg = CFG.replace(num_layers=4)
+    params = init_params(cfg, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(5), (2, 64), 0, cfg.vocab_size)
+
+    def grad_fn(c):
+        return jax.jit(jax.value_and_grad(lambda p: Decoder(c).apply({"params": p}, ids)[0].mean()))
+
+    plain, unrolled = grad_fn(cfg), grad_fn(cfg.replace(scan_unroll=unroll))
+    (la, ga), (lb, gb) = plain(params), unrolled(params)
+    np.testing.assert_allclose(la, lb, atol=1e-6, rtol=0)
+    for a, b in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    loops = [f.lower(params).as_text().count("stablehlo.while") for f in (plain, unrolled)]
+    assert loops[0] >= 2 and (loops[1] == 0 if unroll >= 4 else loops[1] == loops[0]), loops

@@ -59,6 +59,23 @@ def test_sft_cli_runs_logs_and_evaluates(tmp_path, capsys, caplog):
     assert json.loads((out / "config.json").read_text())["objective"]["kind"] == "sft"
 
 
+def test_logging_every_n_steps_records_the_same_metrics_for_every_step(tmp_path):
+    """Metrics fetched from the device every 3 steps (the loop does not wait on the host in between) are
+    those of fetching every step: each step's record, same values; only the clocks differ."""
+    runs = {}
+    for n in (1, 3):
+        cfg = load_train_config("configs/tiny_sft.yaml", ["steps=4", "eval_data=null", f"log_every={n}",
+                                                          f"output_dir={tmp_path / str(n)}"])
+        train(cfg, progress=False)
+        runs[n] = [json.loads(line) for line in (tmp_path / str(n) / "metrics.jsonl").read_text().splitlines()]
+    clocks = {"tokens_per_second", "model_tflops_per_second", "time_start", "time_end"}
+    assert [r["step"] for r in runs[3]] == [r["step"] for r in runs[1]] == [1, 2, 3, 4]
+    for a, b in zip(runs[1], runs[3]):
+        assert set(a) == set(b)
+        same = {k: a[k] for k in a if k not in clocks}
+        assert same == {k: b[k] for k in b if k not in clocks} and "loss" in same and "grad_norm" in same
+
+
 def test_dpo_reference_cache_is_reused_and_matches_the_in_step_reference(tmp_path, caplog):
     common = ["steps=2", "optim.warmup_steps=0", "eval_data=null", f"cache_dir={tmp_path / 'cache'}", "data.batch_size=8"]
     cached = train(load_train_config("configs/tiny_dpo.yaml", common + ["ref_cache=true",

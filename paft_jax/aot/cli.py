@@ -54,7 +54,7 @@ def model_shape(tc, named: str | None, on_cpu: bool):
         param = stored
     else:  # a named shape: 7-8B bases ship in bfloat16
         param = "bfloat16" if named is not None else mcfg.param_dtype
-    return mcfg.replace(dtype=compute, param_dtype=param, remat=tc.remat)
+    return mcfg.replace(dtype=compute, param_dtype=param, remat=tc.remat, scan_unroll=tc.scan_unroll)
 
 
 def plan_branches(args) -> tuple[list[tuple[str, object, object]], object, int | None, str]:
@@ -120,7 +120,7 @@ def cmd_compile(args) -> int:
     jax_devices = {d for _, _, m in branches for d in m.devices.flat}
     print(f"compile {args.config} for {where}\nmodel {mcfg.family}: {mcfg.num_params():,} params, "
           f"{mcfg.num_layers} layers, hidden {mcfg.hidden_size}; params {mcfg.param_dtype}, compute {mcfg.dtype}, "
-          f"remat {mcfg.remat}", file=sys.stderr)
+          f"remat {mcfg.remat}, layer scan unroll {mcfg.scan_unroll}", file=sys.stderr)
     for name, tc, _ in branches:
         print(f"{name}: attention {tc.attention} (block {tc.attention_block}), remat {tc.remat}", file=sys.stderr)
     jobs = [(name, prog, fn, a, mesh) for name, tc, mesh in branches
@@ -152,7 +152,8 @@ def cmd_compile(args) -> int:
             "config": args.config, "branch": args.branch, "overrides": args.overrides, "topology": args.topology,
             "where": where,
             "model": {"family": mcfg.family, "params": mcfg.num_params(), "param_dtype": mcfg.param_dtype,
-                      "dtype": mcfg.dtype, "remat": mcfg.remat},
+                      "dtype": mcfg.dtype, "remat": mcfg.remat,
+                      "scan_unroll": mcfg.scan_unroll},
             "min_headroom": args.min_headroom, "programs": [r.to_json() for r in rows], "refused": refused},
             indent=2) + "\n")
     if refused:

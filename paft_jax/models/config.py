@@ -63,6 +63,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of matmuls; norms, softmax and logits stay fp32
     remat: str = "none"
+    scan_unroll: int = 1  # layers per trip of the layer scan (nn.scan unroll): more, fewer trips, longer compile
     # paft_jax.models.attention: auto | naive (the reference) | chunked | splash (TPU) | cudnn (GPU)
     attention: str = "naive"
     attention_block: int = 512
@@ -85,6 +86,8 @@ class ModelConfig:
             errors.append(f"rope_scaling type {rs.get('rope_type')!r} is not supported (supported: {ROPE_TYPES})")
         if self.remat not in REMAT_POLICIES:
             errors.append(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        if int(self.scan_unroll) < 1:
+            errors.append(f"scan_unroll must be >= 1, got {self.scan_unroll}")
         if self.attention not in ATTENTION:
             errors.append(f"attention={self.attention!r} is not one of {ATTENTION}")
         if self.attention_block < 1:

@@ -296,7 +296,8 @@ class Decoder(nn.Module):
         # the delta / LoRA collections are stacked like the params: each layer of the scan sees its own slice
         stack = nn.scan(layer, variable_axes={"params": 0, "delta": 0, "lora": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
-                        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                        length=cfg.num_layers, unroll=min(cfg.scan_unroll, cfg.num_layers),
+                        metadata_params={nn.PARTITION_NAME: "layers"})
         x, new_layer_caches = stack(cfg, sh, name="layers")(x, cos, sin, (m, segment_ids), layer_caches,
                                                              cache_index)
         x = RMSNorm(cfg, name="norm")(x)

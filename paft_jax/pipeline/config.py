@@ -19,7 +19,8 @@ from paft_jax.train.config import TrainConfig
 
 BRANCHES = ("sft", "preference")
 # keys that define the base both branches start from (the run's, not a branch's)
-SHARED_KEYS = ("model", "model_config", "tokenizer", "param_dtype", "compute_dtype", "remat", "cache_dir", "seed")
+SHARED_KEYS = ("model", "model_config", "tokenizer", "param_dtype", "compute_dtype", "remat", "scan_unroll",
+               "cache_dir", "seed")
 MODES = ("parallel", "sequential")
 SCHEDULES = ("concurrent", "serial")
 
@@ -89,6 +90,7 @@ class PaftConfig:
     param_dtype: str | None = None
     compute_dtype: str | None = None
     remat: str | None = None
+    scan_unroll: int | None = None
     cache_dir: str | None = None
     seed: int | None = None            # a random base is initialized from it; LoRA factors too
     devices: int = 0                   # devices to use (0: all); the branches split them

@@ -26,6 +26,10 @@ class TrainConfig:
     param_dtype: str = "auto"          # dtype the frozen base is held in (auto: the checkpoint's)
     compute_dtype: str = "auto"        # auto: float32 on CPU, bfloat16 on accelerators
     remat: str = "none"                # none | full | dots | dots_no_batch
+    # layers per trip of the layer scan (nn.scan unroll).  1: one compiled layer, the fastest compile and the
+    # scan's memory plan.  On CPU all layers (e.g. 30 for SmolLM2) let XLA fuse across them: a few % faster
+    # steps for ~12 s more compile per program (benchmarks/train_throughput.py)
+    scan_unroll: int = 1
     attention: str = "auto"            # auto (splash on TPU, cudnn on GPU, naive on CPU) | naive | chunked | splash | cudnn
     attention_block: int = 512         # chunked: query rows per block; splash: its q / kv block (a multiple of 128)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -57,6 +61,8 @@ class TrainConfig:
         parse_profile(self.profile)
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: expected one of {REMAT_POLICIES}")
+        if self.scan_unroll < 1:
+            raise ValueError(f"scan_unroll={self.scan_unroll}: expected a number of layers >= 1")
         if self.attention not in ATTENTION or self.attention_block < 1:
             raise ValueError(f"attention={self.attention!r} / attention_block={self.attention_block}: expected one "
                              f"of {ATTENTION} and a block >= 1")
@@ -97,7 +103,8 @@ class TrainConfig:
 # objective, optimizer, seed): a resume with a different value would continue a run under settings it was
 # not trained with, so it is refused (resume_conflicts).
 RESUMABLE_KEYS = ("steps", "eval_every", "eval_batches", "eval_at_start", "log_every", "profile", "eval_data",
-                  "checkpoint", "output_dir", "cache_dir", "mesh", "remat", "attention", "attention_block",
+                  "checkpoint", "output_dir", "cache_dir", "mesh", "remat", "scan_unroll", "attention",
+                  "attention_block",
                   "grad_accum", "ref_cache")
 
 

@@ -68,7 +68,7 @@ def resolve_tokenizer(spec: str | None, fallback: Any):
 
 
 def load_base(cfg: TrainConfig, mesh: Mesh, rules: tuple) -> Base:
-    """The base params in their shardings, with the run's compute dtype and remat policy."""
+    """The base params in their shardings, with the run's compute dtype, remat policy and layer-scan unroll."""
     dtype = resolve_compute_dtype(cfg.compute_dtype)
     if cfg.model == "random":
         mc = dict(cfg.model_config)
@@ -77,7 +77,7 @@ def load_base(cfg: TrainConfig, mesh: Mesh, rules: tuple) -> Base:
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # what an export's configs name
             if getattr(tok, key, None) is not None:
                 mc.setdefault(key, getattr(tok, key))
-        mcfg = ModelConfig(**mc).replace(dtype=dtype, remat=cfg.remat)
+        mcfg = ModelConfig(**mc).replace(dtype=dtype, remat=cfg.remat, scan_unroll=cfg.scan_unroll)
         if cfg.param_dtype != "auto":
             mcfg = mcfg.replace(param_dtype=cfg.param_dtype)
         params = init_params(mcfg, jax.random.key(cfg.seed), mesh, rules)
@@ -85,7 +85,7 @@ def load_base(cfg: TrainConfig, mesh: Mesh, rules: tuple) -> Base:
     lm = load_model(cfg.model, mesh=mesh, rules=rules, param_dtype=cfg.param_dtype, dtype=dtype,
                     with_tokenizer=cfg.tokenizer is None)
     tok = resolve_tokenizer(cfg.tokenizer, lm.tokenizer)
-    lm.cfg, lm.tokenizer = lm.cfg.replace(remat=cfg.remat), tok
+    lm.cfg, lm.tokenizer = lm.cfg.replace(remat=cfg.remat, scan_unroll=cfg.scan_unroll), tok
     return lm
 
 
