@@ -236,9 +236,10 @@ def test_pod_config_loads_and_splits_by_whole_hosts(pod):
         sizes = resolve_axis_sizes(tc.mesh.axis_sizes(), n)
         dp = sizes["data"] * sizes["fsdp"]
         assert tc.data.batch_size // tc.grad_accum == dp           # one row per chip per micro-batch
-        assert tc.eval_data.batch_size == dp                        # evaluation: one forward, one row per chip
+        assert tc.eval_data.batch_size == dp                        # evaluation: one row per chip
+        assert tc.forward_micro_rows() == dp                        # reference and eval passes: one row per chip
         assert tc.remat == "full" and tc.data.seq_len == 4096
-    assert not tcs["preference"].ref_cache      # the cache pass is not micro-batched (see the configs)
+    assert tcs["preference"].ref_cache          # the cache pass runs per micro-batch
 
 
 @pytest.mark.parametrize("pod", PODS[:1], ids=[PODS[0][0]])

@@ -104,6 +104,38 @@ def test_dpo_reference_cache_is_reused_and_matches_the_in_step_reference(tmp_pat
     assert len(list((tmp_path / "cache" / "ref_logps").glob("*.npz"))) == 2
 
 
+def test_micro_batched_reference_and_eval_passes_equal_the_whole_batch(tmp_path):
+    """eval_micro_batch=8: the batches of 16 rows go through the reference and evaluation passes 8 rows at a
+    time (a loop in the compiled programs); the cached log-probs and the evaluation loss equal one forward of
+    the whole batch."""
+    import jax
+    from paft_jax.mesh import build_mesh
+    from paft_jax.models.config import ModelConfig
+    from paft_jax.train.programs import abstract_programs
+    runs = {}
+    for m in (0, 8):
+        cfg = load_train_config("configs/tiny_dpo.yaml", [
+            "steps=1", "optim.warmup_steps=0", "ref_cache=true", "eval_every=1", "data.batch_size=16",
+            "eval_data.batch_size=16", f"eval_micro_batch={m}", f"cache_dir={tmp_path / f'c{m}'}",
+            f"output_dir={tmp_path / f'o{m}'}"])
+        history = train(cfg, progress=False).history
+        tables = {p.name: dict(np.load(p)) for p in (tmp_path / f"c{m}" / "ref_logps").glob("*.npz")}
+        mcfg = ModelConfig(vocab_size=256, **cfg.model_config)
+        loops = {name: fn.lower(*a).as_text().count("stablehlo.while")
+                 for name, fn, a in abstract_programs(cfg, mcfg, build_mesh(cfg.mesh, devices=jax.devices()))}
+        runs[m] = history, tables, loops
+    (h0, t0, l0), (h8, t8, l8) = runs[0], runs[8]
+    assert sorted(t0) == sorted(t8) and len(t0) == 2   # train and eval splits, the same cache keys
+    for name in t0:
+        np.testing.assert_array_equal(t0[name]["index"], t8[name]["index"])
+        for key in ("chosen", "rejected"):
+            np.testing.assert_allclose(t0[name][key], t8[name][key], rtol=1e-5, atol=1e-4)
+    ev0, ev8 = [[r for r in h if "eval_loss" in r] for h in (h0, h8)]
+    assert len(ev0) == len(ev8) == 1 and ev0[0]["eval_loss"] == pytest.approx(ev8[0]["eval_loss"], rel=1e-5)
+    for name in ("eval_step", "reference_logps (train)"):   # the micro-batch loop is in the program
+        assert l8[name] > l0[name], (name, l0, l8)
+
+
 @pytest.mark.parametrize("override,message", [
     ("optim.learnig_rate=1e-4", "did you mean optim.learning_rate"),
     ("optim.learning_rate=0", "learning_rate=0 must be > 0"),
@@ -115,6 +147,7 @@ def test_dpo_reference_cache_is_reused_and_matches_the_in_step_reference(tmp_pat
     ("objective.loss_type=foo", "objective.loss_type='foo': expected one of"),   # bug 8 of issue 14
     ("objective.loss_type=hinge", "has no effect on objective.kind='sft'"),
     ("checkpoint.resume=maybe", "checkpoint.resume='maybe': expected auto, never"),
+    ("eval_micro_batch=3", "eval_micro_batch=3: expected 0 or a multiple of the data-parallel size 8"),
 ])
 def test_bad_config_refused_before_anything_loads(override, message, tmp_path, monkeypatch):
     import paft_jax.train.loop as loop

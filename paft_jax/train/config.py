@@ -40,6 +40,9 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: int = 100
     grad_accum: int = 1                # micro-batches per step (lax.scan inside the step)
+    # rows per forward of the evaluation and reference log-prob passes (0: the train step's micro-batch,
+    # data.batch_size / grad_accum), so that they fit wherever the train step fits
+    eval_micro_batch: int = 0
     eval_every: int = 0                # 0: evaluate at the end only (when eval_data is set)
     eval_batches: int = 0              # 0: the whole held-out set
     eval_at_start: bool = False        # also evaluate the untrained branch (= the base) at step 0
@@ -50,6 +53,10 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output_dir: str = "runs/branch"
     seed: int = 0
+
+    def forward_micro_rows(self) -> int:
+        """Rows per forward of the evaluation and reference passes."""
+        return self.eval_micro_batch or self.data.batch_size // self.grad_accum
 
     def validate(self, data_parallel: int | None = None) -> None:
         """Every refusal that needs no devices, data or weights."""
@@ -94,6 +101,15 @@ class TrainConfig:
             if micro % data_parallel:
                 raise ValueError(f"micro-batch {micro} (data.batch_size / grad_accum) is not divisible by the "
                                  f"data-parallel size {data_parallel} (mesh data x fsdp)")
+        m = self.forward_micro_rows()
+        if self.eval_micro_batch < 0 or (data_parallel and self.eval_micro_batch % data_parallel):
+            raise ValueError(f"eval_micro_batch={self.eval_micro_batch}: expected 0 or a multiple of the "
+                             f"data-parallel size {data_parallel or 1} (mesh data x fsdp)")
+        for name, d in (("data", self.data), ("eval_data", self.eval_data)):
+            if d is not None and d.batch_size > m and d.batch_size % m:
+                raise ValueError(f"{name}.batch_size={d.batch_size} is not a multiple of the {m} rows the evaluation "
+                                 f"and reference passes run at a time (eval_micro_batch, else data.batch_size / "
+                                 f"grad_accum)")
         if self.model == "random" and not self.model_config:
             raise ValueError("model: random needs model_config (ModelConfig fields such as vocab_size)")
 
@@ -105,7 +121,7 @@ class TrainConfig:
 RESUMABLE_KEYS = ("steps", "eval_every", "eval_batches", "eval_at_start", "log_every", "profile", "eval_data",
                   "checkpoint", "output_dir", "cache_dir", "mesh", "remat", "scan_unroll", "attention",
                   "attention_block",
-                  "grad_accum", "ref_cache")
+                  "grad_accum", "eval_micro_batch", "ref_cache")
 
 
 def flat_items(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -42,8 +42,8 @@ def branch_programs(cfg: TrainConfig, mcfg: ModelConfig, mesh: Mesh, rules: tupl
     shapes, axes = abstract_params(mcfg)
     opt = make_optimizer(cfg.optim, cfg.steps, delta_lib.freeze_mask(shapes, cfg.delta))
     lr = schedule(cfg.optim, cfg.steps)
-    train, evals = build_steps(mcfg, cfg.delta, cfg.objective, opt, lr, grad_accum=cfg.grad_accum, mesh=mesh,
-                               rules=rules)
+    train, evals = build_steps(mcfg, cfg.delta, cfg.objective, opt, lr, grad_accum=cfg.grad_accum,
+                               eval_micro_rows=cfg.forward_micro_rows(), mesh=mesh, rules=rules)
     base_sh = tree_shardings(axes, shapes, mesh, rules)
     d_abs, _ = delta_lib.delta_abstract(mcfg, cfg.delta)
     state_sh = state_shardings(opt, d_abs, delta_lib.delta_shardings(mcfg, cfg.delta, mesh, rules), mesh)
@@ -75,7 +75,8 @@ def abstract_programs(cfg: TrainConfig, mcfg: ModelConfig, mesh: Mesh) -> list[t
         out.append(("eval_step", p.eval_sums, (state.delta, shapes, abstract_batch(ev, preference=pref,
                                                                                    reference=cached))))
     if cached:
-        ref = reference_program(mcfg, cfg.objective.logits_chunk, mesh, rules, p.base_sh, p.data_sharding)
+        ref = reference_program(mcfg, cfg.objective.logits_chunk, mesh, rules, p.base_sh, p.data_sharding,
+                                cfg.forward_micro_rows())
         datas = [("train", cfg.data)] + ([("eval", eval_view(cfg.eval_data))] if cfg.eval_data is not None else [])
         seen = set()
         for split, data in datas:

@@ -24,7 +24,7 @@ import numpy as np
 from paft_jax.data import one_pass
 from paft_jax.train.objectives import reference_pair_logps, reference_params
 from paft_jax.train.programs import branch_model
-from paft_jax.train.step_fn import make_logp_fn
+from paft_jax.train.step_fn import batch_spec, join_micro, make_logp_fn, micro_count, split_micro
 from paft_jax.train.turns import one_at_a_time
 
 log = logging.getLogger("paft_jax")
@@ -71,13 +71,25 @@ def data_fingerprint(ds) -> str:
     return h.hexdigest()
 
 
-def reference_program(mcfg, logits_chunk: int, mesh, rules, base_sh, data_sharding):
+def reference_program(mcfg, logits_chunk: int, mesh, rules, base_sh, data_sharding, micro_rows: int = 0):
     """The jitted pass (base params, batch) -> (chosen, rejected, example_index): exactly what the step
-    computes for the reference when nothing is cached."""
+    computes for the reference when nothing is cached, `micro_rows` rows per forward (0: the whole batch)."""
     logp_fn = make_logp_fn(mcfg, mesh, rules, logits_chunk)
+    rows_sharding = jax.sharding.NamedSharding(mesh, batch_spec(rules))
 
     def ref(base_params, batch):
-        return (*reference_pair_logps(logp_fn, reference_params(base_params), batch), batch["example_index"])
+        params = reference_params(base_params)
+        k = micro_count(batch["input_ids"].shape[0], micro_rows)
+        if k == 1:
+            return (*reference_pair_logps(logp_fn, params, batch), batch["example_index"])
+        micro = jax.tree_util.tree_map(lambda x: split_micro(x, k), batch)
+
+        def one(mb):
+            mb = jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, rows_sharding), mb)
+            return reference_pair_logps(logp_fn, params, mb)
+
+        chosen, rejected = jax.lax.map(one, micro)
+        return join_micro(chosen), join_micro(rejected), batch["example_index"]
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(ref, in_shardings=(base_sh, data_sharding), out_shardings=replicated)
@@ -97,7 +109,8 @@ def reference_table(branch, it, split: str) -> RefTable:
         return table
 
     ref = one_at_a_time(reference_program(branch_model(cfg, base.cfg), cfg.objective.logits_chunk, branch.mesh,
-                                          branch.rules, branch.base_sh, branch.data_sharding))
+                                          branch.rules, branch.base_sh, branch.data_sharding,
+                                          cfg.forward_micro_rows()))
     idx, ch, rj = [], [], []
     from tqdm.auto import tqdm
     from paft_jax.mesh import is_mesh_primary

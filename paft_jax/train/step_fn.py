@@ -75,9 +75,19 @@ def make_logp_fn(cfg: ModelConfig, mesh: Mesh | None, rules: tuple, chunk: int):
     return logp_fn
 
 
-def _split_micro(x: jax.Array, k: int) -> jax.Array:
+def split_micro(x: jax.Array, k: int) -> jax.Array:
     # micro-batch j takes rows j, j+k, j+2k, ...: every data shard keeps its own rows (no resharding)
     return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+
+def join_micro(x: jax.Array) -> jax.Array:
+    """split_micro's inverse: [k, rows / k, ...] per-micro-batch outputs -> [rows, ...] in the batch's order."""
+    return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+
+
+def micro_count(rows: int, micro_rows: int) -> int:
+    """Micro-batches of a forward-only pass over `rows` rows, `micro_rows` at a time (0: all at once)."""
+    return max(1, rows // micro_rows) if micro_rows else 1
 
 
 def _tree_add(a, b):
@@ -122,8 +132,10 @@ def delta_stats(delta: Any, tols: tuple[float, ...] = ()) -> dict[str, jax.Array
 
 
 def build_steps(cfg: ModelConfig, dcfg: DeltaConfig, ocfg: ObjectiveConfig, opt: optax.GradientTransformation,
-                lr_schedule: optax.Schedule, *, grad_accum: int = 1, mesh: Mesh | None = None, rules: tuple = ()):
-    """-> (train_step(state, base, batch) -> (state, metrics), eval_sums(delta, base, batch) -> sums)."""
+                lr_schedule: optax.Schedule, *, grad_accum: int = 1, eval_micro_rows: int = 0,
+                mesh: Mesh | None = None, rules: tuple = ()):
+    """-> (train_step(state, base, batch) -> (state, metrics), eval_sums(delta, base, batch) -> sums).
+    eval_sums runs `eval_micro_rows` rows at a time (a lax.scan; 0: the whole batch in one forward)."""
     ocfg.check_delta(dcfg.kind)
     if ocfg.l1_lambda and ocfg.l1_mode == "proximal_adam":
         optim.branch_config(opt)  # refused now rather than at the first step
@@ -144,7 +156,7 @@ def build_steps(cfg: ModelConfig, dcfg: DeltaConfig, ocfg: ObjectiveConfig, opt:
         if grad_accum == 1:
             (_, sums), grads = grad_fn(state.delta, base, ref_params, batch, totals)
         else:
-            micro = jax.tree_util.tree_map(lambda x: _split_micro(x, grad_accum), batch)
+            micro = jax.tree_util.tree_map(lambda x: split_micro(x, grad_accum), batch)
 
             def body(carry, mb):
                 mb = jax.tree_util.tree_map(constrain, mb)
@@ -170,8 +182,19 @@ def build_steps(cfg: ModelConfig, dcfg: DeltaConfig, ocfg: ObjectiveConfig, opt:
 
     def eval_sums(delta: Any, base: Any, batch: dict):
         totals = objectives.batch_totals(ocfg, batch)
-        _, sums = loss_of(delta, base, reference(base), batch, totals)
-        return sums
+        ref_params = reference(base)
+        k = micro_count(batch["input_ids"].shape[0], eval_micro_rows)
+        if k == 1:
+            return loss_of(delta, base, ref_params, batch, totals)[1]
+        micro = jax.tree_util.tree_map(lambda x: split_micro(x, k), batch)
+
+        def body(carry, mb):
+            return _tree_add(carry, loss_of(delta, base, ref_params, jax.tree_util.tree_map(constrain, mb), totals)[1]), None
+
+        first = jax.tree_util.tree_map(lambda x: x[0], micro)
+        zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                      jax.eval_shape(loss_of, delta, base, ref_params, first, totals)[1])
+        return jax.lax.scan(body, zero, micro)[0]
 
     return train_step, eval_sums
 
