@@ -58,6 +58,8 @@ def test_score_generations_rates_and_win_rate_against_the_base():
     ("eval.generate=[{name: a, path: data/arith/test.jsonl, metric: bleu}]", "metric='bleu'"),
     ("paft_overrides.sft.optim.learning_rate=0", "learning_rate"),
     ("paft=configs/nope.yaml", "nope.yaml does not exist"),
+    ("eval.tasks=[arc_esy]", "eval.tasks: unknown task 'arc_esy'; did you mean 'arc_easy'"),
+    ("eval.task_limit=0", "task_limit=0"),
 ])
 def test_bad_config_is_refused_before_anything_loads(override, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
@@ -96,7 +98,13 @@ def test_tiny_experiment_end_to_end_and_rerun(tmp_path):
     assert s["sparsity"]["sft_l1"]["exact_zero"] > s["sparsity"]["sft"]["exact_zero"]
     # sequential trained on top of the dense SFT model: its delta is its own, not the SFT one
     assert s["sparsity"]["sequential"]["mean_abs"] > 0
-    assert (tmp_path / "results.md").read_text().count("| paft/") == 16  # two tables
+    md = (tmp_path / "results.md").read_text()
+    assert md.count("| paft/") == 24  # three tables
+    # the leaderboard tasks: each model scored on the same 2 documents per task, Table 1's columns
+    for r in s["models"].values():
+        assert 0 <= r["task/arc_easy/acc_norm"] <= 1 and r["task/winogrande/acc"] in (0.0, 0.5, 1.0)
+        assert r["task/average"] == pytest.approx((r["task/arc_easy/acc_norm"] + r["task/winogrande/acc"]) / 2)
+    assert "## Leaderboard tasks" in md and "| arc_easy (acc_norm) | winogrande (acc) | average |" in md
     gens = json.loads((tmp_path / "evals/sft.generations.json").read_text())
     assert [len(v) for v in gens.values()] == [4, 4] and s["models"]["sft"]["samples"]["arith"] == gens["arith"][:3]
     assert (tmp_path / "img/skill_vs_preference.png").stat().st_size > 0

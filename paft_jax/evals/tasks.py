@@ -125,6 +125,9 @@ TASKS: dict[str, Task] = {
                   ("exact_match,strict-match", "exact_match,flexible-extract"),
                   text=lambda d: f"Question: {d['question']}\nAnswer:", answer=lambda d: d["answer"]),
 }
+# the metric the Open LLM Leaderboard (v1) reports per task; the average of these is its score
+LEADERBOARD_METRIC = {"arc_challenge": "acc_norm", "arc_easy": "acc_norm", "hellaswag": "acc_norm",
+                      "winogrande": "acc", "mmlu": "acc", "gsm8k": "exact_match,strict-match"}
 DEFAULT_FEWSHOT = {"gsm8k": 5}  # lm-eval's defaults: 0 shots for every other task
 
 

@@ -6,6 +6,8 @@
               *base* as the reference for every model (TRL's rewards/accuracies and margins), and greedy
               generations scored by a rule (tips: bullets + sign-off), with the win rate against the base
   general     perplexity on plain held-out text (data/general): what a recipe costs elsewhere
+  tasks       `eval.tasks`: the leaderboard tasks with lm-eval's prompts and metrics (paft_jax.evals), and
+              the average of the leaderboard's metric per task, as in the paper's Table 1
 
 The base's reference log-probs and generations are computed once; a model is a full parameter pytree.
 """
@@ -107,6 +109,14 @@ class Evaluator:
         ref = objectives.reference_params(base_params)
         self.ref_logps = [jax.device_get(self._ref(ref, self._put(b))) for b in self.data["preference"]]
         self.base_generations = self.generate(base_params)
+        self.tasks, self.scorer = [], None
+        if ecfg.tasks:  # documents, few-shot contexts and their tokens once, for every model
+            from paft_jax.evals import run as tasks_run
+            from paft_jax.evals.engine import Scorer
+            self.tasks = tasks_run.prepare(ecfg.tasks, split=None, limit=ecfg.task_limit,
+                                           num_fewshot=ecfg.task_fewshot, data_dir=ecfg.task_data_dir)
+            self.scorer = Scorer(base_params, mcfg, tokenizer, mesh, rules, ecfg.task_batch_size)
+            tasks_run.tokenize(self.tasks, self.scorer)
 
     def _put(self, batch: dict) -> dict:
         return to_global(batch, self.mesh, self.sharding)
@@ -150,10 +160,25 @@ class Evaluator:
             "general/nll": float(g["nll"] / max(g["tokens"], 1.0)), "general/tokens": int(g["tokens"]),
         }
         res["general/perplexity"] = math.exp(res["general/nll"])
+        if self.tasks:
+            res.update(self.leaderboard(params))
         generations = self.generate(params)
         res.update(score_generations(self.ecfg.generate, self.rows, generations, self.base_generations))
         res["generations"] = generations
         return res
+
+    def leaderboard(self, params) -> dict[str, float]:
+        """`task/<name>/<metric>` and its `_stderr` for every metric of every task, and `task/average`: the
+        mean of the leaderboard's metric per task (LEADERBOARD_METRIC)."""
+        from paft_jax.evals import run as tasks_run
+        from paft_jax.evals.tasks import LEADERBOARD_METRIC
+        self.scorer.params = params
+        rep = tasks_run.score(self.tasks, self.scorer, params, self.mcfg, self.tok, self.ecfg.task_batch_size,
+                              progress=False)["results"]
+        out = {f"task/{name}/{m}": float(v) for name, r in rep.items() if name in self.ecfg.tasks
+               for m, v in r.items() if isinstance(v, float)}
+        out["task/average"] = float(np.mean([rep[t][LEADERBOARD_METRIC[t]] for t in self.ecfg.tasks]))
+        return out
 
 
 def read_rows(task: GenerationTask) -> list[dict]:

@@ -22,6 +22,17 @@ def gen_columns(models: dict) -> list[tuple[str, str, str]]:
     return cols
 
 
+def task_columns(models: dict) -> list[tuple[str, str, str]]:
+    """The leaderboard tasks' columns (the leaderboard's metric of each, in %) and their average, as the
+    paper's Table 1 lays them out."""
+    from paft_jax.evals.tasks import LEADERBOARD_METRIC
+    first = next(iter(models.values()))
+    tasks = [t for t in LEADERBOARD_METRIC if f"task/{t}/{LEADERBOARD_METRIC[t]}" in first]
+    cols = [(f"task/{t}/{LEADERBOARD_METRIC[t]}", f"{t} ({LEADERBOARD_METRIC[t].split(',')[0]})", "{:.1%}")
+            for t in tasks]
+    return cols + [("task/average", "average", "{:.1%}")] if cols else []
+
+
 def table(models: dict, cols: list[tuple[str, str, str]]) -> str:
     lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "| --- |" + " ---: |" * len(cols)]
     for name, r in models.items():
@@ -51,6 +62,9 @@ def markdown(s: dict) -> str:
              f"Training (sum over the four runs): {train_s / 60:.1f} min; evaluation (sum over models): "
              f"{eval_s / 60:.1f} min; this invocation: {s['wall_s_this_run'] / 60:.1f} min.", "",
              "## Held-out likelihoods", "", table(s["models"], COLUMNS), "",
+             *(["## Leaderboard tasks (lm-eval's prompts and metrics)", "", table(s["models"], task_columns(s["models"])), "",
+                f"Documents per task: {s['config']['eval']['task_limit'] or 'all'}; standard errors in "
+                "results.json (`task/<name>/<metric>_stderr`).", ""] if task_columns(s["models"]) else []),
              "## Greedy generations, scored by rule", "", table(s["models"], gen_columns(s["models"])), "",
              "## Delta sparsity", "", sparsity_table(s["sparsity"]), "",
              "![skill vs preference](img/skill_vs_preference.png)", "", "![sparsity](img/sparsity.png)", ""]

@@ -77,6 +77,8 @@ def rescore(cfg: ExperimentConfig, rd: RunDir, path: str, rows: dict) -> dict | 
     gens, base_gens = rd.read_json(_generations_path(path)), rd.read_json(_generations_path("evals/base.json"))
     if cached is None or gens is None or base_gens is None:
         return None
+    if cfg.eval.tasks and "task/average" not in cached:   # made before eval.tasks was set: score them now
+        return None
     try:
         scores = score_generations(cfg.eval.generate, rows, gens, base_gens)
     except (KeyError, ValueError):

@@ -27,7 +27,7 @@ from paft_jax.train import objectives
 from paft_jax.train.config import TrainConfig, eval_view
 from paft_jax.train.programs import branch_programs
 from paft_jax.train.step_fn import TrainState, init_state
-from paft_jax.train.turns import one_at_a_time, turn
+from paft_jax.train.turns import active as turns_active, one_at_a_time, turn
 
 log = logging.getLogger("paft_jax")
 
@@ -191,7 +191,11 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
             "ref_cache": {k: str(t.path) for k, t in branch.ref_tables.items()}}
 
     def save(step: int, wait: bool = False) -> None:
-        ckpt.save(step, branch.state, branch.train_it.state(), {**meta, "step": step}, wait=wait)
+        # taking turns (CPU, parallel branches): the save finishes inside its turn, so that whatever Orbax runs
+        # on the devices cannot overlap the other branch's programs (train/turns.py)
+        with turn():
+            ckpt.save(step, branch.state, branch.train_it.state(), {**meta, "step": step},
+                      wait=wait or turns_active())
 
     def write(rec: dict) -> None:  # on the recorder's thread, one record at a time, in order
         result.history.append(rec)

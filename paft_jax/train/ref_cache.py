@@ -24,7 +24,7 @@ import numpy as np
 from paft_jax.data import one_pass
 from paft_jax.train.objectives import reference_pair_logps, reference_params
 from paft_jax.train.programs import branch_model
-from paft_jax.train.step_fn import batch_spec, join_micro, make_logp_fn, micro_count, split_micro
+from paft_jax.train.step_fn import join_micro, make_logp_fn, micro_count, rows_constraint, split_micro
 from paft_jax.train.turns import one_at_a_time
 
 log = logging.getLogger("paft_jax")
@@ -75,7 +75,7 @@ def reference_program(mcfg, logits_chunk: int, mesh, rules, base_sh, data_shardi
     """The jitted pass (base params, batch) -> (chosen, rejected, example_index): exactly what the step
     computes for the reference when nothing is cached, `micro_rows` rows per forward (0: the whole batch)."""
     logp_fn = make_logp_fn(mcfg, mesh, rules, logits_chunk)
-    rows_sharding = jax.sharding.NamedSharding(mesh, batch_spec(rules))
+    constrain = rows_constraint(mesh, rules)
 
     def ref(base_params, batch):
         params = reference_params(base_params)
@@ -84,11 +84,7 @@ def reference_program(mcfg, logits_chunk: int, mesh, rules, base_sh, data_shardi
             return (*reference_pair_logps(logp_fn, params, batch), batch["example_index"])
         micro = jax.tree_util.tree_map(lambda x: split_micro(x, k), batch)
 
-        def one(mb):
-            mb = jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, rows_sharding), mb)
-            return reference_pair_logps(logp_fn, params, mb)
-
-        chosen, rejected = jax.lax.map(one, micro)
+        chosen, rejected = jax.lax.map(lambda mb: reference_pair_logps(logp_fn, params, constrain(mb)), micro)
         return join_micro(chosen), join_micro(rejected), batch["example_index"]
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

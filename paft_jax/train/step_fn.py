@@ -6,7 +6,6 @@ optimizer state keep the shardings the logical-axis rules give them.
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import flax
@@ -90,6 +89,24 @@ def micro_count(rows: int, micro_rows: int) -> int:
     return max(1, rows // micro_rows) if micro_rows else 1
 
 
+def rows_constraint(mesh: Mesh | None, rules: tuple):
+    """batch tree -> the same tree pinned to the batch's data sharding (inside a loop over micro-batches
+    XLA would otherwise be free to gather them); the identity without a mesh."""
+    if mesh is None:
+        return lambda tree: tree
+    sharding = NamedSharding(mesh, batch_spec(rules))
+    return lambda tree: jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
+
+
+def sum_over_micro(fn, batch: dict, k: int, constrain):
+    """The sum of `fn(micro_batch)` (a pytree) over the k micro-batches of `batch`, in a lax.scan: one
+    micro-batch's activations are live at a time."""
+    micro = jax.tree_util.tree_map(lambda x: split_micro(x, k), batch)
+    first = jax.tree_util.tree_map(lambda x: x[0], micro)
+    zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first))
+    return jax.lax.scan(lambda acc, mb: (_tree_add(acc, fn(constrain(mb))), None), zero, micro)[0]
+
+
 def _tree_add(a, b):
     return jax.tree_util.tree_map(jnp.add, a, b)
 
@@ -140,8 +157,7 @@ def build_steps(cfg: ModelConfig, dcfg: DeltaConfig, ocfg: ObjectiveConfig, opt:
     if ocfg.l1_lambda and ocfg.l1_mode == "proximal_adam":
         optim.branch_config(opt)  # refused now rather than at the first step
     logp_fn = make_logp_fn(cfg, mesh, rules, ocfg.logits_chunk)
-    constrain = (lambda x: x) if mesh is None else partial(
-        jax.lax.with_sharding_constraint, shardings=NamedSharding(mesh, batch_spec(rules)))
+    constrain = rows_constraint(mesh, rules)
 
     def loss_of(delta, base, ref_params, mb, totals):
         return objectives.micro_loss(ocfg, logp_fn, model_variables(base, delta, dcfg), ref_params, mb, totals)
@@ -153,20 +169,13 @@ def build_steps(cfg: ModelConfig, dcfg: DeltaConfig, ocfg: ObjectiveConfig, opt:
         totals = objectives.batch_totals(ocfg, batch)
         ref_params = reference(base)
         grad_fn = jax.value_and_grad(loss_of, has_aux=True)
-        if grad_accum == 1:
-            (_, sums), grads = grad_fn(state.delta, base, ref_params, batch, totals)
-        else:
-            micro = jax.tree_util.tree_map(lambda x: split_micro(x, grad_accum), batch)
 
-            def body(carry, mb):
-                mb = jax.tree_util.tree_map(constrain, mb)
-                (_, s), g = grad_fn(state.delta, base, ref_params, mb, totals)
-                return _tree_add(carry, (g, s)), None
+        def grads_and_sums(mb):
+            (_, sums), grads = grad_fn(state.delta, base, ref_params, mb, totals)
+            return grads, sums
 
-            first = jax.tree_util.tree_map(lambda x: x[0], micro)
-            (_, sums_shape), grads_shape = jax.eval_shape(grad_fn, state.delta, base, ref_params, first, totals)
-            zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, sums_shape))
-            (grads, sums), _ = jax.lax.scan(body, zero, micro)
+        grads, sums = (grads_and_sums(batch) if grad_accum == 1 else
+                       sum_over_micro(grads_and_sums, batch, grad_accum, constrain))
         metrics = objectives.finalize(ocfg, sums)
         if ocfg.l1_lambda and ocfg.l1_mode == "penalty":
             l1, l1_grads = jax.value_and_grad(losses.l1_penalty)(state.delta, ocfg.l1_lambda)
@@ -183,18 +192,12 @@ def build_steps(cfg: ModelConfig, dcfg: DeltaConfig, ocfg: ObjectiveConfig, opt:
     def eval_sums(delta: Any, base: Any, batch: dict):
         totals = objectives.batch_totals(ocfg, batch)
         ref_params = reference(base)
+
+        def sums_of(mb):
+            return loss_of(delta, base, ref_params, mb, totals)[1]
+
         k = micro_count(batch["input_ids"].shape[0], eval_micro_rows)
-        if k == 1:
-            return loss_of(delta, base, ref_params, batch, totals)[1]
-        micro = jax.tree_util.tree_map(lambda x: split_micro(x, k), batch)
-
-        def body(carry, mb):
-            return _tree_add(carry, loss_of(delta, base, ref_params, jax.tree_util.tree_map(constrain, mb), totals)[1]), None
-
-        first = jax.tree_util.tree_map(lambda x: x[0], micro)
-        zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                      jax.eval_shape(loss_of, delta, base, ref_params, first, totals)[1])
-        return jax.lax.scan(body, zero, micro)[0]
+        return sums_of(batch) if k == 1 else sum_over_micro(sums_of, batch, k, constrain)
 
     return train_step, eval_sums
 

@@ -47,6 +47,11 @@ def turn() -> Iterator[None]:
         yield
 
 
+def active() -> bool:
+    """Whether programs are taking turns now (a caller may then prefer to finish work before returning)."""
+    return bool(_active)
+
+
 def one_at_a_time(fn: Callable) -> Callable:
     """`fn` (a jitted program) that, inside `taking_turns()`, runs alone and returns ready outputs."""
     @functools.wraps(fn)
