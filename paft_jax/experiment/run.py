@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paft_jax import storage
+from paft_jax.evals.tasks import LEADERBOARD_METRIC
 from paft_jax.experiment.config import ExperimentConfig
 from paft_jax.experiment.evaluate import read_rows, score_generations
 from paft_jax.merge.sparsity import bf16_visible
@@ -77,8 +78,8 @@ def rescore(cfg: ExperimentConfig, rd: RunDir, path: str, rows: dict) -> dict | 
     gens, base_gens = rd.read_json(_generations_path(path)), rd.read_json(_generations_path("evals/base.json"))
     if cached is None or gens is None or base_gens is None:
         return None
-    if cfg.eval.tasks and "task/average" not in cached:   # made before eval.tasks was set: score them now
-        return None
+    if any(f"task/{t}/{LEADERBOARD_METRIC[t]}" not in cached for t in cfg.eval.tasks):
+        return None   # made before these eval.tasks were asked for: score the model again
     try:
         scores = score_generations(cfg.eval.generate, rows, gens, base_gens)
     except (KeyError, ValueError):
