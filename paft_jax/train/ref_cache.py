@@ -83,7 +83,6 @@ def reference_program(mcfg, logits_chunk: int, mesh, rules, base_sh, data_shardi
         if k == 1:
             return (*reference_pair_logps(logp_fn, params, batch), batch["example_index"])
         micro = jax.tree_util.tree_map(lambda x: split_micro(x, k), batch)
-
         chosen, rejected = jax.lax.map(lambda mb: reference_pair_logps(logp_fn, params, constrain(mb)), micro)
         return join_micro(chosen), join_micro(rejected), batch["example_index"]
 
