@@ -60,3 +60,23 @@ def test_outside_taking_turns_the_wrapper_only_calls_through():
     g = turns.one_at_a_time(both_inside)
     assert [int(x) for x in _run_threads(g, 2)] == [1, 2]
     assert int(f(1)) == 2
+
+
+@jax.jit
+def _slow(x):  # ~0.1-1 s of matmuls on CPU: still running when an asynchronous dispatch returns
+    return jax.lax.fori_loop(0, 40, lambda i, y: jnp.tanh(y @ y), x)
+
+
+def test_a_turn_ends_only_when_the_programs_it_dispatched_have_finished():
+    """Host code in a turn (a branch's set-up, a restore) dispatches programs that JAX runs asynchronously;
+    the next branch's program must not start while they still compute.  The same for work dispatched
+    before the branches start taking turns (the base placed on the second sub-mesh)."""
+    x = jnp.full((768, 768), 1e-3)
+    _slow(x).block_until_ready()  # compiled: what follows times only the dispatch
+    before = _slow(x)
+    assert not before.is_ready()  # the check below can fail: dispatch alone does not wait
+    with turns.taking_turns():
+        assert before.is_ready()
+        with turns.turn():
+            inside = _slow(x)
+        assert inside.is_ready()

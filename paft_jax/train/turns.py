@@ -5,8 +5,11 @@ cores).  Two programs with collectives in flight at once (the PAFT branches trai
 each on its own sub-mesh) can fill that pool with half-arrived rendezvous and deadlock: XLA aborts the
 process after its 40 s rendezvous timeout (seen on 2-core machines).  On CPU nothing is gained by
 overlapping the branches' programs, so inside `taking_turns()` every program wrapped by `one_at_a_time`
-holds one process-wide lock until its outputs are ready.  Elsewhere (accelerators, a single branch) the
-wrapper calls straight through and dispatch stays asynchronous.
+holds one process-wide lock until its outputs are ready, and a `turn()` (host code that dispatches programs
+of its own: a branch's set-up, a restore, a save) holds it until everything it dispatched has finished.
+Entering `taking_turns()` also waits for work dispatched before (placing the base on the second sub-mesh).
+Elsewhere (accelerators, a single branch) the wrapper calls straight through and dispatch stays
+asynchronous.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ def taking_turns() -> Iterator[None]:
     on = jax.default_backend() == "cpu"
     if on:
         with _lock:
+            _settle()
             _active += 1
     try:
         yield
@@ -44,7 +48,16 @@ def turn() -> Iterator[None]:
         yield
         return
     with _lock:
-        yield
+        try:
+            yield
+        finally:
+            _settle()
+
+
+def _settle() -> None:
+    """Wait until no program is computing any live array (JAX dispatches asynchronously: a block of host code
+    returns before the programs it launched have run)."""
+    jax.block_until_ready(jax.live_arrays())
 
 
 def active() -> bool:
