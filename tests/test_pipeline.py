@@ -128,6 +128,51 @@ def test_paft_equals_separate_sft_dpo_and_merge(paft_run, tmp_path):
     assert_same_tensors(tmp_path / "merged", paft_run / "merged")
 
 
+@pytest.mark.parametrize("method, per", [
+    ("ties", [{"weight": 1.0, "density": 0.7}, {"weight": 0.8, "density": 0.3}]),       # a top-k per tensor
+    ("dare_ties", [{"weight": 1.0, "density": 0.6}, {"weight": 0.8, "density": 0.4}]),  # random masks, rescaled
+    ("task_arithmetic", [{"weight": 1.0}, {"weight": 0.8}]),
+])
+def test_merge_of_branch_checkpoints_on_the_mesh_equals_the_one_device_merge(paft_run, tmp_path, method, per):
+    """The two branch deltas restored sharded over all 8 devices (fsdp 4 x tensor 2) and merged there
+    (merge.tree, jitted, on the devices) equal the streamed merge of the same checkpoints on one device."""
+    from paft_jax.config import MeshConfig
+    from paft_jax.hf.layout import get_path, iter_hf_tensors, to_hf
+    from paft_jax.hf.st_io import SafetensorsFile
+    from paft_jax.merge import merge_to_hf
+    from paft_jax.merge.params_source import ParamsSource
+    from paft_jax.merge.recipe import MergeSpec
+    from paft_jax.merge.tree import merge_deltas
+    from paft_jax.mesh import build_mesh
+    from paft_jax.pipeline.config import branch_configs, load_paft_config
+    from paft_jax.train.loop import load_base
+    from paft_jax.train.restore import CheckpointSource, restore_delta
+    spec = MergeSpec(method, 2, {"seed": 3} if method == "dare_ties" else {}, per)
+    tc = branch_configs(load_paft_config(CONFIG, [f"output_dir={paft_run}"]), ROOT)["sft"]
+    one = MeshConfig(data=1, fsdp=1, tensor=1)
+    base1 = load_base(tc, build_mesh(one, jax.devices()[:1]), one.logical_rules())
+    res = merge_to_hf(spec, ParamsSource(base1.params, base1.cfg, "base"),
+                      [CheckpointSource(paft_run / n) for n in ("sft", "preference")], tmp_path / "out", verify=False)
+    written = SafetensorsFile(res.out / "model.safetensors")
+
+    sharded = MeshConfig(fsdp=4, tensor=2)
+    mesh, rules = build_mesh(sharded), sharded.logical_rules()
+    base = load_base(tc, mesh, rules)
+    deltas = [restore_delta(paft_run / n, mesh, rules)[3] for n in ("sft", "preference")]
+    assert any(len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated
+               for leaf in jax.tree_util.tree_leaves(deltas))  # really spread over the mesh
+    merged = merge_deltas(base.params, deltas, spec, cfg=base.cfg)
+    changed = 0
+    for e, i, name in iter_hf_tensors(base.cfg):
+        leaf = get_path(merged, e.path)
+        assert leaf.sharding == get_path(base.params, e.path).sharding, name
+        got = to_hf(e, np.asarray(leaf if i is None else leaf[i]))
+        np.testing.assert_array_equal(got, written.get(name), err_msg=name)
+        before = get_path(base1.params, e.path)
+        changed += not np.array_equal(got, to_hf(e, np.asarray(before if i is None else before[i])))
+    assert changed  # the deltas moved the base
+
+
 def test_sequential_mode_trains_and_exports_the_same_model(tmp_path):
     """bf16 base and compute, as on a TPU: the preference branch trains on the SFT model rounded to bf16,
     and the export is that model + d_pref, the model it trained: weights and logits bitwise equal."""
