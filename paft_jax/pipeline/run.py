@@ -302,6 +302,8 @@ def run_paft(cfg: PaftConfig, *, progress: bool = True) -> dict:
     rd = run_dir(cfg, tcs)
     out = rd.join()
     check_rerun(cfg, tcs, rd)
+    from paft_jax.pipeline import leaderboard
+    tasks = leaderboard.prepare(cfg)  # the eval tasks' data, read before training: a missing set fails now
     if jax.process_index() == 0:
         rd.local.mkdir(parents=True, exist_ok=True)
         from paft_jax.config import to_dict
@@ -322,14 +324,18 @@ def run_paft(cfg: PaftConfig, *, progress: bool = True) -> dict:
         for n in BRANCHES:  # branches other processes trained: their done.json (written before the barrier)
             trained["branches"][n] = trained["branches"][n] or rd.read_json(f"{n}/done.json")
         merge = merge_and_export(cfg, tcs, trained["bases"])
-        answers = answer(local_export(rd), cfg.prompts, cfg.max_new_tokens) if cfg.prompts else []
+        exported = local_export(rd) if cfg.prompts or tasks else None
+        answers = answer(exported, cfg.prompts, cfg.max_new_tokens) if cfg.prompts else []
         for a in answers:
             say(f"merged model (transformers) answers {a['prompt']!r}:\n    {a['answer'].strip()}")
+        board = (leaderboard.score_run(cfg, tcs, rd, tasks, exported, merge_key(cfg), progress, say)
+                 if tasks else None)
         from paft_jax.pipeline import report as report_lib
         for n in BRANCHES:  # a remote run: the branches' metrics as the bucket has them (trained elsewhere?)
             rd.pull(f"{n}/metrics.jsonl")
         summary = {"status": "done", **report_lib.summarize(cfg, tcs, p, trained, merge, answers, mcfg,
-                                                            time.time() - t0, local=rd.local)}
+                                                            time.time() - t0, local=rd.local),
+                   "leaderboard": board}
         if cfg.report:
             paths = report_lib.write_report(rd.local, summary)
             uploaded = rd.upload([str(Path(f).relative_to(rd.local)) for f in paths.values()] + ["report.json"])
