@@ -7,6 +7,7 @@ checkpoint), a finished merge is not redone, a half-written export is removed an
       sft/ preference/        each branch: config.json, metrics.jsonl, checkpoints/, done.json
       merged/                 the exported HF model (atomic rename; verified in transformers)
       merge.json              written after the export verified: the merge is complete
+      leaderboard.json        with eval_tasks: base, SFT, preference and merged model on the leaderboard tasks
       report.md report.json   the summary; plots in img/
 
 output_dir may be a gs:// URL (paft_jax/rundir.py): files are written in a local mirror under the run's
