@@ -74,7 +74,7 @@ class EvalConfig:
         try:
             check_limit(self.task_limit, self.tasks)
         except ValueError as e:
-            raise ValueError(f"eval.task_limit: {str(e).removeprefix('--limit ')}") from None
+            raise ValueError(f"eval.task_limit={str(e).removeprefix('--limit ')}") from None
         if self.task_batch_size < 1:
             raise ValueError("eval.task_batch_size must be >= 1")
 
