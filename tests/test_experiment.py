@@ -60,6 +60,7 @@ def test_score_generations_rates_and_win_rate_against_the_base():
     ("paft=configs/nope.yaml", "nope.yaml does not exist"),
     ("eval.tasks=[arc_esy]", "eval.tasks: unknown task 'arc_esy'; did you mean 'arc_easy'"),
     ("eval.task_limit=0", "task_limit=0"),
+    ("eval.task_fewshot=-1", "eval.task_fewshot=-1 must be >= 0"),
 ])
 def test_bad_config_is_refused_before_anything_loads(override, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):

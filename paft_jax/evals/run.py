@@ -77,6 +77,28 @@ def check_limit(limit: int | dict[str, int] | None, names: list[str]) -> None:
             raise ValueError(f"--limit {where}: give a positive number of documents per task (or leave it out)")
 
 
+def checked_config(tasks: list, limit, fewshot, batch_size: int, keys: tuple[str, str, str, str]) -> list[str]:
+    """A config's task settings checked when it is read (a typo must not surface after training); errors name
+    the config's own keys (`keys`: those of the tasks, the limit, the shots, the batch size).  -> the tasks."""
+    k_tasks, k_limit, k_shots, k_batch = keys
+    if not isinstance(tasks, list):
+        raise ValueError(f"{k_tasks}={tasks!r}: expected a list of task names")
+    if tasks:
+        try:
+            tasks = parse_tasks(",".join(map(str, tasks)))
+        except ValueError as e:
+            raise ValueError(f"{k_tasks}: {str(e).removeprefix('--tasks: ')}") from None
+    try:
+        check_limit(limit, tasks)
+    except ValueError as e:
+        raise ValueError(f"{k_limit}={str(e).removeprefix('--limit ')}") from None
+    if fewshot is not None and fewshot < 0:
+        raise ValueError(f"{k_shots}={fewshot} must be >= 0")
+    if batch_size < 1:
+        raise ValueError(f"{k_batch}={batch_size} must be >= 1")
+    return tasks
+
+
 def prepare(names: list[str], *, split: str | None, limit: int | dict[str, int] | None, num_fewshot: int | None,
             data_dir: str | None) -> list[Prepared]:
     """Rows and few-shot contexts for every task, checked (no model needed).  `limit`: see check_limit."""

@@ -64,19 +64,9 @@ class EvalConfig:
             raise ValueError(f"eval.generate: task names must be unique, got {names}")
         if self.batch_size < 1:
             raise ValueError("eval.batch_size must be >= 1")
-        if self.tasks:
-            from paft_jax.evals.run import parse_tasks
-            try:
-                self.tasks = parse_tasks(",".join(self.tasks))
-            except ValueError as e:
-                raise ValueError(f"eval.tasks: {str(e).removeprefix('--tasks: ')}") from None
-        from paft_jax.evals.run import check_limit
-        try:
-            check_limit(self.task_limit, self.tasks)
-        except ValueError as e:
-            raise ValueError(f"eval.task_limit={str(e).removeprefix('--limit ')}") from None
-        if self.task_batch_size < 1:
-            raise ValueError("eval.task_batch_size must be >= 1")
+        from paft_jax.evals.run import checked_config
+        self.tasks = checked_config(self.tasks, self.task_limit, self.task_fewshot, self.task_batch_size,
+                                    ("eval.tasks", "eval.task_limit", "eval.task_fewshot", "eval.task_batch_size"))
 
 
 @dataclass

@@ -124,23 +124,9 @@ class PaftConfig:
                                  "two positive shares [f_sft, f_pref]")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        if not isinstance(self.eval_tasks, list):
-            raise ValueError(f"eval_tasks={self.eval_tasks!r}: expected a list of task names")
-        if self.eval_tasks:
-            from paft_jax.evals.run import parse_tasks
-            try:
-                self.eval_tasks = parse_tasks(",".join(map(str, self.eval_tasks)))
-            except ValueError as e:
-                raise ValueError(f"eval_tasks: {str(e).removeprefix('--tasks: ')}") from None
-        from paft_jax.evals.run import check_limit
-        try:
-            check_limit(self.eval_limit, self.eval_tasks)
-        except ValueError as e:
-            raise ValueError(f"eval_limit={str(e).removeprefix('--limit ')}") from None
-        if self.eval_fewshot is not None and self.eval_fewshot < 0:
-            raise ValueError(f"eval_fewshot={self.eval_fewshot} must be >= 0")
-        if self.eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size={self.eval_batch_size} must be >= 1")
+        from paft_jax.evals.run import checked_config
+        self.eval_tasks = checked_config(self.eval_tasks, self.eval_limit, self.eval_fewshot, self.eval_batch_size,
+                                         ("eval_tasks", "eval_limit", "eval_fewshot", "eval_batch_size"))
         layers = (self.model_config or {}).get("num_layers") if self.model == "random" else None
         self.merge.validate(layers if isinstance(layers, int) and layers > 0 else None)
 
