@@ -80,23 +80,3 @@ def test_a_turn_ends_only_when_the_programs_it_dispatched_have_finished():
         with turns.turn():
             inside = _slow(x)
         assert inside.is_ready()
-
-
-def test_simulated_devices_get_single_threaded_ops_and_larger_pools():
-    """paft_jax/xla_cpu.py: the settings against XLA:CPU's rendezvous stall, only for simulated devices."""
-    import os
-    from paft_jax.xla_cpu import simulated_device_settings
-    forced = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    assert simulated_device_settings(forced) == {
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=false",
-        "PJRT_NPROC": "32"}
-    assert simulated_device_settings({}) == {}  # a TPU VM, a GPU, one CPU device: untouched
-    assert simulated_device_settings({"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}) == {}
-    mine = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_cpu_multi_thread_eigen=true",
-            "PJRT_NPROC": "6"}
-    assert simulated_device_settings(mine) == {}  # the user's own choices stay
-    # this test process (8 simulated devices) was configured when paft_jax was imported
-    assert "--xla_cpu_multi_thread_eigen=false" in os.environ["XLA_FLAGS"]
-    (jnp.ones((64, 64)) @ jnp.ones((64, 64))).block_until_ready()  # the intra-op pool exists by now
-    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-    assert sum(n == "tf_XLAEigen" for n in names) == 4 * len(jax.devices())

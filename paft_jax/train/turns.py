@@ -9,7 +9,7 @@ holds one process-wide lock until its outputs are ready, and a `turn()` (host co
 of its own: a branch's set-up, a restore, a save) holds it until everything it dispatched has finished.
 Entering `taking_turns()` also waits for work dispatched before (placing the base on the second sub-mesh).
 Elsewhere (accelerators, a single branch) the wrapper calls straight through and dispatch stays
-asynchronous.  A rendezvous can also stall with one program in flight: paft_jax/xla_cpu.py.
+asynchronous.
 """
 from __future__ import annotations
 
