@@ -3,8 +3,10 @@ and kill-and-rerun at three points (real processes, SIGKILL at exact named point
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import jax
@@ -38,7 +40,7 @@ def assert_same_tensors(a: Path, b: Path, atol: float = 0.0):
 @pytest.fixture(scope="module")
 def paft_run(tmp_path_factory):
     # the CLI in a fresh process, as a user runs it: run here, in the test process after the tests before it,
-    # the branches' 4-device train steps stalled in an XLA:CPU rendezvous twice in a row (alone: never)
+    # the branches' 4-device train steps stalled in an XLA:CPU rendezvous twice in a row (see _run_cli)
     out = tmp_path_factory.mktemp("paft") / "run"
     run = _run_cli(out)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -88,7 +90,6 @@ def test_rerun_of_a_finished_run_redoes_nothing(paft_run, capsys):
 
 def test_rerun_with_changed_settings(paft_run, tmp_path, capsys):
     """A branch setting that changes what was trained is refused, naming it; a new merge recipe redoes the merge."""
-    import shutil
     run = tmp_path / "run"
     shutil.copytree(paft_run, run)
     saved = (run / "sft" / "config.json").read_text()
@@ -108,7 +109,6 @@ def test_eval_tasks_score_the_base_the_branches_and_the_merge(paft_run, tmp_path
     """eval_tasks added to a finished run: nothing is retrained or merged again, the four models of the paper's
     Table 1 are scored; the SFT row is `launch eval --checkpoint` of the SFT branch, the PAFT row `launch eval`
     of the export; a rerun scores nothing again."""
-    import shutil
     run = tmp_path / "run"
     shutil.copytree(paft_run, run)
     tasks = ["eval_tasks=[arc_easy,winogrande]", "eval_limit=3"]
@@ -245,12 +245,27 @@ def test_sequential_mode_trains_and_exports_the_same_model(tmp_path):
     assert np.abs(np.asarray(jax.tree_util.tree_leaves(d_pref)[0])).max() > 0
 
 
-def _run_cli(out: Path, fault: str | None = None, extra=()) -> subprocess.CompletedProcess:
+# XLA:CPU's fatal exit when a collective's ranks do not all arrive within its 40 s rendezvous timeout
+XLA_RENDEZVOUS_ABORT = "Exiting to ensure a consistent program state"
+
+
+def _run_cli(out: Path, fault: str | None = None, extra=(), fresh: bool = True) -> subprocess.CompletedProcess:
+    """`launch paft` (or tests/fault_run.py FAULT paft) into `out`, in a fresh process.
+
+    On 2-core machines, a few times in a hundred runs, XLA:CPU aborted a 4-device train step of the
+    concurrent branches in its rendezvous timeout (3 ranks at an all-reduce, the fourth at an all-gather:
+    seen in CI, never reproduced alone).  That abort is XLA's, not the behaviour under test, so such a run
+    is run once more (into an emptied `out` when `fresh`, else continuing what is there) with a warning."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(ROOT))
     launch = [str(ROOT / "tests" / "fault_run.py"), fault] if fault else ["-m", "paft_jax.launch"]
-    return subprocess.run([sys.executable, *launch, "paft", "--config", CONFIG, "--no-progress",
-                           f"output_dir={out}", *extra], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=600)
+    cmd = [sys.executable, *launch, "paft", "--config", CONFIG, "--no-progress", f"output_dir={out}", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    if proc.returncode == -6 and XLA_RENDEZVOUS_ABORT in proc.stderr:
+        warnings.warn(f"XLA:CPU rendezvous abort in {' '.join(cmd[1:])}; running it once more")
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    return proc
 
 
 @pytest.mark.slow
@@ -262,13 +277,15 @@ def _run_cli(out: Path, fault: str | None = None, extra=()) -> subprocess.Comple
     ("export-tensor-10", ["removing the unfinished export"]),            # mid-export
 ])
 def test_kill_and_rerun_continues_to_the_same_result(paft_run, tmp_path, fault, expect):
-    out = tmp_path / "run"
-    killed = _run_cli(out, fault)
+    """Killed and rerun with the branches one after the other (schedule=serial: fewer chances for the XLA:CPU
+    abort above), it ends with the concurrent run's tensors."""
+    out, serial = tmp_path / "run", ["schedule=serial"]
+    killed = _run_cli(out, fault, serial)
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert not (out / "merge.json").exists()
     if fault.startswith("export"):
         assert list(out.glob(".merged.tmp-*")) and not (out / "merged").exists()
-    again = _run_cli(out)
+    again = _run_cli(out, extra=serial, fresh=False)
     assert again.returncode == 0, again.stderr[-3000:]
     for text in expect:
         assert text in again.stderr, (text, again.stderr[-3000:])
