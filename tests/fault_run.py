@@ -4,7 +4,7 @@
 
 POINT: `<branch>-step-N` (after the branch's Nth step, its metrics written: as the next step begins),
 `after-training` (both branches trained, before the merge), `export-tensor-N` (after the merge's export
-read N base tensors: half-written).  The points are wrappers installed here, so the product code carries no
+took N tensors: half-written; on the mesh, the merged tensors it fetched; streamed, the base tensors read).  The points are wrappers installed here, so the product code carries no
 test hooks."""
 import os
 import signal
@@ -31,9 +31,17 @@ def install(point: str) -> None:
     elif point == "after-training":
         run.merge_and_export = lambda *a, **k: die()
     elif point.startswith("export-tensor-"):
-        limit, base_source = int(point.rpartition("-")[2]), run.base_source
+        from paft_jax.hf import export
+        limit, base_source, to_hf, fetched = int(point.rpartition("-")[2]), run.base_source, export.to_hf, [0]
 
-        class Counting:
+        def fetching(*a, **k):  # the on-mesh merge's export: each merged tensor, fetched from the devices
+            fetched[0] += 1
+            if fetched[0] > limit:
+                die()
+            return to_hf(*a, **k)
+        export.to_hf = fetching
+
+        class Counting:  # the streamed merge: each base tensor read
             def __init__(self, src):
                 self.src, self.reads = src, 0
 

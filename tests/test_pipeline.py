@@ -64,6 +64,7 @@ def test_paft_runs_both_branches_concurrently_then_merges(paft_run):
     assert b["preference"]["first_loss"] == pytest.approx(math.log(2), abs=1e-6)  # reference = base
     assert b["preference"]["eval_last"]["eval_rewards/accuracies"] > 0.5
     assert rep["merge"]["verified"] and rep["merge"]["verify_max_abs_diff"] < 1e-3
+    assert math.prod(rep["merge"]["mesh"].values()) == 8  # merged on all the run's devices
     assert rep["sparsity"]["total"]["models"][0]["zero_frac"] > 0.1  # L1 (proximal) on the SFT delta
     for f in ("report.md", "img/loss.png", "img/timeline.png", "img/sparsity.png", "merged/config.json"):
         assert (paft_run / f).stat().st_size > 0, f

@@ -15,14 +15,13 @@ from paft_jax.models.config import ModelConfig
 
 
 class ParamsSource:
-    is_delta = False
-
     def __init__(self, params: Any, cfg: ModelConfig, label: str, *, hf_config: dict | None = None,
-                 side_dir: str | Path | None = None):
-        """`side_dir`: a directory holding the tokenizer / generation config to copy into the output."""
+                 side_dir: str | Path | None = None, is_delta: bool = False):
+        """`side_dir`: a directory holding the tokenizer / generation config to copy into the output.
+        `is_delta`: the params are a delta from the base (a branch's, restored on the mesh)."""
         from paft_jax.hf.config import hf_config_dict
         from paft_jax.hf.layout import iter_hf_tensors
-        self.label, self.cfg, self._params = label, cfg, params
+        self.label, self.cfg, self._params, self.is_delta = label, cfg, params, is_delta
         self.config = hf_config_dict(cfg, hf_config)
         self.dir = Path(side_dir) if side_dir is not None else None
         self._where = {name: (entry, layer) for entry, layer, name in iter_hf_tensors(cfg)}

@@ -37,6 +37,10 @@ class MergeStage:
     max_shard_size: str = "2GB"
     verify: bool = True                # load the export in transformers and compare logits
     atol: float = 1e-3
+    # merge on the run's devices (deltas restored sharded, jitted merge, export tensor by tensor); false:
+    # stream tensor by tensor on one device (for a base that does not fit on the devices beside two deltas).
+    # Several processes always stream, on process 0.  Both give the same tensors.
+    on_mesh: bool = True
 
     def validate(self, num_layers: int | None = None) -> None:
         """The whole recipe (method, per-model parameters and their values, filters, overrides, dtype) checked

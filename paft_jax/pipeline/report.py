@@ -157,7 +157,8 @@ def markdown(s: dict) -> str:
     m = s.get("merge") or {}
     lines += ["", "## Merge and export", "",
               f"- {m.get('method')} merge written to `{m.get('dir')}` in {_f(m.get('seconds'))} s "
-              f"({m.get('tensors')} tensors)."]
+              f"({m.get('tensors')} tensors; " + (f"on the devices, mesh {m['mesh']})." if m.get("mesh")
+                                                 else "streamed on one device).")]
     if m.get("verified"):
         lines.append(f"- Loaded in transformers: max |logit diff| vs paft_jax {m['verify_max_abs_diff']:.2e} "
                      f"(atol {m['verify_atol']:g}).")

@@ -207,8 +207,10 @@ def _stacked_base(base: Base, sft_dir: str, mesh, rules) -> Base:
 # ------------------------------------------------------------------------------------ merge and export
 
 
-def merge_and_export(cfg: PaftConfig, tcs: dict[str, TrainConfig], bases: dict[str, Base]) -> dict:
-    """Merge the two branch checkpoints into the base and export (atomic), verified; skipped if done."""
+def merge_and_export(cfg: PaftConfig, tcs: dict[str, TrainConfig], bases: dict[str, Base], devices: list) -> dict:
+    """Merge the two branch checkpoints into the base and export (atomic), verified; skipped if done.
+    On the run's `devices` (pipeline/mesh_merge.py), or streamed on one device (merge.on_mesh=false, and
+    with several processes)."""
     from paft_jax import storage
     from paft_jax.merge import load_recipe, merge_to_hf
     from paft_jax.train.restore import CheckpointSource
@@ -235,26 +237,42 @@ def merge_and_export(cfg: PaftConfig, tcs: dict[str, TrainConfig], bases: dict[s
         if Path(merged).exists() and not changed:  # renamed but not verified (killed during verification)
             shutil.rmtree(merged)  # (a changed recipe's old export stays readable until the new one replaces it)
     rd.local.mkdir(parents=True, exist_ok=True)
-    base_src = base_source(tcs["sft"], bases, rd.local)
-    ckpts = {rd.join(n): CheckpointSource(rd.join(n)) for n in BRANCHES}
-    if cfg.mode == "sequential":  # the preference branch trained on base + d_sft in the base's dtype: that model
-        base_src = StackedSource(base_src, ckpts[rd.join("sft")])
-    recipe = load_recipe(cfg.merge.recipe(base_src.label, rd.join("sft"), rd.join("preference"), cfg.mode))
-    models = [ckpts.get(m) or (base_src if m == base_src.label else None) for m in recipe.models]
-    if any(m is None for m in models):
-        raise ValueError(f"merge: cannot place inputs {recipe.models}")
-    say(f"merge: {recipe.spec.method} of {[Path(m).name for m in recipe.models]} into the base -> {merged}")
-    t0 = time.time()
-    res = merge_to_hf(recipe.spec, base_src, models, merged, recipe_text=recipe.text, overwrite=True,
-                      max_shard_size=cfg.merge.max_shard_size, verify=cfg.merge.verify, atol=cfg.merge.atol)
-    rep = res.verify
-    # the deltas' sparsity from the sources the merge already holds (no second restore, no second base load)
-    from paft_jax.merge.sparsity import analyze
-    sparsity = analyze(base_src.base if cfg.mode == "sequential" else base_src, [ckpts[rd.join(n)] for n in BRANCHES])
-    sparsity.pop("tensors")
-    info = {"method": recipe.spec.method, "key": merge_key(cfg), "sparsity": sparsity, "recipe": recipe.text, "seconds": time.time() - t0,
-            "merge_seconds": res.seconds, "tensors": res.tensors, "bytes": res.bytes_written, "dir": str(merged),
-            "verified": rep is not None,
+    branches = {n: rd.join(n) for n in BRANCHES}
+    if cfg.merge.on_mesh and jax.process_count() == 1:
+        from paft_jax.pipeline.mesh_merge import merge_and_export_on_mesh
+        recipe = load_recipe(cfg.merge.recipe(tcs["sft"].model, branches["sft"], branches["preference"], cfg.mode))
+        say(f"merge: {recipe.spec.method} of {[Path(m).name for m in recipe.models]} into the base -> {merged}")
+        t0 = time.time()
+        res = merge_and_export_on_mesh(spec=recipe.spec, recipe_text=recipe.text, inputs=recipe.models,
+                                       branches=branches, tc=tcs["sft"], bases=bases, devices=devices,
+                                       sequential=cfg.mode == "sequential", out=merged, dtype=cfg.merge.dtype,
+                                       max_shard_size=cfg.merge.max_shard_size, verify=cfg.merge.verify,
+                                       atol=cfg.merge.atol)
+        rep, sparsity = res["verify"], res["sparsity"]
+        numbers = {"merge_seconds": res["merge_seconds"], "tensors": res["tensors"], "bytes": res["bytes"],
+                   "mesh": res["mesh"]}
+    else:  # streamed tensor by tensor on one device of process 0 (the other processes wait at a barrier)
+        base_src = base_source(tcs["sft"], bases, rd.local)
+        ckpts = {p: CheckpointSource(p) for p in branches.values()}
+        if cfg.mode == "sequential":  # the preference branch trained on base + d_sft in the base's dtype
+            base_src = StackedSource(base_src, ckpts[branches["sft"]])
+        recipe = load_recipe(cfg.merge.recipe(base_src.label, branches["sft"], branches["preference"], cfg.mode))
+        models = [ckpts.get(m) or (base_src if m == base_src.label else None) for m in recipe.models]
+        if any(m is None for m in models):
+            raise ValueError(f"merge: cannot place inputs {recipe.models}")
+        say(f"merge: {recipe.spec.method} of {[Path(m).name for m in recipe.models]} into the base -> {merged} "
+            "(streamed on one device)")
+        t0 = time.time()
+        res = merge_to_hf(recipe.spec, base_src, models, merged, recipe_text=recipe.text, overwrite=True,
+                          max_shard_size=cfg.merge.max_shard_size, verify=cfg.merge.verify, atol=cfg.merge.atol)
+        rep = res.verify
+        # the deltas' sparsity from the sources the merge already holds (no second restore, no second base load)
+        from paft_jax.merge.sparsity import analyze
+        sparsity = analyze(base_src.base if cfg.mode == "sequential" else base_src, list(ckpts.values()))
+        sparsity.pop("tensors")
+        numbers = {"merge_seconds": res.seconds, "tensors": res.tensors, "bytes": res.bytes_written, "mesh": None}
+    info = {"method": recipe.spec.method, "key": merge_key(cfg), "sparsity": sparsity, "recipe": recipe.text,
+            "seconds": time.time() - t0, **numbers, "dir": str(merged), "verified": rep is not None,
             "verify_max_abs_diff": getattr(rep, "max_abs_diff", None), "verify_atol": cfg.merge.atol}
     rd.write_json("merge.json", info)
     say(f"merge: done in {info['seconds']:.1f}s" + (f", verified in transformers (max |logit diff| "
@@ -324,7 +342,7 @@ def run_paft(cfg: PaftConfig, *, progress: bool = True) -> dict:
     if jax.process_index() == 0:
         for n in BRANCHES:  # branches other processes trained: their done.json (written before the barrier)
             trained["branches"][n] = trained["branches"][n] or rd.read_json(f"{n}/done.json")
-        merge = merge_and_export(cfg, tcs, trained["bases"])
+        merge = merge_and_export(cfg, tcs, trained["bases"], p.devices)
         exported = local_export(rd) if cfg.prompts or tasks else None
         answers = answer(exported, cfg.prompts, cfg.max_new_tokens) if cfg.prompts else []
         for a in answers:
