@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import xla_abort
 from test_pipeline import CONFIG, ROOT, assert_same_tensors
 
 URL = "gs://paft/runs/paft-tiny"
@@ -48,9 +49,9 @@ def paft(env, out: str, cache: Path, *extra, fault: str | None = None) -> subpro
     rendezvous timeout aborted the process, once in CI.  Both schedules give the same tensors; the
     concurrent one is covered by test_pipeline.py (and the local reference run below)."""
     launch = [str(ROOT / "tests" / "fault_run.py"), fault] if fault else ["-m", "paft_jax.launch"]
-    return subprocess.run([sys.executable, *launch, "paft", "--config", CONFIG, "--no-progress",
-                           f"output_dir={out}", f"cache_dir={cache}", "schedule=serial", *extra], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    # once more after an XLA:CPU rendezvous abort (tests/xla_abort.py; seen here too, in the serial schedule)
+    return xla_abort.run([sys.executable, *launch, "paft", "--config", CONFIG, "--no-progress", f"output_dir={out}",
+                          f"cache_dir={cache}", "schedule=serial", *extra], cwd=ROOT, env=env, timeout=600)
 
 
 def ok(proc: subprocess.CompletedProcess) -> str:

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import jax
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+import xla_abort
 from paft_jax.launch import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,27 +246,13 @@ def test_sequential_mode_trains_and_exports_the_same_model(tmp_path):
     assert np.abs(np.asarray(jax.tree_util.tree_leaves(d_pref)[0])).max() > 0
 
 
-# XLA:CPU's fatal exit when a collective's ranks do not all arrive within its 40 s rendezvous timeout
-XLA_RENDEZVOUS_ABORT = "Exiting to ensure a consistent program state"
-
-
 def _run_cli(out: Path, fault: str | None = None, extra=(), fresh: bool = True) -> subprocess.CompletedProcess:
-    """`launch paft` (or tests/fault_run.py FAULT paft) into `out`, in a fresh process.
-
-    On 2-core machines, a few times in a hundred runs, XLA:CPU aborted a 4-device train step of the
-    concurrent branches in its rendezvous timeout (3 ranks at an all-reduce, the fourth at an all-gather:
-    seen in CI, never reproduced alone).  That abort is XLA's, not the behaviour under test, so such a run
-    is run once more (into an emptied `out` when `fresh`, else continuing what is there) with a warning."""
+    """`launch paft` (or tests/fault_run.py FAULT paft) into `out`, in a fresh process (once more after an
+    XLA:CPU rendezvous abort: tests/xla_abort.py; into an emptied `out` when `fresh`)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(ROOT))
     launch = [str(ROOT / "tests" / "fault_run.py"), fault] if fault else ["-m", "paft_jax.launch"]
     cmd = [sys.executable, *launch, "paft", "--config", CONFIG, "--no-progress", f"output_dir={out}", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    if proc.returncode == -6 and XLA_RENDEZVOUS_ABORT in proc.stderr:
-        warnings.warn(f"XLA:CPU rendezvous abort in {' '.join(cmd[1:])}; running it once more")
-        if fresh:
-            shutil.rmtree(out, ignore_errors=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    return proc
+    return xla_abort.run(cmd, fresh=out if fresh else None, env=env, cwd=ROOT, timeout=600)
 
 
 @pytest.mark.slow
