@@ -416,6 +416,8 @@ def cli(argv: list[str] | None = None, entry=None) -> int:
     traceback.  Unexpected exceptions (our bugs) keep theirs."""
     argv = list(sys.argv[1:] if argv is None else argv)
     skip_absent_tpu()
+    from paft_jax import cpu_devices
+    cpu_devices.configure()  # before JAX creates its backend (simulated CPU devices: see cpu_devices.py)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     try:

@@ -88,6 +88,8 @@ CASES = {
     "paft-missing-config": (["paft", "--config", "{tmp}/nope.yaml"], ["nope.yaml"]),
     "paft-unknown-eval-task": (["paft", "--config", "configs/paft_tiny.yaml", "eval_tasks=[arc_eazy]",
                                 "output_dir={tmp}/p"], ["eval_tasks: unknown task 'arc_eazy'", "did you mean 'arc_easy'"]),
+    "paft-merge-on-mesh": (["paft", "--config", "configs/paft_tiny.yaml", "merge.on_mesh=maybe", "output_dir={tmp}/p"],
+                           ["merge.on_mesh='maybe'", "true, false or auto"]),
     "paft-eval-limit-zero": (["paft", "--config", "configs/paft_tiny.yaml", "eval_tasks=[arc_easy]", "eval_limit=0",
                               "output_dir={tmp}/p"], ["eval_limit=0"]),
     "paft-eval-missing-data": (["paft", "--config", "configs/paft_tiny.yaml", "eval_tasks=[winogrande]",

@@ -42,7 +42,7 @@ def paft_run(tmp_path_factory):
     # the CLI in a fresh process, as a user runs it: run here, in the test process after the tests before it,
     # the branches' 4-device train steps stalled in an XLA:CPU rendezvous twice in a row (see _run_cli)
     out = tmp_path_factory.mktemp("paft") / "run"
-    run = _run_cli(out)
+    run = _run_cli(out, extra=["merge.on_mesh=true"])  # on CPU the default streams; this run merges on the mesh
     assert run.returncode == 0, run.stderr[-3000:]
     return out
 
@@ -214,7 +214,7 @@ def test_sequential_mode_trains_and_exports_the_same_model(tmp_path):
     out = tmp_path / "seq"
     dtypes = ["param_dtype=bfloat16", "compute_dtype=bfloat16"]
     assert main(["paft", "--config", CONFIG, "--no-progress", f"output_dir={out}", "mode=sequential",
-                 "prompts=[]", "report=false", *dtypes]) == 0
+                 "prompts=[]", "report=false", "merge.on_mesh=true", *dtypes]) == 0
     sft = [json.loads(l) for l in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
     pref = [json.loads(l) for l in (out / "preference" / "metrics.jsonl").read_text().splitlines()]
     # the preference branch starts where SFT ended: its reference is the SFT model, so step 1 is log 2

@@ -37,10 +37,11 @@ class MergeStage:
     max_shard_size: str = "2GB"
     verify: bool = True                # load the export in transformers and compare logits
     atol: float = 1e-3
-    # merge on the run's devices (deltas restored sharded, jitted merge, export tensor by tensor); false:
-    # stream tensor by tensor on one device (for a base that does not fit on the devices beside two deltas).
-    # Several processes always stream, on process 0.  Both give the same tensors.
-    on_mesh: bool = True
+    # true: merge on the run's devices (deltas restored sharded, jitted merge, export tensor by tensor); false:
+    # stream tensor by tensor on one device; auto: on the devices on accelerators, streamed on CPU (where
+    # device memory is host memory: streaming is leaner and faster there, benchmarks/README.md).  Several
+    # processes always stream, on process 0.  Both give the same tensors.
+    on_mesh: bool | str = "auto"
 
     def validate(self, num_layers: int | None = None) -> None:
         """The whole recipe (method, per-model parameters and their values, filters, overrides, dtype) checked
@@ -59,8 +60,16 @@ class MergeStage:
             msg = msg.replace("models[0]", "merge.sft").replace("models[1]", "merge.preference")
             raise ValueError(msg if msg.startswith("merge") else f"merge: {msg}") from None
         parse_size(self.max_shard_size)
+        if self.on_mesh not in (True, False, "auto"):
+            raise ValueError(f"merge.on_mesh={self.on_mesh!r}: expected true, false or auto")
         if not self.atol > 0:
             raise ValueError(f"merge.atol={self.atol} must be > 0")
+
+    def merges_on_mesh(self) -> bool:
+        import jax
+        if jax.process_count() > 1:
+            return False
+        return self.on_mesh is True or (self.on_mesh == "auto" and jax.default_backend() != "cpu")
 
     def recipe(self, base: str, sft: str, preference: str, mode: str) -> dict:
         """A mergekit-format recipe over the two branch checkpoints.  Sequential mode trains the preference

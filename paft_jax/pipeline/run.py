@@ -209,8 +209,8 @@ def _stacked_base(base: Base, sft_dir: str, mesh, rules) -> Base:
 
 def merge_and_export(cfg: PaftConfig, tcs: dict[str, TrainConfig], bases: dict[str, Base], devices: list) -> dict:
     """Merge the two branch checkpoints into the base and export (atomic), verified; skipped if done.
-    On the run's `devices` (pipeline/mesh_merge.py), or streamed on one device (merge.on_mesh=false, and
-    with several processes)."""
+    On the run's `devices` (pipeline/mesh_merge.py), or streamed on one device (merge.on_mesh: false, auto on
+    CPU, and with several processes)."""
     from paft_jax import storage
     from paft_jax.merge import load_recipe, merge_to_hf
     from paft_jax.train.restore import CheckpointSource
@@ -238,7 +238,7 @@ def merge_and_export(cfg: PaftConfig, tcs: dict[str, TrainConfig], bases: dict[s
             shutil.rmtree(merged)  # (a changed recipe's old export stays readable until the new one replaces it)
     rd.local.mkdir(parents=True, exist_ok=True)
     branches = {n: rd.join(n) for n in BRANCHES}
-    if cfg.merge.on_mesh and jax.process_count() == 1:
+    if cfg.merge.merges_on_mesh():
         from paft_jax.pipeline.mesh_merge import merge_and_export_on_mesh
         recipe = load_recipe(cfg.merge.recipe(tcs["sft"].model, branches["sft"], branches["preference"], cfg.mode))
         say(f"merge: {recipe.spec.method} of {[Path(m).name for m in recipe.models]} into the base -> {merged}")

@@ -1,9 +1,10 @@
 """Device programs one at a time while branch threads share an XLA:CPU process.
 
-XLA:CPU runs the collectives of all its simulated devices on one small thread pool (as many threads as
-cores).  Two programs with collectives in flight at once (the PAFT branches training in parallel threads,
-each on its own sub-mesh) can fill that pool with half-arrived rendezvous and deadlock: XLA aborts the
-process after its 40 s rendezvous timeout (seen on 2-core machines).  On CPU nothing is gained by
+XLA:CPU runs every simulated device's share of a program on one shared thread pool, where a collective
+blocks its thread until every rank arrives.  Programs with collectives in flight at once (the PAFT branches
+training in parallel threads, each on its own sub-mesh) can fill that pool with half-arrived rendezvous and
+deadlock: XLA aborts the process after its 40 s rendezvous timeout (seen on 2-core machines; the pool is
+also made larger, paft_jax/cpu_devices.py).  On CPU nothing is gained by
 overlapping the branches' programs, so inside `taking_turns()` every program wrapped by `one_at_a_time`
 holds one process-wide lock until its outputs are ready, and a `turn()` (host code that dispatches programs
 of its own: a branch's set-up, a restore, a save) holds it until everything it dispatched has finished.
