@@ -132,6 +132,16 @@ def l1_prox(ocfg: ObjectiveConfig, opt: optax.GradientTransformation, delta: Any
 DELTA_TOL = 1e-6  # |delta| at or below this counts as "near zero" in the per-step metrics
 
 
+def in_order(first: Any, then: Any) -> tuple[Any, Any]:
+    """(first, then) unchanged, with everything computed from `then` ordered after `first`.
+
+    A reduction over the sharded batch or delta that nothing else depends on (the batch's token counts, the
+    L1 penalty) is a collective the compiler may run at any time; XLA:CPU ran such an all-reduce on some
+    simulated devices while the others were already in the layer scan's all-gathers, and every rank waited
+    for the others (a 40 s rendezvous abort, tests on 2 cores).  Ordering it removes the race; on TPU it only
+    fixes when a scalar reduction runs."""
+    return jax.lax.optimization_barrier((first, then))
+
 def delta_stats(delta: Any, tols: tuple[float, ...] = ()) -> dict[str, jax.Array]:
     """Sparsity of the trained state after the update (over every trained array: the dense delta, or the
     LoRA factors): exact zeros, entries with |x| <= DELTA_TOL (and each of `tols`: `delta/abs_le_<t>`), and
@@ -166,7 +176,7 @@ def build_steps(cfg: ModelConfig, dcfg: DeltaConfig, ocfg: ObjectiveConfig, opt:
         return objectives.reference_params(base) if ocfg.needs_reference else None
 
     def train_step(state: TrainState, base: Any, batch: dict):
-        totals = objectives.batch_totals(ocfg, batch)
+        totals, batch = in_order(objectives.batch_totals(ocfg, batch), batch)
         ref_params = reference(base)
         grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
@@ -178,7 +188,8 @@ def build_steps(cfg: ModelConfig, dcfg: DeltaConfig, ocfg: ObjectiveConfig, opt:
                        sum_over_micro(grads_and_sums, batch, grad_accum, constrain))
         metrics = objectives.finalize(ocfg, sums)
         if ocfg.l1_lambda and ocfg.l1_mode == "penalty":
-            l1, l1_grads = jax.value_and_grad(losses.l1_penalty)(state.delta, ocfg.l1_lambda)
+            grads, after = in_order(grads, state.delta)
+            l1, l1_grads = jax.value_and_grad(losses.l1_penalty)(after, ocfg.l1_lambda)
             grads = _tree_add(grads, l1_grads)
             metrics["l1_penalty"] = l1
         metrics["grad_norm"] = optax.global_norm(grads)
@@ -190,7 +201,7 @@ def build_steps(cfg: ModelConfig, dcfg: DeltaConfig, ocfg: ObjectiveConfig, opt:
         return TrainState(step=state.step + 1, delta=delta, opt_state=opt_state), metrics
 
     def eval_sums(delta: Any, base: Any, batch: dict):
-        totals = objectives.batch_totals(ocfg, batch)
+        totals, batch = in_order(objectives.batch_totals(ocfg, batch), batch)
         ref_params = reference(base)
 
         def sums_of(mb):
