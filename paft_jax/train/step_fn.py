@@ -142,6 +142,7 @@ def in_order(first: Any, then: Any) -> tuple[Any, Any]:
     fixes when a scalar reduction runs."""
     return jax.lax.optimization_barrier((first, then))
 
+
 def delta_stats(delta: Any, tols: tuple[float, ...] = ()) -> dict[str, jax.Array]:
     """Sparsity of the trained state after the update (over every trained array: the dense delta, or the
     LoRA factors): exact zeros, entries with |x| <= DELTA_TOL (and each of `tols`: `delta/abs_le_<t>`), and
