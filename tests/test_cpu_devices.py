@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from paft_jax.cpu_devices import THREADS_PER_DEVICE, pool_size
+from paft_jax.cpu_devices import THREADS_PER_DEVICE, configure, pool_size
 
 COUNT_THREADS = r"""
 import glob, jax, jax.numpy as jnp
@@ -24,9 +24,11 @@ def test_pool_size_for_simulated_devices():
 
 
 def test_the_cpu_client_runs_its_devices_on_that_pool():
-    """The conftest configured this session: a fresh JAX process inheriting it has that many pool threads
-    (the CPU client's default is max(cores, devices) = 8 here)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    """A fresh JAX process given the configured environment has that many pool threads (the CPU client's
+    default is max(cores, devices) = 8 here)."""
+    env = {k: v for k, v in os.environ.items() if k != "PJRT_NPROC"}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    configure(env)
     assert env["PJRT_NPROC"] == str(8 * THREADS_PER_DEVICE)
     out = subprocess.run([sys.executable, "-c", COUNT_THREADS], env=env, capture_output=True, text=True,
                          timeout=120, check=True).stdout
