@@ -5,8 +5,9 @@ collective blocks its task's thread until all N ranks have arrived.  JAX dispatc
 tasks of several programs are queued at once; when the blocked ranks of in-flight programs hold every
 thread, a rank still in the queue never runs and XLA aborts the process after its 40 s rendezvous timeout
 (seen on 2 cores: 7 of 8 ranks at an all-gather while the on-mesh merge dispatched its per-tensor programs;
-3 of 4 ranks in a train step, in CI).  Sixteen threads per device make that exhaustion practically
-impossible; idle threads cost nothing but their stacks.  The CPU client reads PJRT_NPROC once, when JAX
+3 of 4 ranks in a train step, in CI).  Sixteen threads per device make that exhaustion far less likely
+(the merge that aborted then ran through; one abort still came in a later 32-minute test run, cause not
+found); idle threads cost nothing but their stacks.  The CPU client reads PJRT_NPROC once, when JAX
 creates its backend: `configure()` must run before that (the launcher calls it first; the tests'
 conftest too).  A PJRT_NPROC already set is kept.
 """
