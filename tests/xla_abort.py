@@ -5,6 +5,7 @@ the PAFT pipeline, concurrent or serial schedule) when its 40 s rendezvous timeo
 an all-reduce, the fourth rank's device at an all-gather of the same execution (seen in CI and locally,
 three times in a row in one test, then not again; never reproduced on demand).  That abort is XLA's, not
 the behaviour under test, so such a run is run once more, with a warning in the test report."""
+import re
 import shutil
 import subprocess
 import warnings
@@ -18,7 +19,9 @@ def run(cmd: list[str], *, fresh: Path | None = None, **kwargs) -> subprocess.Co
     (`fresh`: a directory emptied first, for a run that must start from nothing)."""
     proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
     if proc.returncode == -6 and ABORT in proc.stderr:
-        warnings.warn(f"XLA:CPU rendezvous abort in {' '.join(map(str, cmd[1:]))}; running it once more")
+        stuck = sorted(set(re.findall(r"`([a-z -]+) RendezvousKey\{[^`]*op_id=(\d+)\}`", proc.stderr)))
+        warnings.warn(f"XLA:CPU rendezvous abort in {' '.join(map(str, cmd[1:]))} (stuck: "
+                      f"{', '.join(f'{op} op_id={i}' for op, i in stuck) or '?'}); running it once more")
         if fresh is not None:
             shutil.rmtree(fresh, ignore_errors=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
