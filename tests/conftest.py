@@ -2,7 +2,7 @@ import os
 
 # 8 simulated CPU devices for mesh tests; must be set before jax is imported anywhere
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-# their thread pool, large enough that in-flight programs' blocked collective ranks cannot fill it (inherited
+# their thread pool, large enough that in-flight programs' blocked collective ranks rarely fill it (inherited
 # by every subprocess; paft_jax/cpu_devices.py says why)
 from paft_jax import cpu_devices  # noqa: E402  (imports nothing of JAX)
 cpu_devices.configure()

@@ -4,8 +4,8 @@
 
 POINT: `<branch>-step-N` (after the branch's Nth step, its metrics written: as the next step begins),
 `after-training` (both branches trained, before the merge), `export-tensor-N` (after the merge's export
-took N tensors: half-written; on the mesh, the merged tensors it fetched; streamed, the base tensors read).  The points are wrappers installed here, so the product code carries no
-test hooks."""
+took N tensors: half-written; on the mesh, the merged tensors it fetched; streamed, the base tensors read).
+The points are wrappers installed here, so the product code carries no test hooks."""
 import os
 import signal
 import sys

@@ -1,4 +1,5 @@
-"""The thread pool of simulated CPU devices is sized so in-flight programs' blocked collective ranks cannot fill it."""
+"""The thread pool of simulated CPU devices: 16 threads per device, so in-flight programs' blocked collective
+ranks rarely fill it (paft_jax/cpu_devices.py)."""
 import os
 import subprocess
 import sys

@@ -49,7 +49,7 @@ def merge_and_export_on_mesh(*, spec, recipe_text: str, inputs: list[str], branc
     mesh, rules = merge_mesh(tc, devices)
     held = next(iter(bases.values()), None)  # the base this process trained from (on a branch's sub-mesh)
     base = place(held, mesh, rules) if held is not None else load_base(tc, mesh, rules)
-    deltas = {p: restore_delta(p, mesh, rules)[3] for p in dict.fromkeys([*branches.values(), *inputs])}
+    deltas = {p: restore_delta(p, mesh, rules)[3] for p in branches.values()}  # the recipe's inputs are among them
     say(f"merge: on {len(devices)} device(s), mesh {dict(mesh.shape)}; {len(deltas)} branch deltas restored "
         "sharded (the deltas only)")
     into = merged_params(base.params, deltas[branches["sft"]]) if sequential else base.params
