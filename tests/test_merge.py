@@ -517,3 +517,50 @@ def test_failed_verification_removes_the_output(three_models, tmp_path, monkeypa
     with pytest.raises(ExportMismatchError):
         merge_to_hf(spec2(), three_models[0], [three_models[1]], out)
     assert not out.exists() and not list(tmp_path.glob(".merged.*"))
+
+
+def _chunked(base, xs, step):
+    def chunks():
+        for c, start in enumerate(range(0, base.size, step)):
+            stop = min(base.size, start + step)
+            pad = step - (stop - start)
+            yield (np.pad(base[start:stop], (0, pad)), tuple(np.pad(x[start:stop], (0, pad)) for x in xs),
+                   np.int32(stop - start), c)
+    return chunks
+
+
+@pytest.mark.parametrize("from_models", [False, True])
+def test_host_rank_cut_equals_the_histogram_one(from_models):
+    """The streamed path's sampled-bracket selection (NumPy) gives exactly the radix-select histograms' cut
+    (XLA), ties at the cut included, for every target rank from 'everything' to 'nothing'."""
+    rng = np.random.default_rng(3)
+    n = 5000
+    base = rng.standard_normal(n).astype(np.float32)
+    ties = rng.choice([0.0, 0.25, 0.5, 1.0], size=n).astype(np.float32)  # long runs of equal magnitudes
+    smooth = (rng.standard_normal(n) * 1e-3).astype(np.float32)
+    ds = [ties, smooth]
+    xs = [base + d for d in ds] if from_models else ds
+    chunks = _chunked(base, xs, 700)
+    for q in (0.0, 0.1, 0.5, 0.9, 0.999):
+        m = int(q * n)
+        targets = np.array([[m, min(n, m + 40)], [m, n]], np.int32)
+        want = methods.rank_cut(chunks, targets, n, from_models)
+        got = methods.rank_cut_host(chunks, targets, n, from_models)
+        assert got is not None
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"{k} at q={q}")
+
+
+def test_host_rank_cut_falls_back_when_the_sample_misleads():
+    """Every 32nd magnitude (the sampled ones) is huge: the bracket misses the cut, the NumPy selection says
+    so, and the merge takes the histogram path and is still exact."""
+    n = 64 * methods.SAMPLE_EVERY
+    d = np.full(n, 1e-3, np.float32) * (1 + np.arange(n, dtype=np.float32) / n)
+    d[::methods.SAMPLE_EVERY] = 10.0
+    base = np.zeros(n, np.float32)
+    targets = np.array([[n // 2]], np.int32)
+    chunks = _chunked(base, [d], 256)
+    assert methods.rank_cut_host(chunks, targets, n, False) is None
+    spec = MergeSpec("magnitude_prune", 1, {}, [{"weight": 1.0, "density": 0.5}])
+    got = np.asarray(merge_array(spec, NAME, (n,), base, [d], from_models=False, layers=None))
+    np.testing.assert_array_equal(got, ref_topk(d.astype(np.float64), 0.5).astype(np.float32))

@@ -256,7 +256,8 @@ def load_model(path: str | Path, *, mesh: Mesh | None = None, rules: tuple = (),
     cfg = cfg.replace(param_dtype=param_dtype)
     # tokenizer first: building one from GGUF metadata has a transient peak we keep apart from the params'
     tok = load_tokenizer(directory, gguf_file) if with_tokenizer else None
-    gc.collect()
+    if gguf_file is not None:
+        gc.collect()
     params = load_params(source, cfg, mesh=mesh, rules=rules)
 
     used = {name for _, _, name in iter_hf_tensors(cfg)}
@@ -313,5 +314,6 @@ def load_params(source: Any, cfg: ModelConfig, *, mesh: Mesh | None = None, rule
             node = node.setdefault(k, {})
         node[e.path[-1]] = arr
         del host
-        gc.collect()  # the dequantizer's and converters' temporaries sit in reference cycles; free them now
+        if isinstance(source, GGUFSource):  # the dequantizer's temporaries sit in reference cycles: free them
+            gc.collect()  # now (a full collection costs ~0.2 s once torch is imported: not for safetensors)
     return out

@@ -136,6 +136,11 @@ def rank_cut(chunks, targets: np.ndarray, n: int, from_models: bool):
             b2 = int(np.searchsorted(c2, mc[i, t], side="right"))
             v[i, t] = (int(b1[i, t]) << 16) | b2
             below[i, t] = c2[b2 - 1] if b2 > 0 else below1[i, t]
+    return _cut(targets, n, v, below)
+
+
+def _cut(targets: np.ndarray, n: int, v: np.ndarray, below: np.ndarray) -> dict:
+    """rank_cut's result from the magnitude bits v at each target rank and the count below them."""
     v = np.where(targets <= 0, 0, v)  # rank >= 0: everything (every |delta| has bits >= 0)
     below = np.where(targets <= 0, 0, below)
     need = (below != np.clip(targets, 0, None)) & (targets > 0) & (targets < n)
@@ -143,27 +148,89 @@ def rank_cut(chunks, targets: np.ndarray, n: int, from_models: bool):
             "need": need, "none": targets >= n}
 
 
-def _rank_ge(bits, ok, i, t, sel, carry):
-    """Elements of this chunk whose whole-tensor rank is >= sel.m[i, t]; eq count for the carry."""
-    v, below, m = sel["v"][i, t], sel["below"][i, t], sel["m"][i, t]
+SAMPLE_EVERY = 32  # rank_cut_host: one magnitude in 32 estimates the cut
+
+
+def rank_cut_host(chunks, targets: np.ndarray, n: int, from_models: bool) -> dict | None:
+    """rank_cut for inputs on the host, in NumPy, without histograms (XLA:CPU scatters them ~5 ns an
+    element): a strided sample brackets each cut with a margin of 4 binomial standard deviations, a second
+    pass counts the magnitudes below the bracket and keeps those inside it (a few percent), and the cut is
+    selected among them.  The same exact (v, below) as rank_cut; None where a bracket missed its rank or the
+    cut is a subnormal (which XLA may flush to zero), and the caller falls back to rank_cut."""
+    m_models, t_count = targets.shape
+    mc = np.clip(targets, 0, n - 1)
+
+    def magnitudes(b, xs, valid):  # chunks kept on a CPU device are read in place (np.asarray: no copy)
+        b = np.asarray(b)[:valid].astype(np.float32, copy=False)
+        for x in xs:
+            d = np.asarray(x)[:valid].astype(np.float32, copy=False)
+            yield np.abs(d - b if from_models else d).view(np.int32)
+
+    samples = [[] for _ in range(m_models)]
+    for b, xs, valid, _ in chunks():
+        for i, bits in enumerate(magnitudes(b, xs, valid)):
+            samples[i].append(bits[::SAMPLE_EVERY])
+    lo = np.zeros((m_models, t_count), np.int64)
+    hi = np.zeros((m_models, t_count), np.int64)
+    for i in range(m_models):
+        s = np.sort(np.concatenate(samples[i]))
+        q = mc[i] / n
+        r = q * len(s)
+        margin = 4 * np.sqrt(len(s) * q * (1 - q)) + 4
+        lo[i] = np.where(r - margin > 0, s[np.clip((r - margin).astype(np.int64), 0, len(s) - 1)], 0)
+        hi[i] = np.where(r + margin < len(s) - 1, s[np.clip((r + margin).astype(np.int64), 0, len(s) - 1)],
+                         np.iinfo(np.int32).max)
+    under = np.zeros_like(lo)  # magnitudes below lo
+    at = np.zeros_like(lo)  # equal to lo (a run of zeros is kept as a count, not as values)
+    inside = [[[] for _ in range(t_count)] for _ in range(m_models)]  # in (lo, hi]
+    for b, xs, valid, _ in chunks():
+        for i, bits in enumerate(magnitudes(b, xs, valid)):
+            for t in range(t_count):
+                under[i, t] += np.count_nonzero(bits < lo[i, t])
+                at[i, t] += np.count_nonzero(bits == lo[i, t])
+                inside[i][t].append(bits[(bits > lo[i, t]) & (bits <= hi[i, t])])
+    v = np.zeros_like(lo)
+    below = np.zeros_like(lo)
+    for i in range(m_models):
+        for t in range(t_count):
+            cand = np.concatenate(inside[i][t])
+            k = mc[i, t] - under[i, t] - at[i, t]  # the cut's rank among the bracket's inside
+            if mc[i, t] < under[i, t] or k >= len(cand):
+                return None
+            if k < 0:
+                v[i, t], below[i, t] = lo[i, t], under[i, t]
+            else:
+                v[i, t] = np.partition(cand, k)[k]
+                below[i, t] = under[i, t] + at[i, t] + np.count_nonzero(cand < v[i, t])
+            if 0 < v[i, t] < 0x00800000:
+                return None
+    return _cut(targets, n, v, below)
+
+
+def _rank_ge(bits, ok, i, t, sel, carry, ranked):
+    """Elements of this chunk whose whole-tensor rank is >= sel.m[i, t]; with `ranked` (static: some cut
+    falls inside a run of equal magnitudes), ties at the cut ranked by flat index, and the chunk's count of
+    them for the carry.  Without it the cut is a plain comparison: no cumsum, no reduction, no cond (each
+    of which stops XLA:CPU from fusing the chunk into one loop: ~15x slower)."""
+    v = sel["v"][i, t]
+    if not ranked:
+        return jnp.where(sel["none"][i, t], False, bits >= v), None
+    below, m = sel["below"][i, t], sel["m"][i, t]
     eq = (bits == v) & ok
-
-    def ranked(_):
-        return (bits > v) | (eq & (below + carry[i, t] + jnp.cumsum(eq, dtype=jnp.int32) - 1 >= m))
-
-    ge = jax.lax.cond(sel["need"][i, t], ranked, lambda _: bits >= v, None)
+    ge = jnp.where(sel["need"][i, t],
+                   (bits > v) | (eq & (below + carry[i, t] + jnp.cumsum(eq, dtype=jnp.int32) - 1 >= m)), bits >= v)
     return jnp.where(sel["none"][i, t], False, ge), jnp.sum(eq, dtype=jnp.int32)
 
 
-def _kept(d, i, how, p, sel, carry, ok, key, cols):
+def _kept(d, i, how, p, sel, carry, ok, key, cols, ranked):
     """(mask of kept elements, per-element 1/p for 'inverse' rescaling, eq counts) of model i's delta."""
     eqs = []
     if how in ("magnitude", "outliers"):
         bits = _bits(d)
-        kept, e = _rank_ge(bits, ok, i, 0, sel, carry)
+        kept, e = _rank_ge(bits, ok, i, 0, sel, carry, ranked)
         eqs.append(e)
         if how == "outliers":  # drop the largest too: keep ranks in [lo, hi)
-            above, e = _rank_ge(bits, ok, i, 1, sel, carry)
+            above, e = _rank_ge(bits, ok, i, 1, sel, carry, ranked)
             kept = kept & ~above
             eqs.append(e)
         inv = 1.0 / p["density"][i]
@@ -181,8 +248,8 @@ def _kept(d, i, how, p, sel, carry, ok, key, cols):
     return kept & ok, inv, eqs
 
 
-@partial(jax.jit, static_argnames=("method", "rescale", "normalize", "from_models", "cols", "stats"))
-def _apply(base, xs, valid, chunk, p, sel, carry, *, method, rescale, normalize, from_models, cols, stats):
+@partial(jax.jit, static_argnames=("method", "rescale", "normalize", "from_models", "cols", "stats", "ranked"))
+def _apply(base, xs, valid, chunk, p, sel, carry, *, method, rescale, normalize, from_models, cols, stats, ranked):
     """One chunk of the merge.  stats=True returns the per-chunk sums the whole-tensor scalars need
     (sum |delta_i|, sum |kept delta_i| for L1 rescaling; |base|^2, |model|^2, base.model for slerp)."""
     meth = METHODS[method]
@@ -203,8 +270,9 @@ def _apply(base, xs, valid, chunk, p, sel, carry, *, method, rescale, normalize,
             s = d
         else:
             key = jax.random.fold_in(_key(p["seed"], p["nhash"], i), chunk)
-            kept, inv, eqs = _kept(d, i, meth.sparsify, p, sel, carry, ok, key, cols)
-            eqs_all.append(jnp.stack(eqs) if eqs else jnp.zeros((1,), jnp.int32))
+            kept, inv, eqs = _kept(d, i, meth.sparsify, p, sel, carry, ok, key, cols, ranked)
+            if ranked:
+                eqs_all.append(jnp.stack(eqs))
             masked = jnp.where(kept, d, 0.0)
             if stats:
                 sums.append(jnp.stack([jnp.sum(jnp.abs(jnp.where(ok, d, 0.0))), jnp.sum(jnp.abs(masked))]))
@@ -276,13 +344,15 @@ def merge_flat(base, inputs, params: dict, *, method: str, rescale: str, normali
     t_count = 2 if meth.sparsify == "outliers" else 1
     if meth.sparsify in ("magnitude", "outliers"):
         targets = np.stack([params["lo"], params["hi"]], axis=1)[:, :t_count]
-        sel = rank_cut(chunks, targets, n, from_models)
+        sel = rank_cut_host(chunks, targets, n, from_models) if not isinstance(base, jax.Array) else None
+        sel = sel or rank_cut(chunks, targets, n, from_models)
     else:
         sel = {"v": np.zeros((m_models, t_count), np.int32), "below": np.zeros((m_models, t_count), np.int32),
                "m": np.zeros((m_models, t_count), np.int32), "need": np.zeros((m_models, t_count), bool),
                "none": np.zeros((m_models, t_count), bool)}
     carry = np.zeros((m_models, t_count), np.int32)
-    static = dict(method=method, rescale=rescale, normalize=normalize, from_models=from_models, cols=cols)
+    static = dict(method=method, rescale=rescale, normalize=normalize, from_models=from_models, cols=cols,
+                  ranked=bool(np.any(sel["need"])))
     p["l1"] = np.ones((m_models,), np.float32)
     p["coef"] = np.ones((2,), np.float32)
     if (rescale == "l1" and meth.sparsify is not None) or meth.kind == "slerp":
