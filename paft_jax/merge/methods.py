@@ -140,12 +140,22 @@ def rank_cut(chunks, targets: np.ndarray, n: int, from_models: bool):
 
 
 def _cut(targets: np.ndarray, n: int, v: np.ndarray, below: np.ndarray) -> dict:
-    """rank_cut's result from the magnitude bits v at each target rank and the count below them."""
+    """rank_cut's result from the magnitude bits v at each target rank and the count below them; `skip`:
+    how many of the magnitudes equal to v rank below the target (by flat index), 0 where none does."""
     v = np.where(targets <= 0, 0, v)  # rank >= 0: everything (every |delta| has bits >= 0)
     below = np.where(targets <= 0, 0, below)
     need = (below != np.clip(targets, 0, None)) & (targets > 0) & (targets < n)
     return {"v": v.astype(np.int32), "below": below.astype(np.int32), "m": targets.astype(np.int32),
-            "need": need, "none": targets >= n}
+            "skip": np.where(need, targets - below, 0).astype(np.int64), "none": targets >= n}
+
+
+def _host_magnitudes(b, xs, valid, from_models, every: int = 1):
+    """Each model's |delta| bits over the valid part of a chunk (every `every`-th element), in NumPy (chunks
+    kept on a CPU device are read in place: np.asarray does not copy)."""
+    b = np.asarray(b)[:valid:every].astype(np.float32, copy=False)
+    for x in xs:
+        d = np.asarray(x)[:valid:every].astype(np.float32, copy=False)
+        yield np.abs(d - b if from_models else d).view(np.int32)
 
 
 SAMPLE_EVERY = 32  # rank_cut_host: one magnitude in 32 estimates the cut
@@ -159,17 +169,10 @@ def rank_cut_host(chunks, targets: np.ndarray, n: int, from_models: bool) -> dic
     cut is a subnormal (which XLA may flush to zero), and the caller falls back to rank_cut."""
     m_models, t_count = targets.shape
     mc = np.clip(targets, 0, n - 1)
-
-    def magnitudes(b, xs, valid):  # chunks kept on a CPU device are read in place (np.asarray: no copy)
-        b = np.asarray(b)[:valid].astype(np.float32, copy=False)
-        for x in xs:
-            d = np.asarray(x)[:valid].astype(np.float32, copy=False)
-            yield np.abs(d - b if from_models else d).view(np.int32)
-
     samples = [[] for _ in range(m_models)]
     for b, xs, valid, _ in chunks():
-        for i, bits in enumerate(magnitudes(b, xs, valid)):
-            samples[i].append(bits[::SAMPLE_EVERY])
+        for i, bits in enumerate(_host_magnitudes(b, xs, valid, from_models, SAMPLE_EVERY)):
+            samples[i].append(bits)
     lo = np.zeros((m_models, t_count), np.int64)
     hi = np.zeros((m_models, t_count), np.int64)
     for i in range(m_models):
@@ -184,11 +187,12 @@ def rank_cut_host(chunks, targets: np.ndarray, n: int, from_models: bool) -> dic
     at = np.zeros_like(lo)  # equal to lo (a run of zeros is kept as a count, not as values)
     inside = [[[] for _ in range(t_count)] for _ in range(m_models)]  # in (lo, hi]
     for b, xs, valid, _ in chunks():
-        for i, bits in enumerate(magnitudes(b, xs, valid)):
+        for i, bits in enumerate(_host_magnitudes(b, xs, valid, from_models)):
             for t in range(t_count):
+                near = bits[(bits >= lo[i, t]) & (bits <= hi[i, t])]
                 under[i, t] += np.count_nonzero(bits < lo[i, t])
-                at[i, t] += np.count_nonzero(bits == lo[i, t])
-                inside[i][t].append(bits[(bits > lo[i, t]) & (bits <= hi[i, t])])
+                at[i, t] += np.count_nonzero(near == lo[i, t])
+                inside[i][t].append(near[near > lo[i, t]])
     v = np.zeros_like(lo)
     below = np.zeros_like(lo)
     for i in range(m_models):
@@ -207,32 +211,60 @@ def rank_cut_host(chunks, targets: np.ndarray, n: int, from_models: bool) -> dic
     return _cut(targets, n, v, below)
 
 
-def _rank_ge(bits, ok, i, t, sel, carry, ranked):
-    """Elements of this chunk whose whole-tensor rank is >= sel.m[i, t]; with `ranked` (static: some cut
-    falls inside a run of equal magnitudes), ties at the cut ranked by flat index, and the chunk's count of
-    them for the carry.  Without it the cut is a plain comparison: no cumsum, no reduction, no cond (each
-    of which stops XLA:CPU from fusing the chunk into one loop: ~15x slower)."""
+@partial(jax.jit, static_argnames=("from_models",))
+def _ties(base, xs, valid, v, *, from_models):
+    """[m, t] counts of the magnitudes equal to v[i, t] in one chunk, and where they are (a mask [m, t, chunk])."""
+    _, ds = _deltas(base, xs, from_models)
+    ok = jnp.arange(base.shape[0]) < valid
+    eq = jnp.stack([jnp.stack([(_bits(d) == v[i, t]) & ok for t in range(v.shape[1])]) for i, d in enumerate(ds)])
+    return jnp.sum(eq, axis=-1, dtype=jnp.int32), eq
+
+
+def tie_start(chunks, sel: dict, from_models: bool) -> dict:
+    """Where a cut falls inside a run of equal magnitudes, ties rank by flat index: the first `skip` of
+    them (in element order) are cut, the rest kept.  Adds to `sel` the (chunk, offset) of the first one
+    kept, so the merge kernel's mask stays elementwise, (|d| > v) | (|d| == v & at or after it), with no
+    scan or carry across chunks.  One pass over the chunks, only for tensors that have such a cut."""
+    shape = sel["v"].shape
+    sel["tie_chunk"], sel["tie_at"] = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    todo = sel["skip"] > 0
+    if not todo.any():
+        return sel
+    seen = np.zeros(shape, np.int64)
+    for b, xs, valid, c in chunks():
+        if isinstance(b, jax.Array):
+            counts, eq = _ties(b, xs, valid, sel["v"], from_models=from_models)
+            counts = np.asarray(counts)
+        else:
+            eq = np.stack([[bits == sel["v"][i, t] for t in range(shape[1])]
+                           for i, bits in enumerate(_host_magnitudes(b, xs, valid, from_models))])
+            counts = eq.sum(axis=-1)
+        for i, t in zip(*np.nonzero(todo & (seen + counts > sel["skip"]))):
+            sel["tie_chunk"][i, t] = c
+            sel["tie_at"][i, t] = np.flatnonzero(np.asarray(eq[i, t]))[sel["skip"][i, t] - seen[i, t]]
+            todo[i, t] = False
+        seen += counts
+        if not todo.any():
+            break
+    return sel
+
+
+def _rank_ge(bits, i, t, sel, chunk):
+    """Elements of this chunk whose whole-tensor rank is >= sel.m[i, t]: magnitudes above the cut, and
+    those equal to it from the first kept one on (see tie_start)."""
     v = sel["v"][i, t]
-    if not ranked:
-        return jnp.where(sel["none"][i, t], False, bits >= v), None
-    below, m = sel["below"][i, t], sel["m"][i, t]
-    eq = (bits == v) & ok
-    ge = jnp.where(sel["need"][i, t],
-                   (bits > v) | (eq & (below + carry[i, t] + jnp.cumsum(eq, dtype=jnp.int32) - 1 >= m)), bits >= v)
-    return jnp.where(sel["none"][i, t], False, ge), jnp.sum(eq, dtype=jnp.int32)
+    after = (chunk > sel["tie_chunk"][i, t]) | ((chunk == sel["tie_chunk"][i, t]) &
+                                                 (jnp.arange(bits.shape[0]) >= sel["tie_at"][i, t]))
+    return jnp.where(sel["none"][i, t], False, (bits > v) | ((bits == v) & after))
 
 
-def _kept(d, i, how, p, sel, carry, ok, key, cols, ranked):
-    """(mask of kept elements, per-element 1/p for 'inverse' rescaling, eq counts) of model i's delta."""
-    eqs = []
+def _kept(d, i, how, p, sel, chunk, ok, key, cols):
+    """(mask of kept elements, per-element 1/p for 'inverse' rescaling) of model i's delta."""
     if how in ("magnitude", "outliers"):
         bits = _bits(d)
-        kept, e = _rank_ge(bits, ok, i, 0, sel, carry, ranked)
-        eqs.append(e)
+        kept = _rank_ge(bits, i, 0, sel, chunk)
         if how == "outliers":  # drop the largest too: keep ranks in [lo, hi)
-            above, e = _rank_ge(bits, ok, i, 1, sel, carry, ranked)
-            kept = kept & ~above
-            eqs.append(e)
+            kept = kept & ~_rank_ge(bits, i, 1, sel, chunk)
         inv = 1.0 / p["density"][i]
     elif how == "random":
         kept = jax.random.uniform(key, d.shape, jnp.float32) < p["density"][i]
@@ -245,11 +277,11 @@ def _kept(d, i, how, p, sel, carry, ok, key, cols, ranked):
         prob = (p["density"][i] - p["epsilon"][i]) + rank_norm * (2.0 * p["epsilon"][i])
         kept = (jax.random.uniform(key, rows.shape, jnp.float32) < prob).reshape(d.shape)
         inv = (1.0 / prob).reshape(d.shape)
-    return kept & ok, inv, eqs
+    return kept & ok, inv
 
 
-@partial(jax.jit, static_argnames=("method", "rescale", "normalize", "from_models", "cols", "stats", "ranked"))
-def _apply(base, xs, valid, chunk, p, sel, carry, *, method, rescale, normalize, from_models, cols, stats, ranked):
+@partial(jax.jit, static_argnames=("method", "rescale", "normalize", "from_models", "cols", "stats"))
+def _apply(base, xs, valid, chunk, p, sel, *, method, rescale, normalize, from_models, cols, stats):
     """One chunk of the merge.  stats=True returns the per-chunk sums the whole-tensor scalars need
     (sum |delta_i|, sum |kept delta_i| for L1 rescaling; |base|^2, |model|^2, base.model for slerp)."""
     meth = METHODS[method]
@@ -258,21 +290,19 @@ def _apply(base, xs, valid, chunk, p, sel, carry, *, method, rescale, normalize,
     w = p["weight"].astype(jnp.float32)
     if meth.kind == "linear":
         out = _sum([(base + d) * w[i] for i, d in enumerate(ds)])
-        return (out / jnp.sum(w) if normalize else out), carry
+        return out / jnp.sum(w) if normalize else out
     if meth.kind == "slerp":
         v1 = base + ds[0]
         if stats:
             return jnp.stack([jnp.sum(base * base), jnp.sum(v1 * v1), jnp.sum(base * v1)])
-        return p["coef"][0] * base + p["coef"][1] * v1, carry
-    weighted, eqs_all, sums = [], [], []
+        return p["coef"][0] * base + p["coef"][1] * v1
+    weighted, sums = [], []
     for i, d in enumerate(ds):
         if meth.sparsify is None:
             s = d
         else:
             key = jax.random.fold_in(_key(p["seed"], p["nhash"], i), chunk)
-            kept, inv, eqs = _kept(d, i, meth.sparsify, p, sel, carry, ok, key, cols, ranked)
-            if ranked:
-                eqs_all.append(jnp.stack(eqs))
+            kept, inv = _kept(d, i, meth.sparsify, p, sel, chunk, ok, key, cols)
             masked = jnp.where(kept, d, 0.0)
             if stats:
                 sums.append(jnp.stack([jnp.sum(jnp.abs(jnp.where(ok, d, 0.0))), jnp.sum(jnp.abs(masked))]))
@@ -294,8 +324,7 @@ def _apply(base, xs, valid, chunk, p, sel, carry, *, method, rescale, normalize,
         divisor = jnp.sum(w)  # a zero sum with normalize is refused on the host
     if normalize:
         mixed = mixed / divisor
-    new_carry = carry + (jnp.stack(eqs_all)[:, : carry.shape[1]] if eqs_all else 0)
-    return base + mixed * p["lambda"], new_carry
+    return base + mixed * p["lambda"]
 
 
 def _sum(xs):
@@ -345,20 +374,18 @@ def merge_flat(base, inputs, params: dict, *, method: str, rescale: str, normali
     if meth.sparsify in ("magnitude", "outliers"):
         targets = np.stack([params["lo"], params["hi"]], axis=1)[:, :t_count]
         sel = rank_cut_host(chunks, targets, n, from_models) if not isinstance(base, jax.Array) else None
-        sel = sel or rank_cut(chunks, targets, n, from_models)
+        sel = tie_start(chunks, sel or rank_cut(chunks, targets, n, from_models), from_models)
+        sel = {k: sel[k] for k in ("v", "tie_chunk", "tie_at", "none")}  # what the kernel reads
     else:
-        sel = {"v": np.zeros((m_models, t_count), np.int32), "below": np.zeros((m_models, t_count), np.int32),
-               "m": np.zeros((m_models, t_count), np.int32), "need": np.zeros((m_models, t_count), bool),
-               "none": np.zeros((m_models, t_count), bool)}
-    carry = np.zeros((m_models, t_count), np.int32)
-    static = dict(method=method, rescale=rescale, normalize=normalize, from_models=from_models, cols=cols,
-                  ranked=bool(np.any(sel["need"])))
+        sel = {k: np.zeros((m_models, t_count), bool if k == "none" else np.int32)
+               for k in ("v", "tie_chunk", "tie_at", "none")}
+    static = dict(method=method, rescale=rescale, normalize=normalize, from_models=from_models, cols=cols)
     p["l1"] = np.ones((m_models,), np.float32)
     p["coef"] = np.ones((2,), np.float32)
     if (rescale == "l1" and meth.sparsify is not None) or meth.kind == "slerp":
         acc = 0.0  # per-chunk fp32 sums, combined in float64
         for b, xs, valid, c in chunks():
-            acc = acc + np.asarray(_apply(b, xs, valid, np.uint32(c), p, sel, carry, stats=True, **static), np.float64)
+            acc = acc + np.asarray(_apply(b, xs, valid, np.uint32(c), p, sel, stats=True, **static), np.float64)
         if meth.kind == "slerp":
             p["coef"] = np.asarray(_slerp_coefs(float(params["t"]), *acc), np.float32)
         else:  # mergekit: match the L1 norm unless either norm is below 1e-7
@@ -366,7 +393,7 @@ def merge_flat(base, inputs, params: dict, *, method: str, rescale: str, normali
             p["l1"] = np.where(ok, acc[:, 0] / np.where(ok, acc[:, 1], 1.0), 1.0).astype(np.float32)
     pieces = []
     for b, xs, valid, c in chunks():
-        res, carry = _apply(b, xs, valid, np.uint32(c), p, sel, carry, stats=False, **static)
+        res = _apply(b, xs, valid, np.uint32(c), p, sel, stats=False, **static)
         pieces.append((c * step, int(valid), res))
         if out is not None and len(pieces) > 1:  # copy chunk c-1 out while chunk c computes
             _drain(out, pieces.pop(0))
