@@ -5,6 +5,7 @@ same resolved parameters and the same jitted function to the same flat HF-layout
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -118,7 +119,11 @@ def merge_to_hf(spec: MergeSpec, base: str | Path | TensorSource, models: Sequen
         return buf.reshape(shape).astype(target, copy=False)
 
     written, report = 0, None
-    with publish.staged(out, paths, overwrite=overwrite) as tmp:
+    verifier = _verifier(atol, base_src) if verify else None
+    with contextlib.ExitStack() as stack:
+        if verifier is not None:
+            stack.callback(verifier.close)
+        tmp = stack.enter_context(publish.staged(out, paths, overwrite=overwrite))
         shards = plan_shards(specs, parse_size(max_shard_size))
         weight_map = {}
         for k, shard in enumerate(shards):
@@ -133,8 +138,8 @@ def merge_to_hf(spec: MergeSpec, base: str | Path | TensorSource, models: Sequen
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
         _write_side_files(tmp, spec, base_src, srcs, target, recipe_text)
         seconds = time.perf_counter() - t0
-        if verify:  # on the built copy: a merge that fails it is never published
-            report = verify_merged(tmp, atol)
+        if verifier is not None:  # on the built copy: a merge that fails it is never published
+            report = verifier.check(tmp)
     log.info("merged %d tensors (%s, %d models) into %s in %.1fs", len(names), spec.method, len(srcs), out, seconds)
     return MergeResult(out, seconds, len(names), written, report)
 
@@ -193,6 +198,15 @@ def _spec_yaml(spec: MergeSpec, base: str, models: list[str]) -> str:
     if spec.dtype:
         data["dtype"] = spec.dtype
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def _verifier(atol: float, base: TensorSource):
+    """The merge's verification, started now in a process of its own (None, with a warning, without torch)."""
+    from paft_jax.hf.verify import Verifier, torch_available
+    if not torch_available():
+        log.warning("torch is not installed: the merge will not be verified (pip install 'paft_jax[verify]')")
+        return None
+    return Verifier(atol, (base.config or {}).get("model_type"))
 
 
 def verify_merged(out: Path, atol: float = 1e-3):
