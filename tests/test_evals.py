@@ -241,22 +241,37 @@ def smollm2_on_one_device(tmp_path_factory):
 
 @needs_wheel
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["arc_easy", "hellaswag", "winogrande"])
-def test_scores_match_lm_eval_itself(name, smollm2_on_one_device, lm_eval_tasks):
+@pytest.mark.parametrize("name, limit", [("arc_easy", 5), ("hellaswag", 5), ("winogrande", 5), ("mmlu", 1)])
+def test_scores_match_lm_eval_itself(name, limit, smollm2_on_one_device, lm_eval_tasks):
     """lm-eval 0.4's HF backend (transformers on our export) and launch eval's packed JAX scorer on the same
-    5 documents, 0-shot: every choice's summed log-likelihood within 2e-3 nats (fp32 on both sides, different
-    kernels), so the same choices win and the accuracies agree exactly (the issue asks for 1 point).
-    The full-set comparison with wall times: benchmarks/lm_eval_crosscheck.py."""
+    documents (MMLU: one per subject, lm-eval's 57 subject tasks), 0-shot: every choice's summed log-likelihood
+    within 2e-3 nats (fp32 on both sides, different kernels), so the same choices win and the accuracies agree
+    exactly (the issue asks for 1 point).  The full-set comparison with wall times: benchmarks/lm_eval_crosscheck.py."""
     from paft_jax.evals.crosscheck import documents, run_lm_eval, run_ours
     lm, mesh, rules, hf = smollm2_on_one_device
-    docs, pool = documents(name, 5)
+    docs, pool = documents(name, limit)
     theirs = run_lm_eval(str(hf), name, docs, pool, task_manager=lm_eval_tasks)
-    ours = run_ours(lm.params, lm.cfg, lm.tokenizer, mesh, rules, name, 5)
+    ours = run_ours(lm.params, lm.cfg, lm.tokenizer, mesh, rules, name, limit)
     assert [len(x) for x in ours["loglikelihoods"]] == [len(x) for x in theirs["loglikelihoods"]]
     np.testing.assert_allclose(np.concatenate(ours["loglikelihoods"]), np.concatenate(theirs["loglikelihoods"]),
                                atol=2e-3, rtol=0)
     assert set(ours["metrics"]) == set(T.TASKS[name].metrics) == set(theirs["metrics"])
     assert ours["metrics"] == pytest.approx(theirs["metrics"], abs=1e-9)
+
+
+@needs_wheel
+@pytest.mark.slow
+def test_gsm8k_generations_match_lm_eval_itself(smollm2_on_one_device, lm_eval_tasks):
+    """GSM8K 0-shot on 3 problems: lm-eval's generate_until (HF generate, greedy, its stop strings) and ours
+    (JAX, the same stops, 256 new tokens at most) produce the same text, hence the same exact-match scores."""
+    from paft_jax.evals.crosscheck import documents, run_lm_eval, run_ours
+    lm, mesh, rules, hf = smollm2_on_one_device
+    docs, pool = documents("gsm8k", 3)
+    theirs = run_lm_eval(str(hf), "gsm8k", docs, pool, task_manager=lm_eval_tasks)
+    ours = run_ours(lm.params, lm.cfg, lm.tokenizer, mesh, rules, "gsm8k", 3)
+    assert ours["generations"] == theirs["generations"] and len(ours["generations"]) == 3
+    assert ours["metrics"] == theirs["metrics"]
+    assert set(ours["metrics"]) == set(T.TASKS["gsm8k"].metrics)
 
 
 def test_a_limit_per_task():
