@@ -114,8 +114,8 @@ def _hist_lo(acc, base, xs, valid, b1, *, from_models):
 
 def rank_cut(chunks, targets: np.ndarray, n: int, from_models: bool):
     """For each model i and target rank m = targets[i, t] (ascending by (|delta|, flat index)):
-    v (the magnitude bits at rank m), below (how many are smaller) and whether ties at v must be
-    ranked by index.  Two histogram passes (radix select), no sort; exact."""
+    v (the magnitude bits at rank m), below (how many are smaller) and skip (how many equal to v rank
+    below m: see tie_start).  Two histogram passes (radix select), no sort; exact."""
     m_models, t_count = targets.shape
     acc = np.zeros((m_models, _HI + 1), np.int32)
     for b, xs, valid, _ in chunks():
@@ -250,8 +250,8 @@ def tie_start(chunks, sel: dict, from_models: bool) -> dict:
 
 
 def _rank_ge(bits, i, t, sel, chunk):
-    """Elements of this chunk whose whole-tensor rank is >= sel.m[i, t]: magnitudes above the cut, and
-    those equal to it from the first kept one on (see tie_start)."""
+    """Elements of this chunk whose whole-tensor rank is at or above the cut (i, t): magnitudes above it,
+    and those equal to it from the first kept one on (see tie_start)."""
     v = sel["v"][i, t]
     after = (chunk > sel["tie_chunk"][i, t]) | ((chunk == sel["tie_chunk"][i, t]) &
                                                  (jnp.arange(bits.shape[0]) >= sel["tie_at"][i, t]))
