@@ -10,7 +10,6 @@ other fsspec) URL: the directory is built locally, then uploaded (`paft_jax.stor
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -21,20 +20,8 @@ import numpy as np
 from paft_jax import publish
 from paft_jax.hf.config import hf_config_dict
 from paft_jax.hf.layout import get_path, hf_shape, iter_hf_tensors, to_hf
-from paft_jax.hf.st_io import write_streaming
+from paft_jax.hf.st_io import parse_size, plan_shards, write_streaming
 from paft_jax.models.config import ModelConfig, dtype_name, to_dtype
-
-
-def parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.I)
-    if not m:
-        raise ValueError(f"cannot parse size {size!r} (e.g. 2GB, 500MB, 1073741824)")
-    unit = (m.group(2) or "B").upper()
-    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return int(float(m.group(1)) * mult)
 
 
 def _host_slice(arr: Any, i: int | None) -> np.ndarray:
@@ -44,19 +31,6 @@ def _host_slice(arr: Any, i: int | None) -> np.ndarray:
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
-
-
-def plan_shards(specs: list[tuple[str, tuple, np.dtype]], max_bytes: int) -> list[list[tuple[str, tuple, np.dtype]]]:
-    shards: list[list] = [[]]
-    size = 0
-    for spec in specs:
-        nbytes = np.dtype(spec[2]).itemsize * int(np.prod(spec[1], dtype=np.int64))
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += nbytes
-    return shards
 
 
 def model_card(cfg: ModelConfig, base_model: str | None, how: str, dtype: str) -> str:

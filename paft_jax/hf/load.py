@@ -25,7 +25,6 @@ from paft_jax.hf.layout import entries, get_path, hf_shape, iter_hf_tensors, to_
 from paft_jax.hf.st_io import SafetensorsFile
 from paft_jax.mesh import named_sharding
 from paft_jax.models.config import ModelConfig, dtype_name, to_dtype
-from paft_jax.models.decoder import abstract_params
 
 log = logging.getLogger(__name__)
 _IGNORED = ("rotary_emb.inv_freq",)  # buffers some old exports carry; recomputed from the config
@@ -276,6 +275,7 @@ def load_model(path: str | Path, *, mesh: Mesh | None = None, rules: tuple = (),
 
 
 def load_params(source: Any, cfg: ModelConfig, *, mesh: Mesh | None = None, rules: tuple = ()) -> Any:
+    from paft_jax.models.decoder import abstract_params  # flax: not for the merge, which reads safetensors only
     shapes, axes = abstract_params(cfg)
     names = source.names()
     missing = [name for _, _, name in iter_hf_tensors(cfg) if name not in names]

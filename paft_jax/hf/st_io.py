@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -86,16 +88,47 @@ def write_streaming(path: str | Path, specs: Iterable[TensorSpec], produce: Call
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data section 8-byte aligned, as the reference writer does
-    with open(path, "wb") as f:
+    # one write in flight on a thread while the next tensor is produced (the write releases the GIL):
+    # memory holds at most two produced tensors
+    with open(path, "wb") as f, ThreadPoolExecutor(1) as writer:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
+        pending = None
         for name, shape, dtype in specs:
             arr = np.ascontiguousarray(produce(name))
             if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
                 raise ValueError(f"{path}: tensor {name!r} produced {arr.shape} {arr.dtype}, "
                                  f"declared {tuple(shape)} {np.dtype(dtype)}")
-            if arr.size:
-                f.write(arr.reshape(-1).view(np.uint8))  # no copy
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(f.write, arr.reshape(-1).view(np.uint8)) if arr.size else None  # no copy
+        if pending is not None:
+            pending.result()
         f.flush()
         os.fsync(f.fileno())
     return 8 + len(raw) + offset
+
+
+def parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.I)
+    if not m:
+        raise ValueError(f"cannot parse size {size!r} (e.g. 2GB, 500MB, 1073741824)")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+def plan_shards(specs: list[tuple[str, tuple, np.dtype]], max_bytes: int) -> list[list[tuple[str, tuple, np.dtype]]]:
+    shards: list[list] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = np.dtype(spec[2]).itemsize * int(np.prod(spec[1], dtype=np.int64))
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    return shards

@@ -19,8 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paft_jax import publish
-from paft_jax.hf.export import parse_size, plan_shards
-from paft_jax.hf.st_io import write_streaming
+from paft_jax.hf.st_io import parse_size, plan_shards, write_streaming
 from paft_jax.merge.methods import merge_flat, name_hash
 from paft_jax.merge.recipe import MergeSpec, TensorParams, rank_window
 from paft_jax.merge.sources import TensorSource, check_compatible, num_layers, open_source

@@ -176,21 +176,24 @@ def rank_cut_host(chunks, targets: np.ndarray, n: int, from_models: bool) -> dic
     lo = np.zeros((m_models, t_count), np.int64)
     hi = np.zeros((m_models, t_count), np.int64)
     for i in range(m_models):
-        s = np.sort(np.concatenate(samples[i]))
+        s = np.concatenate(samples[i])
         q = mc[i] / n
         r = q * len(s)
         margin = 4 * np.sqrt(len(s) * q * (1 - q)) + 4
-        lo[i] = np.where(r - margin > 0, s[np.clip((r - margin).astype(np.int64), 0, len(s) - 1)], 0)
-        hi[i] = np.where(r + margin < len(s) - 1, s[np.clip((r + margin).astype(np.int64), 0, len(s) - 1)],
-                         np.iinfo(np.int32).max)
+        at_lo = np.clip((r - margin).astype(np.int64), 0, len(s) - 1)
+        at_hi = np.clip((r + margin).astype(np.int64), 0, len(s) - 1)
+        s = np.partition(s, np.unique(np.concatenate([at_lo, at_hi])))  # those order statistics, no sort
+        lo[i] = np.where(r - margin > 0, s[at_lo], 0)
+        hi[i] = np.where(r + margin < len(s) - 1, s[at_hi], np.iinfo(np.int32).max)
     under = np.zeros_like(lo)  # magnitudes below lo
     at = np.zeros_like(lo)  # equal to lo (a run of zeros is kept as a count, not as values)
     inside = [[[] for _ in range(t_count)] for _ in range(m_models)]  # in (lo, hi]
     for b, xs, valid, _ in chunks():
         for i, bits in enumerate(_host_magnitudes(b, xs, valid, from_models)):
-            for t in range(t_count):
-                near = bits[(bits >= lo[i, t]) & (bits <= hi[i, t])]
-                under[i, t] += np.count_nonzero(bits < lo[i, t])
+            for t in range(t_count):  # bits - lo wraps past 2^31 below lo (bits are < 2^31): one subtraction
+                off = bits.view(np.uint32) - np.uint32(lo[i, t])  # serves both tests
+                near = bits[off <= np.uint32(hi[i, t] - lo[i, t])]
+                under[i, t] += np.count_nonzero(off > np.uint32(0x7FFFFFFF))
                 at[i, t] += np.count_nonzero(near == lo[i, t])
                 inside[i][t].append(near[near > lo[i, t]])
     v = np.zeros_like(lo)

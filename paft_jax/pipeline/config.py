@@ -46,7 +46,7 @@ class MergeStage:
     def validate(self, num_layers: int | None = None) -> None:
         """The whole recipe (method, per-model parameters and their values, filters, overrides, dtype) checked
         on placeholder models before anything loads: a typo must not surface after both branches trained."""
-        from paft_jax.hf.export import parse_size
+        from paft_jax.hf.st_io import parse_size
         from paft_jax.merge.recipe import RecipeError, load_recipe
         for key in ("sft", "preference", "parameters"):
             if not isinstance(getattr(self, key), dict):
