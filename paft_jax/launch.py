@@ -177,7 +177,7 @@ def cmd_eval(args) -> int:
         args.checkpoint, args.model = args.model, None
     t0 = time.perf_counter()
     # data and prompts first: a missing data set or a bad option is refused before the model loads
-    prepared = run.prepare(names, split=args.split, limit=args.limit, num_fewshot=args.num_fewshot,
+    prepared = run.prepare(names, split=args.split, limit=run.parse_limit(args.limit), num_fewshot=args.num_fewshot,
                            data_dir=args.data_dir)
     if args.checkpoint is None and args.model not in ("smollm2", "smollm2-135m"):
         from paft_jax.hf.load import resolve_model_path
@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: arc_easy, arc_challenge, hellaswag, winogrande, mmlu, gsm8k")
     p.add_argument("--split", default=None, help="split to score (default per task: lm-eval's, e.g. arc test, "
                                                  "hellaswag validation)")
-    p.add_argument("--limit", type=int, default=None, help="first N documents per task (MMLU: per subject)")
+    p.add_argument("--limit", default=None, help="first N documents per task (MMLU: per subject), or "
+                                                 "task=N,task=N (the tasks not named: all)")
     p.add_argument("--num-fewshot", type=int, default=None, help="examples per prompt (default: lm-eval's, 0; gsm8k 5)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward (packed requests) / prompts per generation batch")
     p.add_argument("--data-dir", default=None, help="directory with <task>/<split>.jsonl|.parquet|save_to_disk dirs")

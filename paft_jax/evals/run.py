@@ -77,6 +77,25 @@ def check_limit(limit: int | dict[str, int] | None, names: list[str]) -> None:
             raise ValueError(f"--limit {where}: give a positive number of documents per task (or leave it out)")
 
 
+def parse_limit(spec: str | None) -> int | dict[str, int] | None:
+    """`--limit`: "N" (every task) or "task=N,task=N" (the tasks not named: all their documents)."""
+    if spec is None:
+        return None
+    if "=" not in spec:
+        try:
+            return int(spec)
+        except ValueError:
+            raise ValueError(f"--limit {spec}: give a number of documents, or task=N,... per task") from None
+    out = {}
+    for part in spec.split(","):
+        task, _, n = part.partition("=")
+        try:
+            out[task.strip()] = int(n)
+        except ValueError:
+            raise ValueError(f"--limit {part}: expected task=N (a number of documents)") from None
+    return out
+
+
 def checked_config(tasks: list, limit, fewshot, batch_size: int, keys: tuple[str, str, str, str]) -> list[str]:
     """A config's task settings checked when it is read (a typo must not surface after training); errors name
     the config's own keys (`keys`: those of the tasks, the limit, the shots, the batch size).  -> the tasks."""
