@@ -99,6 +99,17 @@ def verify_export(model_dir: str | Path, ref_logits: np.ndarray, ids: np.ndarray
     return report
 
 
+def verify_dir(model_dir: str | Path, atol: float = 1e-3) -> VerifyReport:
+    """Load `model_dir` with paft_jax, then (its params dropped) with transformers: their logits must agree."""
+    from paft_jax.hf.load import load_model
+    lm = load_model(model_dir, with_tokenizer=False)
+    ids, mask = probe_batch(lm.cfg.vocab_size)
+    ref = flax_logits(lm.params, lm.cfg, ids, mask)
+    del lm
+    gc.collect()
+    return verify_export(model_dir, ref, ids, mask, atol=atol)
+
+
 class Verifier:
     """A verification in a process of its own, started before the output is written: its imports (torch,
     transformers, the Flax model; ~4 s of a ~7 s verification on 2 cores) overlap the work that writes it.
@@ -131,7 +142,7 @@ def _serve(model_type: str) -> None:
     """Verifier's process: import everything, then verify the one directory named on stdin."""
     import torch  # noqa: F401
     import transformers
-    from paft_jax.hf.load import load_model
+    import paft_jax.hf.load  # noqa: F401
     if model_type:  # the config and modeling modules from_pretrained would import later
         try:
             importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
@@ -139,12 +150,8 @@ def _serve(model_type: str) -> None:
             pass
     transformers.logging.set_verbosity_error()
     req = json.loads(sys.stdin.readline())
-    lm = load_model(req["dir"], with_tokenizer=False)
-    ids, mask = probe_batch(lm.cfg.vocab_size)
-    ref = flax_logits(lm.params, lm.cfg, ids, mask)
-    del lm
     try:
-        report = verify_export(req["dir"], ref, ids, mask, atol=req["atol"])
+        report = verify_dir(req["dir"], req["atol"])
     except ExportMismatchError as e:
         print(json.dumps({"mismatch": str(e)}))
         return

@@ -210,14 +210,8 @@ def _verifier(atol: float, base: TensorSource):
 
 def verify_merged(out: Path, atol: float = 1e-3):
     """Load the merged directory with paft_jax and with transformers; their logits must agree."""
-    from paft_jax.hf.load import load_model
-    from paft_jax.hf.verify import flax_logits, probe_batch, torch_available, verify_export
+    from paft_jax.hf.verify import torch_available, verify_dir
     if not torch_available():
         log.warning("torch is not installed: skipping verification of %s (pip install 'paft_jax[verify]')", out)
         return None
-    lm = load_model(out, with_tokenizer=False)
-    ids, mask = probe_batch(lm.cfg.vocab_size)
-    ref = flax_logits(lm.params, lm.cfg, ids, mask)
-    del lm
-    gc.collect()
-    return verify_export(out, ref, ids, mask, atol=atol)
+    return verify_dir(out, atol)
