@@ -197,6 +197,19 @@ def test_restores_for_merge_and_export_read_the_delta_alone_into_the_mesh(tmp_pa
     src = CheckpointSource(tmp_path / "a")  # the merge's input, on one device
     assert np.array_equal(src.get("model.norm.weight"), trained["norm"]["weight"])
 
+    # leaf by leaf (the merges): a partial restore of that one leaf, sharded, nothing else read
+    from paft_jax.checkpoint import BranchCheckpointer as BC
+    from paft_jax.train.restore import DeltaReader
+    asked = []
+    plain = BC.restore_delta
+    monkeypatch.setattr(BC, "restore_delta", lambda self, step, item: asked.append(item) or plain(self, step, item))
+    reader = DeltaReader(tmp_path / "a", mesh, mc.logical_rules())
+    up = reader.leaf(("layers", "mlp", "up_proj", "kernel"))
+    reader.close()
+    assert len(jax.tree_util.tree_leaves(asked)) == 1          # one leaf asked for
+    assert up.sharding == leaf.sharding
+    assert np.array_equal(np.asarray(up), trained["layers"]["mlp"]["up_proj"]["kernel"])
+
 
 def test_resume_from_a_named_checkpoint_given_as_a_relative_path(tmp_path):
     """checkpoint.resume=<relative path>/checkpoints/2 (Orbax itself refuses relative paths)."""
@@ -258,6 +271,12 @@ def test_export_of_a_lora_checkpoint_is_base_plus_folded_delta(tmp_path):
         np.testing.assert_allclose(got[name], to_hf(entry, w), rtol=0, atol=1e-6)
         checked += "o_proj" in name and float(np.abs(np.asarray(get_path(dense, entry.path))).max()) > 0
     assert checked  # the LoRA delta really moved o_proj, and the export carries it
+    # a merge's leaf-by-leaf read folds the same factors (and gives zeros where LoRA trains nothing)
+    from paft_jax.train.restore import DeltaReader
+    reader = DeltaReader(out, mesh, cfg.mesh.logical_rules())
+    for path in (("layers", "self_attn", "o_proj", "kernel"), ("layers", "mlp", "up_proj", "kernel"), ("norm", "weight")):
+        np.testing.assert_allclose(np.asarray(reader.leaf(path)), np.asarray(get_path(dense, path)), rtol=0, atol=1e-7)
+    reader.close()
 
 
 FULL_DISK = r"""

@@ -118,21 +118,32 @@ def make_inputs(m=3, seed=0):
     return base, deltas
 
 
+ON_DEVICES = {"on": False}  # set by the `chunk` fixture: inputs as jax arrays spread over the 8 devices
+
+
 def run(method, base, deltas, per_model, params=None, from_models=False):
     spec = MergeSpec(method, len(deltas), dict(params or {}), [dict(p) for p in per_model])
     x = [(base + d if from_models else d).reshape(-1) for d in deltas]
-    out = merge_array(spec, NAME, SHAPE, base.reshape(-1), x, from_models=from_models, layers=3)
+    b = base.reshape(-1)
+    if ON_DEVICES["on"]:  # the merge on a mesh: flat tensors sharded over all devices
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        where = NamedSharding(Mesh(np.array(jax.devices()[:4]), ("x",)), P("x"))
+        b, x = jax.device_put(b, where), [jax.device_put(a, where) for a in x]
+    out = merge_array(spec, NAME, SHAPE, b, x, from_models=from_models, layers=3)
     return np.asarray(out, np.float64).reshape(SHAPE)
 
 
-@pytest.fixture(params=[1 << 18, 16], ids=["one-chunk", "chunked"])
+@pytest.fixture(params=[1 << 18, 16, "devices"], ids=["one-chunk", "chunked", "on-devices"])
 def chunk(request, monkeypatch):
     """Run each method test with the real chunk size and with a tiny one (several chunks, padding,
-    re-read on every pass as an embedding is rather than kept on the device)."""
-    monkeypatch.setattr(methods, "CHUNK", request.param)
-    if request.param == 16:
+    re-read on every pass as an embedding is rather than kept on the device), and with the inputs sharded
+    over devices (several chunks too: the kernel vmapped over them)."""
+    size = 16 if request.param == "devices" else request.param
+    monkeypatch.setattr(methods, "CHUNK", size)
+    if size == 16:
         monkeypatch.setattr(methods, "CACHE_ELEMENTS", 0)
-    return request.param
+    monkeypatch.setitem(ON_DEVICES, "on", request.param == "devices")
+    return size
 
 
 W = [1.0, 0.6, -0.3]

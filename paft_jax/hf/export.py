@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +34,15 @@ def _host_slice(arr: Any, i: int | None) -> np.ndarray:
     return np.asarray(x)
 
 
+@dataclass
+class Tensors:
+    """An export's weights produced one tensor at a time instead of held as params (the merge on the mesh):
+    `specs` [(HF name, shape, dtype)] in write order, `produce(name)` -> that host array, called in that
+    order by every process (only process 0 writes)."""
+    specs: list
+    produce: Callable[[str], np.ndarray]
+
+
 def model_card(cfg: ModelConfig, base_model: str | None, how: str, dtype: str) -> str:
     return (f"---\nlibrary_name: transformers\ntags: [paft_jax]\n"
             + (f"base_model: {base_model}\n" if base_model else "") + "---\n\n"
@@ -45,7 +55,7 @@ def model_card(cfg: ModelConfig, base_model: str | None, how: str, dtype: str) -
             f"- Exported: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
 
 
-def export_hf(params: Any, cfg: ModelConfig, out: str | Path, *, tokenizer: Any = None,
+def export_hf(params: Any | Tensors, cfg: ModelConfig, out: str | Path, *, tokenizer: Any = None,
               hf_config: dict | None = None, generation_config: dict | None = None, dtype: str | None = None,
               max_shard_size: int | str = "2GB", base_model: str | None = None,
               how: str = "imported and re-exported by paft_jax", overwrite: bool = False,
@@ -64,13 +74,17 @@ def export_hf(params: Any, cfg: ModelConfig, out: str | Path, *, tokenizer: Any 
     return publish.normalised(out)
 
 
-def write_hf_dir(params: Any, cfg: ModelConfig, into: Path, *, tokenizer: Any = None, hf_config: dict | None = None,
+def write_hf_dir(params: Any | Tensors, cfg: ModelConfig, into: Path, *, tokenizer: Any = None, hf_config: dict | None = None,
                  generation_config: dict | None = None, dtype: str | None = None, max_shard_size: int | str = "2GB",
                  base_model: str | None = None, how: str = "imported and re-exported by paft_jax") -> None:
     """The files of an HF directory written into the existing folder `into` (every process takes part
     in the gathers; only process 0 writes the weights)."""
-    target = to_dtype(dtype) if dtype else cfg.jnp_param_dtype
-    _write(params, cfg, into, np.dtype(target), parse_size(max_shard_size))
+    target = np.dtype(to_dtype(dtype) if dtype else cfg.jnp_param_dtype)
+    tensors = params if isinstance(params, Tensors) else _from_params(params, cfg, target)
+    if isinstance(params, Tensors) and {np.dtype(d) for _, _, d in params.specs} != {target}:
+        raise ValueError(f"export: tensors of dtypes {sorted({str(np.dtype(d)) for _, _, d in params.specs})}, "
+                         f"the export is {target}")
+    _write(tensors, into, parse_size(max_shard_size))
     _write_side_files(into, cfg, hf_config, generation_config, tokenizer, base_model, how, dtype_name(target))
 
 
@@ -93,11 +107,10 @@ def _write_side_files(tmp: Path, cfg: ModelConfig, hf_config: dict | None, gener
     (tmp / "README.md").write_text(model_card(cfg, base_model, how, dname))
 
 
-def _write(params: Any, cfg: ModelConfig, tmp: Path, target: np.dtype, max_bytes: int) -> None:
-    items = list(iter_hf_tensors(cfg))
+def _from_params(params: Any, cfg: ModelConfig, target: np.dtype) -> Tensors:
     by_name = {}
     specs = []
-    for e, i, name in items:
+    for e, i, name in iter_hf_tensors(cfg):
         leaf = get_path(params, e.path)
         per = tuple(leaf.shape[1:]) if e.layered else tuple(leaf.shape)
         specs.append((name, hf_shape(e, per), target))
@@ -106,7 +119,11 @@ def _write(params: Any, cfg: ModelConfig, tmp: Path, target: np.dtype, max_bytes
     def produce(name):
         e, i, leaf = by_name[name]
         return to_hf(e, _host_slice(leaf, i)).astype(target, copy=False)
+    return Tensors(specs, produce)
 
+
+def _write(tensors: Tensors, tmp: Path, max_bytes: int) -> None:
+    specs, produce = tensors.specs, tensors.produce
     shards = plan_shards(specs, max_bytes)
     is_writer = jax.process_index() == 0
     if len(shards) == 1:

@@ -22,7 +22,7 @@ from paft_jax import publish
 from paft_jax.hf.st_io import parse_size, plan_shards, write_streaming
 from paft_jax.merge.methods import merge_flat, name_hash
 from paft_jax.merge.recipe import MergeSpec, TensorParams, rank_window
-from paft_jax.merge.sources import TensorSource, check_compatible, num_layers, open_source
+from paft_jax.merge.sources import TensorSource, check_compatible, num_layers, open_source, read_order
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class MergeResult:
 
 def merge_to_hf(spec: MergeSpec, base: str | Path | TensorSource, models: Sequence[str | Path | TensorSource],
                 out: str | Path, *, recipe_text: str | None = None, max_shard_size: int | str = "2GB",
-                overwrite: bool = False, verify: bool = True, atol: float = 1e-3) -> MergeResult:
+                overwrite: bool = False, verify: bool = True, atol: float = 1e-3, stats=None) -> MergeResult:
     """Stream a merge: tensor by tensor from the inputs (memory-mapped) into sharded safetensors.
 
     Host memory holds the base's and the models' copies of one tensor and its result, never a model.
@@ -81,6 +81,10 @@ def merge_to_hf(spec: MergeSpec, base: str | Path | TensorSource, models: Sequen
     (`paft_jax.publish.staged`: an older output stays readable until then, and `overwrite` replaces only
     a previous paft_jax export).  Inputs and `out` may be gs:// URLs: inputs are fetched whole to a local
     temporary directory.
+
+    Tensors are written in `sources.read_order` (a checkpoint input restores each leaf once).  `stats`
+    (e.g. `merge.sparsity.SparsityStats`): its `add(name, base, deltas)` sees every float tensor's base and
+    input deltas (float32) in the same pass, so a report needs no second read of the inputs.
     """
     t0 = time.perf_counter()
     if len(models) != spec.num_models:
@@ -92,7 +96,7 @@ def merge_to_hf(spec: MergeSpec, base: str | Path | TensorSource, models: Sequen
     check_compatible(base_src, srcs)
     layers = num_layers(base_src)
     target = _out_dtype(spec, base_src)
-    names = base_src.names()
+    names = read_order(base_src.names(), [base_src, *srcs])
     specs = [(n, base_src.shape(n), target if is_float(base_src.dtype(n)) else base_src.dtype(n))
              for n in names]
     for n in names:  # resolve every tensor's parameters up front: a bad value fails before any write
@@ -104,13 +108,20 @@ def merge_to_hf(spec: MergeSpec, base: str | Path | TensorSource, models: Sequen
 
     def produce(name: str) -> np.ndarray:
         shape = base_src.shape(name)
-        if not is_float(base_src.dtype(name)) or spec.resolve(name, layers).skip:
+        floating = is_float(base_src.dtype(name))
+        if floating and stats is not None:
+            bf = np.asarray(base_src.get(name), np.float32).reshape(-1)
+            ds = [np.asarray(s.get(name), np.float32).reshape(-1) - (0 if s.is_delta else bf) for s in srcs]
+            stats.add(name, bf, ds)
+        if not floating or spec.resolve(name, layers).skip:
             b = base_src.get(name)
-            return np.array(b, dtype=target if is_float(b.dtype) else b.dtype)
+            return np.array(b, dtype=target if floating else b.dtype)
         b = flat(base_src, name)
         inputs = [flat(s, name) for s in srcs]
         from_models = not any(s.is_delta for s in srcs)
-        if any(s.is_delta for s in srcs) and not all(s.is_delta for s in srcs):
+        if stats is not None:  # the deltas are in hand already
+            b, inputs, from_models = bf, ds, False
+        elif any(s.is_delta for s in srcs) and not all(s.is_delta for s in srcs):
             bf = np.asarray(b[:], np.float32)
             inputs = [x[:] if s.is_delta else x[:].astype(np.float32) - bf for s, x in zip(srcs, inputs)]
         buf = np.empty(math.prod(shape), np.float32)

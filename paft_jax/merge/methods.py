@@ -355,6 +355,9 @@ def merge_flat(base, inputs, params: dict, *, method: str, rescale: str, normali
         n if meth.sparsify == "della" else 0)
     step = max(1, CHUNK // cols) * cols if cols else CHUNK  # della: whole rows per chunk
     m_models = len(inputs)
+    if isinstance(base, jax.Array) and out is None:
+        return _merge_on_device(base, tuple(inputs), params, meth, n, step, cols, method=method, rescale=rescale,
+                                normalize=normalize, from_models=from_models)
 
     def read():
         for c, start in enumerate(range(0, n, step)):
@@ -405,6 +408,53 @@ def merge_flat(base, inputs, params: dict, *, method: str, rescale: str, normali
     for piece in pieces:
         _drain(out, piece)
     return out
+
+
+def _merge_on_device(base, inputs, params, meth, n, step, cols, **static):
+    """merge_flat for arrays already on the devices (sharded on a mesh): no chunk slicing on the host.
+    The histogram and tie passes see the whole tensor as one chunk; the kernel runs over its [chunks, step]
+    rows at once (vmapped), each row with its own chunk index, so random masks, tie positions and per-chunk
+    sums are exactly the streamed path's."""
+    m_models = len(inputs)
+    rows = -(-n // step)
+    pad = rows * step - n
+    b, xs = _pad(base, pad), tuple(_pad(x, pad) for x in inputs)
+    whole = lambda: iter([(b, xs, np.int32(n), 0)])  # noqa: E731
+    p = {k: v for k, v in params.items() if k not in ("lo", "hi")}
+    t_count = 2 if meth.sparsify == "outliers" else 1
+    if meth.sparsify in ("magnitude", "outliers"):
+        targets = np.stack([params["lo"], params["hi"]], axis=1)[:, :t_count]
+        sel = tie_start(whole, rank_cut(whole, targets, n, static["from_models"]), static["from_models"])
+        at = sel["tie_at"].astype(np.int64)  # a flat index: the streamed path's (chunk, offset)
+        sel = {"v": sel["v"], "tie_chunk": (at // step).astype(np.int32), "tie_at": (at % step).astype(np.int32),
+               "none": sel["none"]}
+    else:
+        sel = {k: np.zeros((m_models, t_count), bool if k == "none" else np.int32)
+               for k in ("v", "tie_chunk", "tie_at", "none")}
+    p["l1"] = np.ones((m_models,), np.float32)
+    p["coef"] = np.ones((2,), np.float32)
+    valid = np.minimum(step, n - step * np.arange(rows)).astype(np.int32)
+    chunk = np.arange(rows, dtype=np.uint32)
+    b2, xs2 = b.reshape(rows, step), tuple(x.reshape(rows, step) for x in xs)
+    if (static["rescale"] == "l1" and meth.sparsify is not None) or meth.kind == "slerp":
+        acc = 0.0
+        for row in np.asarray(_apply_rows(b2, xs2, valid, chunk, p, sel, stats=True, cols=cols, **static), np.float64):
+            acc = acc + row  # in chunk order, as the streamed path adds them
+        if meth.kind == "slerp":
+            p["coef"] = np.asarray(_slerp_coefs(float(params["t"]), *acc), np.float32)
+        else:
+            ok = (acc[:, 0] >= 1e-7) & (acc[:, 1] >= 1e-7)
+            p["l1"] = np.where(ok, acc[:, 0] / np.where(ok, acc[:, 1], 1.0), 1.0).astype(np.float32)
+    res = _apply_rows(b2, xs2, valid, chunk, p, sel, stats=False, cols=cols, **static)
+    return res.reshape(-1)[:n] if pad else res.reshape(-1)
+
+
+@partial(jax.jit, static_argnames=("method", "rescale", "normalize", "from_models", "cols", "stats"))
+def _apply_rows(base, xs, valid, chunk, p, sel, **static):
+    one = lambda row: _apply(*row, p, sel, **static)  # noqa: E731
+    if static["stats"]:  # row by row (a loop): each sum reduces one chunk as the streamed kernel does, bit for bit
+        return jax.lax.map(one, (base, xs, valid, chunk))
+    return jax.vmap(lambda *row: one(row))(base, xs, valid, chunk)
 
 
 def _drain(out, piece):

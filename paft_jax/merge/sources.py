@@ -170,6 +170,18 @@ def check_compatible(base: TensorSource, models: list[TensorSource]) -> None:
                                  "be merged)")
 
 
+def read_order(names: list[str], sources: list) -> list[str]:
+    """`names` reordered so that the tensors a source stores together (its `group`, e.g. the layers of one
+    stacked checkpoint leaf) are read one after the other: each group is then restored once and held
+    alone.  Without grouped sources, `names` as given."""
+    grouped = [s for s in sources if hasattr(s, "group")]
+    if not grouped:
+        return list(names)
+    first: dict = {}
+    key = [first.setdefault(grouped[0].group(n), len(first)) for n in names]
+    return [n for _, _, n in sorted(zip(key, range(len(names)), names))]
+
+
 def _arch(src: TensorSource):
     cfg = src.config or {}
     a = cfg.get("architectures")

@@ -20,7 +20,7 @@ import numpy as np
 from ml_dtypes import bfloat16  # JAX's own dtype package (a dependency of jax)
 
 from paft_jax.merge.engine import is_float
-from paft_jax.merge.sources import TensorSource, check_compatible, open_source
+from paft_jax.merge.sources import TensorSource, check_compatible, open_source, read_order
 
 DEFAULT_TOLERANCES = (1e-6, 1e-4, 1e-3)
 MODULES = [("embed", r"embed_tokens"), ("lm_head", r"lm_head"), ("q_proj", r"q_proj"), ("k_proj", r"k_proj"),
@@ -35,30 +35,49 @@ def module_type(name: str) -> str:
     return "other"
 
 
-def bf16_visible(base: np.ndarray, delta: np.ndarray) -> np.ndarray:
+def bf16_visible(base, delta, xp=np):
     """Where adding `delta` changes the weight once both are cast to bfloat16 (round to nearest even)."""
-    b = np.asarray(base, np.float32)
-    return (b + np.asarray(delta, np.float32)).astype(bfloat16) != b.astype(bfloat16)
+    b = xp.asarray(base, xp.float32)
+    return (b + xp.asarray(delta, xp.float32)).astype(bfloat16) != b.astype(bfloat16)
+
+
+def _raw_stats(b, ds, tols: Sequence[float], relative: bool, xp=np) -> dict:
+    """One tensor's counts and sums, in NumPy (float64 sums) or traced by jax.numpy (float32: on the devices)."""
+    wide = np.float64 if xp is np else xp.float32
+    out = {"models": []}
+    ab = xp.abs(b)
+    for d in ds:
+        ad = xp.abs(d)
+        out["models"].append({
+            "zero": xp.count_nonzero(d == 0),
+            "under": [xp.count_nonzero(ad <= (t * ab if relative else t)) for t in tols],
+            "bf16_visible": xp.count_nonzero(bf16_visible(b, d, xp)),
+            "l1": ad.sum(dtype=wide),
+            "l2_sq": xp.square(d.astype(wide)).sum(),
+        })
+    out["base_l2_sq"] = xp.square(b.astype(wide)).sum()
+    if len(ds) >= 2:
+        both = (ds[0] != 0) & (ds[1] != 0)
+        out["both_nonzero"] = xp.count_nonzero(both)
+        out["sign_agree"] = xp.count_nonzero(both & (xp.sign(ds[0]) == xp.sign(ds[1])))
+    return out
+
+
+def _python(raw: dict, numel: int) -> dict:
+    """Counts -> int, sums -> float (host values)."""
+    out = {"numel": int(numel), "base_l2_sq": float(raw["base_l2_sq"]), "models": []}
+    for m in raw["models"]:
+        out["models"].append({"zero": int(m["zero"]), "under": [int(u) for u in m["under"]],
+                              "bf16_visible": int(m["bf16_visible"]), "l1": float(m["l1"]),
+                              "l2_sq": float(m["l2_sq"])})
+    for k in ("both_nonzero", "sign_agree"):
+        if k in raw:
+            out[k] = int(raw[k])
+    return out
 
 
 def _tensor_stats(b: np.ndarray, ds: list[np.ndarray], tols: Sequence[float], relative: bool) -> dict:
-    out = {"numel": int(b.size), "models": []}
-    ab = np.abs(b)
-    for d in ds:
-        ad = np.abs(d)
-        out["models"].append({
-            "zero": int(np.count_nonzero(d == 0)),
-            "under": [int(np.count_nonzero(ad <= (t * ab if relative else t))) for t in tols],
-            "bf16_visible": int(np.count_nonzero(bf16_visible(b, d))),
-            "l1": float(ad.sum(dtype=np.float64)),
-            "l2_sq": float(np.square(d, dtype=np.float64).sum()),
-        })
-    out["base_l2_sq"] = float(np.square(b, dtype=np.float64).sum())
-    if len(ds) >= 2:
-        both = (ds[0] != 0) & (ds[1] != 0)
-        out["both_nonzero"] = int(both.sum())
-        out["sign_agree"] = int((both & (np.sign(ds[0]) == np.sign(ds[1]))).sum())
-    return out
+    return _python(_raw_stats(b, ds, tols, relative), b.size)
 
 
 def _finish(s: dict, tols: Sequence[float]) -> dict:
@@ -96,34 +115,65 @@ def _add(acc: dict | None, s: dict) -> dict:
     return acc
 
 
+class SparsityStats:
+    """The report built tensor by tensor: `add(name, base, deltas)` with float32 arrays (the streamed merge
+    calls it as it goes, `analyze` in a pass of its own); `report(base_label, model_labels)` at the end."""
+
+    def __init__(self, tolerances: Sequence[float] | None = None, relative: bool = True):
+        self.tols = tuple(DEFAULT_TOLERANCES if tolerances is None else tolerances)
+        if any(t < 0 for t in self.tols):
+            raise ValueError(f"tolerances must be >= 0, got {list(self.tols)}")
+        self.relative = relative
+        self.tensors: dict = {}
+        self._modules: dict = {}
+        self._total: dict | None = None
+        self._jitted = None
+
+    def add(self, name: str, base: np.ndarray, deltas: Sequence[np.ndarray]) -> None:
+        self._add(name, _tensor_stats(base, list(deltas), self.tols, self.relative))
+
+    def add_device(self, name: str, base, deltas: Sequence) -> None:
+        """`add` for jax arrays (sharded on a mesh): the counts are computed where the arrays are (sums in
+        float32), and only they come to the host."""
+        import jax
+        import jax.numpy as jnp
+        if self._jitted is None:
+            self._jitted = jax.jit(lambda b, ds: _raw_stats(b.astype(jnp.float32), [d.astype(jnp.float32) for d in ds],
+                                                            self.tols, self.relative, jnp))
+        self._add(name, _python(jax.device_get(self._jitted(base, list(deltas))), base.size))
+
+    def _add(self, name: str, s: dict) -> None:
+        self.tensors[name] = _finish(s, self.tols)
+        kind = module_type(name)
+        self._modules[kind] = _add(self._modules.get(kind), s)
+        self._total = _add(self._total, s)
+
+    def report(self, base: str, models: Sequence[str]) -> dict:
+        if self._total is None:
+            raise ValueError(f"sparsity: no floating-point tensors in {base}")
+        return {"base": base, "models": list(models), "tolerances": list(self.tols),
+                "tolerance_kind": "relative" if self.relative else "absolute",
+                "tensors": self.tensors, "modules": {k: _finish(v, self.tols) for k, v in self._modules.items()},
+                "total": _finish(self._total, self.tols)}
+
+
 def analyze(base: str | Path | TensorSource, models: Sequence[str | Path | TensorSource],
             tolerances: Sequence[float] | None = None, relative: bool = True) -> dict:
     """The sparsity report of each model's delta from `base` (dict, JSON-ready)."""
-    tols = tuple(tolerances or DEFAULT_TOLERANCES)
-    if any(t < 0 for t in tols):
-        raise ValueError(f"tolerances must be >= 0, got {list(tols)}")
+    stats = SparsityStats(tolerances, relative)
     bsrc = base if hasattr(base, "get") else open_source(base)
     msrc = [m if hasattr(m, "get") else open_source(m) for m in models]
     if not msrc:
         raise ValueError("sparsity: give at least one model")
     check_compatible(bsrc, msrc)
-    tensors, modules, total = {}, {}, None
-    for name in bsrc.names():
+    for name in read_order(bsrc.names(), [bsrc, *msrc]):
         if not is_float(bsrc.dtype(name)):
             continue
         b = np.asarray(bsrc.get(name)).astype(np.float32)
-        ds = [np.asarray(m.get(name)).astype(np.float32) if m.is_delta
-              else np.asarray(m.get(name)).astype(np.float32) - b for m in msrc]
-        s = _tensor_stats(b, ds, tols, relative)
-        tensors[name] = _finish(s, tols)
-        kind = module_type(name)
-        modules[kind] = _add(modules.get(kind), s)
-        total = _add(total, s)
-        del b, ds
-    return {"base": bsrc.label, "models": [m.label for m in msrc], "tolerances": list(tols),
-            "tolerance_kind": "relative" if relative else "absolute",
-            "tensors": tensors, "modules": {k: _finish(v, tols) for k, v in modules.items()},
-            "total": _finish(total, tols)}
+        stats.add(name, b, [np.asarray(m.get(name)).astype(np.float32) if m.is_delta
+                            else np.asarray(m.get(name)).astype(np.float32) - b for m in msrc])
+    stats.tensors = {n: stats.tensors[n] for n in bsrc.names() if n in stats.tensors}  # the base's order
+    return stats.report(bsrc.label, [m.label for m in msrc])
 
 
 def format_table(rep: dict, per_tensor: bool = False) -> str:

@@ -21,7 +21,7 @@ from paft_jax.models.config import ModelConfig, to_dtype
 
 
 @partial(jax.jit, static_argnames=("n_in",))
-def _to_hf_flat(x, n_in: int):
+def to_hf_flat(x, n_in: int):
     """One layer's tensor in our layout -> HF [out, in] order, flattened (Linear kernels are transposed)."""
     if n_in:
         return x.reshape(_prod(x.shape[:n_in]), -1).T.reshape(-1)
@@ -85,8 +85,8 @@ def _merge(base, inputs, spec: MergeSpec, cfg, *, from_models: bool):
         for i in layers:
             bi = b if i is None else b[i]
             xi = [x if i is None else x[i] for x in xs]
-            merged = merge_array(spec, e.hf_name(i), shape, _to_hf_flat(bi, e.n_in),
-                                 [_to_hf_flat(x, e.n_in) for x in xi], from_models=from_models, layers=cfg.num_layers)
+            merged = merge_array(spec, e.hf_name(i), shape, to_hf_flat(bi, e.n_in),
+                                 [to_hf_flat(x, e.n_in) for x in xi], from_models=from_models, layers=cfg.num_layers)
             results.append(bi if merged is None else _from_hf_flat(merged, per, e.n_in))
         leaf = results[0] if not e.layered else jnp.stack(results)
         node = out

@@ -54,6 +54,9 @@ class StackedSource:
     def __getattr__(self, name):  # names, shape, dtype, config, dir: the base's
         return getattr(self.base, name)
 
+    def group(self, name: str):  # read in the delta's order (merge.sources.read_order)
+        return self.delta.group(name) if hasattr(self.delta, "group") else name
+
     def get(self, name: str):
         import numpy as np
         from paft_jax.merge.engine import is_float

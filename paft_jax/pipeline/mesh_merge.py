@@ -1,11 +1,13 @@
-"""The PAFT merge on the run's devices: both branch deltas restored sharded over one mesh (the delta only,
-never the Adam moments), merged into the sharded base by the jitted pytree merge (`merge.tree`), and
-exported tensor by tensor (`hf.export.export_hf`: verified, then published atomically).
+"""The PAFT merge on the run's devices, leaf by leaf: each parameter leaf (all layers of one projection)
+of both branch deltas is restored sharded over one mesh (an Orbax partial restore of that leaf: never the
+whole delta, never the Adam moments), each layer's tensor is merged into the sharded base by the same
+per-tensor function as the streamed merge (`merge.engine.merge_array`), its sparsity statistics are counted
+on the devices, and the result alone comes to the host to be written (`hf.export.export_hf`: verified,
+then published atomically).
 
-Host memory holds one tensor at a time; device memory holds the base, the two deltas and the result,
-spread over every device of the run.  The result equals the streamed one-device merge of the same
-checkpoints bitwise (tests/test_pipeline.py): both apply `merge.engine.merge_array` to the same flat
-HF-layout tensors.
+Device memory holds the base plus one leaf of each delta; host memory one tensor.  Tensors are written
+leaf by leaf (all q_proj layers, then all k_proj, ...; an HF loader reads them by name).  The result
+equals the streamed one-device merge of the same checkpoints bitwise (tests/test_pipeline.py).
 """
 from __future__ import annotations
 
@@ -35,29 +37,59 @@ def merge_and_export_on_mesh(*, spec, recipe_text: str, inputs: list[str], branc
     """Merge the branch checkpoints `inputs` (the recipe's models, in its order) into the base; export to
     `out`.  `branches`: {branch name: checkpoint}.  `sequential`: the base is base + the SFT delta (rounded
     to the base's dtype), the model the preference branch trained on.  Returns the merge's numbers, the
-    export's verification and the branch deltas' sparsity (from the deltas restored here: no second restore)."""
+    export's verification and the branch deltas' sparsity (counted in the same pass)."""
     import jax
-    from paft_jax.hf.export import export_hf
-    from paft_jax.hf.layout import iter_hf_tensors
-    from paft_jax.merge.engine import verify_merged
-    from paft_jax.merge.params_source import ParamsSource
-    from paft_jax.merge.sparsity import analyze
-    from paft_jax.merge.tree import merge_deltas
-    from paft_jax.train.restore import merged_params, restore_delta
+    import numpy as np
+    from paft_jax.hf.export import Tensors, export_hf
+    from paft_jax.hf.layout import entries, get_path, hf_shape, iter_hf_tensors
+    from paft_jax.merge.engine import merge_array, verify_merged
+    from paft_jax.merge.sparsity import SparsityStats
+    from paft_jax.merge.tree import to_hf_flat
+    from paft_jax.models.config import to_dtype
+    from paft_jax.train.restore import DeltaReader, merged_params
 
     t0 = time.time()
     mesh, rules = merge_mesh(tc, devices)
     held = next(iter(bases.values()), None)  # the base this process trained from (on a branch's sub-mesh)
     base = place(held, mesh, rules) if held is not None else load_base(tc, mesh, rules)
-    deltas = {p: restore_delta(p, mesh, rules)[3] for p in branches.values()}  # the recipe's inputs are among them
-    say(f"merge: on {len(devices)} device(s), mesh {dict(mesh.shape)}; {len(deltas)} branch deltas restored "
-        "sharded (the deltas only)")
-    into = merged_params(base.params, deltas[branches["sft"]]) if sequential else base.params
-    merged = jax.block_until_ready(merge_deltas(into, [deltas[p] for p in inputs], spec, cfg=base.cfg))
-    merge_s = time.time() - t0
+    cfg = base.cfg
+    readers = {p: DeltaReader(p, mesh, rules) for p in branches.values()}  # the recipe's inputs are among them
+    say(f"merge: on {len(devices)} device(s), mesh {dict(mesh.shape)}; the {len(readers)} branch deltas restored "
+        "leaf by leaf, sharded (the deltas only)")
+    target = np.dtype(to_dtype(dtype) if dtype else cfg.jnp_param_dtype)
+    leaf_index = {e.path: k for k, e in enumerate(entries(cfg))}
+    order = sorted(iter_hf_tensors(cfg), key=lambda t: leaf_index[t[0].path])  # leaf by leaf, layers in order
+    where = {name: (e, i) for e, i, name in order}
+    specs = []
+    for e, i, name in order:
+        leaf = get_path(base.params, e.path)
+        specs.append((name, hf_shape(e, tuple(leaf.shape[1:] if e.layered else leaf.shape)), target))
+    shapes = {name: shape for name, shape, _ in specs}
+    stats = SparsityStats()
+    held_leaf: dict[str, Any] = {}
+
+    def produce(name: str) -> np.ndarray:
+        e, i = where[name]
+        if held_leaf.get("path") != e.path:  # the next leaf: the previous one's deltas go first
+            held_leaf.clear()
+            deltas = {p: r.leaf(e.path) for p, r in readers.items()}
+            b = get_path(base.params, e.path)
+            into = merged_params(b, deltas[branches["sft"]]) if sequential else b
+            held_leaf.update(path=e.path, base=b, into=into, deltas=deltas)
+        pick = (lambda x: x) if i is None else (lambda x: x[i])
+        deltas = held_leaf["deltas"]
+        stats.add_device(name, pick(held_leaf["base"]), [pick(deltas[p]) for p in branches.values()])
+        into = to_hf_flat(pick(held_leaf["into"]), e.n_in)
+        merged = merge_array(spec, name, shapes[name], into, [to_hf_flat(pick(deltas[p]), e.n_in) for p in inputs],
+                             from_models=False, layers=cfg.num_layers)
+        res = into if merged is None else merged
+        return np.asarray(jax.device_get(res.astype(target))).reshape(shapes[name])
+
     built: dict[str, Any] = {}
 
     def check(tmp: Path) -> None:  # on the complete directory, before it is published
+        built["merge_seconds"] = time.time() - t0
+        held_leaf.clear()
         card = tmp / "README.md"
         card.write_text(card.read_text() + f"\n## Recipe\n\n```yaml\n{recipe_text.rstrip()}\n```\n")
         built["bytes"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
@@ -65,12 +97,16 @@ def merge_and_export_on_mesh(*, spec, recipe_text: str, inputs: list[str], branc
             built["verify"] = verify_merged(tmp, atol)
 
     how = f"paft_jax PAFT merge ({spec.method}) of {len(inputs)} branch delta(s) into the base, on the devices"
-    export_hf(merged, base.cfg, out, tokenizer=base.tokenizer, hf_config=base.hf_config,
-              generation_config=base.generation_config, dtype=dtype, max_shard_size=max_shard_size,
-              base_model=base.source, how=how, overwrite=True, check=check)
-    del merged, into
-    sparsity = analyze(ParamsSource(base.params, base.cfg, base.source),
-                       [ParamsSource(deltas[p], base.cfg, p, is_delta=True) for p in branches.values()])
+    try:
+        export_hf(Tensors(specs, produce), cfg, out, tokenizer=base.tokenizer, hf_config=base.hf_config,
+                  generation_config=base.generation_config, dtype=dtype, max_shard_size=max_shard_size,
+                  base_model=base.source, how=how, overwrite=True, check=check)
+    finally:
+        held_leaf.clear()
+        for r in readers.values():
+            r.close()
+    sparsity = stats.report(base.source, list(branches.values()))
     sparsity.pop("tensors")
-    return {"merge_seconds": merge_s, "tensors": len(list(iter_hf_tensors(base.cfg))), "bytes": built.get("bytes"),
-            "verify": built.get("verify"), "sparsity": sparsity, "mesh": dict(mesh.shape)}
+    return {"merge_seconds": built.get("merge_seconds", time.time() - t0), "tensors": len(specs),
+            "bytes": built.get("bytes"), "verify": built.get("verify"), "sparsity": sparsity,
+            "mesh": dict(mesh.shape)}

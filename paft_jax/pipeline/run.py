@@ -262,13 +262,18 @@ def merge_and_export(cfg: PaftConfig, tcs: dict[str, TrainConfig], bases: dict[s
             raise ValueError(f"merge: cannot place inputs {recipe.models}")
         say(f"merge: {recipe.spec.method} of {[Path(m).name for m in recipe.models]} into the base -> {merged} "
             "(streamed on one device)")
+        from paft_jax.merge.sparsity import SparsityStats, analyze
+        # parallel mode: the deltas' sparsity as the merge reads them (no second restore, no second base load)
+        stats = SparsityStats() if cfg.mode != "sequential" else None
         t0 = time.time()
         res = merge_to_hf(recipe.spec, base_src, models, merged, recipe_text=recipe.text, overwrite=True,
-                          max_shard_size=cfg.merge.max_shard_size, verify=cfg.merge.verify, atol=cfg.merge.atol)
+                          max_shard_size=cfg.merge.max_shard_size, verify=cfg.merge.verify, atol=cfg.merge.atol,
+                          stats=stats)
         rep = res.verify
-        # the deltas' sparsity from the sources the merge already holds (no second restore, no second base load)
-        from paft_jax.merge.sparsity import analyze
-        sparsity = analyze(base_src.base if cfg.mode == "sequential" else base_src, list(ckpts.values()))
+        if stats is not None:
+            sparsity = stats.report(base_src.label, [m.label for m in models])
+        else:  # the merge's only input is the preference delta: SFT's is read once more, leaf by leaf
+            sparsity = analyze(base_src.base, list(ckpts.values()))
         sparsity.pop("tensors")
         numbers = {"merge_seconds": res.seconds, "tensors": res.tensors, "bytes": res.bytes_written, "mesh": None}
     info = {"method": recipe.spec.method, "key": merge_key(cfg), "sparsity": sparsity, "recipe": recipe.text,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -78,67 +79,137 @@ def model_config_from_meta(meta: dict):
 
 def restore_delta(path: str | Path, mesh: Mesh | None = None, rules: tuple = ()):
     """-> (TrainConfig, ModelConfig, step, dense delta pytree) without loading the base's weights
-    (LoRA is folded with the base's shapes only)."""
-    from paft_jax.mesh import build_mesh, mesh_processes
-    from paft_jax.models.decoder import abstract_params
-    from paft_jax.config import MeshConfig
-    directory, asked = locate(path)
-    step, meta = read_meta(directory, asked)
-    cfg = from_dict(TrainConfig, meta["config"])
-    mcfg = model_config_from_meta(meta).replace(remat="none")
-    mesh = mesh or build_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.local_devices()[:1])
-    shapes, _ = abstract_params(mcfg)
-    d_abs, _ = delta_lib.delta_abstract(mcfg, cfg.delta)
-    d_sh = delta_lib.delta_shardings(mcfg, cfg.delta, mesh, rules)
-    ckpt = BranchCheckpointer(dataclasses.replace(cfg.checkpoint, fallback=False), directory,
-                              processes=mesh_processes(mesh))
+    (LoRA is folded with the base's shapes only).  The delta alone, in one restore: never the moments."""
+    reader = DeltaReader(path, mesh, rules)
     try:
-        delta = ckpt.restore_delta(step, abstract_like(d_abs, d_sh))  # the delta alone: no moments
-        if delta is None:  # a checkpoint a process wrote alone holds the whole state in one item
-            opt = make_optimizer(cfg.optim, cfg.steps, delta_lib.freeze_mask(shapes, cfg.delta))
-            abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), delta=d_abs,
-                                  opt_state=jax.eval_shape(opt.init, d_abs))
-            delta = ckpt.restore(abstract_like(abstract, state_shardings(opt, d_abs, d_sh, mesh)), step)[1].delta
-    except CheckpointError as e:
-        older = [s for s in ckpt.steps() if s < step] if asked is None else []
-        if not older:
-            raise
-        raise CheckpointError(f"{e}; the previous checkpoint, {directory}/{older[-1]}, may be readable: name that "
-                              "step directory to use it") from None
+        return reader.cfg, reader.mcfg, reader.step, reader.all()
     finally:
-        ckpt.close()
-    return cfg, mcfg, step, delta_lib.materialize(delta, cfg.delta, shapes)
+        reader.close()
+
+
+class DeltaReader:
+    """A branch checkpoint's dense delta, one parameter leaf at a time (an Orbax partial restore per leaf)
+    into `mesh`'s shardings: a merge that walks the model leaf by leaf holds one leaf of each branch, never
+    the whole delta, and never the optimizer's moments.  A LoRA delta (small) is restored whole once and
+    each leaf materialized on demand.  `mesh` defaults to one local device."""
+
+    def __init__(self, path: str | Path, mesh: Mesh | None = None, rules: tuple = ()):
+        from paft_jax.mesh import build_mesh, mesh_processes
+        from paft_jax.models.decoder import abstract_params
+        from paft_jax.config import MeshConfig
+        self.label = str(path)
+        self.directory, self._asked = locate(path)
+        self.step, meta = read_meta(self.directory, self._asked)
+        self.cfg = from_dict(TrainConfig, meta["config"])
+        self.mcfg = model_config_from_meta(meta).replace(remat="none")
+        self.mesh = mesh or build_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.local_devices()[:1])
+        self.shapes, _ = abstract_params(self.mcfg)
+        self._abs, _ = delta_lib.delta_abstract(self.mcfg, self.cfg.delta)
+        self._sh = delta_lib.delta_shardings(self.mcfg, self.cfg.delta, self.mesh, rules)
+        self._ckpt = BranchCheckpointer(dataclasses.replace(self.cfg.checkpoint, fallback=False), self.directory,
+                                        processes=mesh_processes(self.mesh))
+        self._whole = None  # the restored delta state, when it is read whole (LoRA; a host_state checkpoint)
+
+    def leaf(self, path: tuple[str, ...]) -> jax.Array:
+        """The dense float32 delta of the parameter at `path` (e.g. ("layers", "mlp", "up_proj", "kernel"))."""
+        if self._whole is None and self.cfg.delta.kind == "dense":
+            sub = _subtree(abstract_like(self._abs, self._sh), path)
+            got = self._read(lambda: self._ckpt.restore_delta(self.step, sub))
+            if got is not None:
+                return _at(got, path)
+        if self._whole is None:  # LoRA factors, or a checkpoint a process wrote alone (whole state in one item)
+            self._whole = self._read(lambda: _restore_whole(self._ckpt, self.cfg, self.step, self.shapes,
+                                                            self._abs, self._sh, self.mesh))
+        dense = delta_lib.materialize(_with_leaf(self._whole, path, self.cfg.delta), self.cfg.delta,
+                                      _subtree(self.shapes, path))
+        return _at(dense, path)
+
+    def all(self) -> Any:
+        """The whole dense delta, in one restore."""
+        def whole():
+            got = self._ckpt.restore_delta(self.step, abstract_like(self._abs, self._sh))
+            return got if got is not None else _restore_whole(self._ckpt, self.cfg, self.step, self.shapes,
+                                                              self._abs, self._sh, self.mesh)
+        return delta_lib.materialize(self._read(whole), self.cfg.delta, self.shapes)
+
+    def _read(self, fn):
+        try:
+            return fn()
+        except CheckpointError as e:
+            older = [s for s in self._ckpt.steps() if s < self.step] if self._asked is None else []
+            if not older:
+                raise
+            raise CheckpointError(f"{e}; the previous checkpoint, {self.directory}/{older[-1]}, may be readable: "
+                                  "name that step directory to use it") from None
+
+    def close(self) -> None:
+        self._whole = None
+        self._ckpt.close()
+
+
+def _restore_whole(ckpt, cfg, step, shapes, d_abs, d_sh, mesh):
+    """The delta out of the whole train state (what a checkpoint a process wrote alone, or a multi-process
+    job, needs: see BranchCheckpointer.restore_delta)."""
+    opt = make_optimizer(cfg.optim, cfg.steps, delta_lib.freeze_mask(shapes, cfg.delta))
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), delta=d_abs,
+                          opt_state=jax.eval_shape(opt.init, d_abs))
+    return ckpt.restore(abstract_like(abstract, state_shardings(opt, d_abs, d_sh, mesh)), step)[1].delta
+
+
+def _at(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _subtree(tree, path):
+    """The nested dicts of `tree` that lead to `path` alone."""
+    return {path[0]: _subtree(tree[path[0]], path[1:])} if path else tree
+
+
+def _with_leaf(delta, path, dcfg):
+    """The part of a (LoRA) delta state that `path`'s dense delta is built from."""
+    if dcfg.kind == "dense":
+        return _subtree(delta, path)
+    parent = _at(delta, path[:-1]) if path[-1] == "kernel" else {}
+    lora = {k: v for k, v in (parent.items() if isinstance(parent, dict) else ()) if k in ("lora_a", "lora_b")}
+    if not lora:
+        return {}
+    node = lora
+    for k in reversed(path[:-1]):
+        node = {k: node}
+    return node
 
 
 class CheckpointSource:
     """A branch checkpoint as a merge input: its delta under HF tensor names (`is_delta`).
 
-    The whole delta is restored to host memory once (float32); the merge then reads it tensor by
-    tensor like any other source."""
+    Read leaf by leaf (`DeltaReader`, on one local device) and kept one leaf at a time: host memory holds
+    one leaf of the delta.  `group(name)` tells the merge which tensors share a leaf, so it reads them
+    together (merge.sources.read_order) and restores each leaf once."""
 
     is_delta = True
 
     def __init__(self, path: str | Path):
         from paft_jax.hf.config import hf_config_dict
-        from paft_jax.hf.layout import get_path, iter_hf_tensors, to_hf
+        from paft_jax.hf.layout import hf_shape, iter_hf_tensors
         self.label = str(path)
-        cfg, mcfg, self.step, delta = restore_delta(path)
-        delta = jax.device_get(delta)
+        self._reader = DeltaReader(path)
+        self.step, mcfg = self._reader.step, self._reader.mcfg
         self.config = hf_config_dict(mcfg)
-        self._get = {}
+        self._get, self._shapes = {}, {}
         for entry, layer, name in iter_hf_tensors(mcfg):
             self._get[name] = (entry, layer)
-        self._delta, self._to_hf, self._path = delta, to_hf, get_path
-        self._shapes = {n: self._tensor(n).shape for n in self._get}
-
-    def _tensor(self, name: str):
-        import numpy as np
-        entry, layer = self._get[name]
-        x = np.asarray(self._path(self._delta, entry.path))
-        return self._to_hf(entry, x if layer is None else x[layer])
+            leaf = _at(self._reader.shapes, entry.path)
+            self._shapes[name] = hf_shape(entry, tuple(leaf.shape[1:] if layer is not None else leaf.shape))
+        self._held: tuple | None = None  # (leaf path, its host copy)
+        weakref.finalize(self, self._reader.close)
 
     def names(self) -> list[str]:
         return list(self._get)
+
+    def group(self, name: str) -> tuple[str, ...]:
+        return self._get[name][0].path
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._shapes[name])
@@ -148,9 +219,16 @@ class CheckpointSource:
         return np.dtype(np.float32)
 
     def get(self, name: str):
+        import numpy as np
+        from paft_jax.hf.layout import to_hf
         if name not in self._get:
             raise KeyError(f"{self.label}: no tensor {name!r} in this checkpoint's delta")
-        return self._tensor(name)
+        entry, layer = self._get[name]
+        if self._held is None or self._held[0] != entry.path:
+            self._held = None  # the previous leaf goes before the next one comes
+            self._held = (entry.path, np.asarray(jax.device_get(self._reader.leaf(entry.path))))
+        x = self._held[1]
+        return to_hf(entry, x if layer is None else x[layer])
 
 
 def merged_params(base_params: Any, delta: Any) -> Any:
