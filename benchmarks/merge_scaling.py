@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/merge_scaling.py [--sizes 512x4,1024x8,2048x16] [--before REV] [--cap-gb 19]
 
 `--before REV`: the same merges also run with the code of git revision REV (a worktree under --work), one
-after the other in the same run.  A merge whose RSS passes --cap-gb is stopped there and recorded as such
+after the other in the same run (`--after REV`: the second code from a revision too, not this tree).  A merge whose RSS passes --cap-gb is stopped there and recorded as such
 (the machine has 23 GiB; on CPU the mesh's "device" memory is host memory).
 
 Per size (hidden x layers of a random Llama-shaped model: intermediate 4 x hidden, heads of 128, vocab
@@ -168,10 +168,11 @@ def main() -> None:
     ap.add_argument("--sizes", default="512x4,1024x8,2048x16")
     ap.add_argument("--work", default="/tmp/merge_scaling")
     ap.add_argument("--before", default=None, help="a git revision whose code runs the same merges first")
+    ap.add_argument("--after", default=None, help="a git revision for the second code (default: this tree)")
     ap.add_argument("--cap-gb", type=float, default=19.0, help="stop a merge whose RSS passes this (GiB)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/merge_scaling.json"))
     args = ap.parse_args()
-    codes = [("after", ROOT)]
+    codes = [(f"after ({args.after})", worktree(args.after, Path(args.work))) if args.after else ("after", ROOT)]
     if args.before:
         codes.insert(0, (f"before ({args.before})", worktree(args.before, Path(args.work))))
     rows = []

@@ -117,3 +117,29 @@ def test_report_counts_entries_visible_in_bf16(models):
     # the deltas of 1e-2 sit at several bf16 steps of these small weights: most are visible, the zeros never
     assert 0 < rep["total"]["models"][0]["bf16_visible_frac"] <= 1 - rep["total"]["models"][0]["zero_frac"]
     assert "bf16vis" in format_table(rep)
+
+
+def test_counts_on_the_devices_equal_the_host_ones():
+    """The merge on the mesh counts each tensor's statistics where its shards are (SparsityStats.add_device):
+    the same counts as the NumPy pass, norms to float32 accuracy."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from paft_jax.merge.sparsity import SparsityStats
+    rng = np.random.default_rng(3)
+    b = (rng.standard_normal((64, 48)) * rng.choice([1e-3, 1.0], (64, 48))).astype(np.float32)
+    ds = [np.where(rng.random(b.shape) < 0.4, 0, rng.standard_normal(b.shape) * 1e-2).astype(np.float32)
+          for _ in range(2)]
+    ds[0].reshape(-1)[:5] = 1e-5 * np.abs(b.reshape(-1)[:5])
+    host, dev = SparsityStats(), SparsityStats()
+    host.add("model.layers.0.mlp.up_proj.weight", b, ds)
+    where = NamedSharding(Mesh(np.array(jax.devices()), ("x",)), P("x"))
+    dev.add_device("model.layers.0.mlp.up_proj.weight", jax.device_put(b, where),
+                   [jax.device_put(d, where) for d in ds])
+    h, d = host.report("base", ["a", "b"])["total"], dev.report("base", ["a", "b"])["total"]
+    assert h["both_nonzero_frac"] == d["both_nonzero_frac"] and h["sign_agreement"] == d["sign_agreement"]
+    for mh, md in zip(h["models"], d["models"]):
+        for k in ("zero_frac", "under_frac", "bf16_visible_frac"):
+            assert mh[k] == md[k], k
+        for k in ("l1", "l2", "rel_l2"):
+            assert md[k] == pytest.approx(mh[k], rel=1e-5), k
+    assert 0 < h["models"][0]["zero_frac"] < 1 and h["sign_agreement"] is not None

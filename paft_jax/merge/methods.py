@@ -120,14 +120,14 @@ def rank_cut(chunks, targets: np.ndarray, n: int, from_models: bool):
     acc = np.zeros((m_models, _HI + 1), np.int32)
     for b, xs, valid, _ in chunks():
         acc = _hist_hi(acc, b, xs, valid, from_models=from_models)
-    c1 = np.cumsum(np.asarray(acc)[:, :_HI], axis=1)
+    c1 = np.cumsum(to_host(acc)[:, :_HI], axis=1)
     mc = np.clip(targets, 0, n - 1)
     b1 = np.stack([np.searchsorted(c1[i], mc[i], side="right") for i in range(m_models)]).astype(np.int32)
     below1 = np.where(b1 > 0, np.take_along_axis(c1, np.maximum(b1 - 1, 0), axis=1), 0)
     acc2 = np.zeros((m_models, t_count, _LO + 1), np.int32)
     for b, xs, valid, _ in chunks():
         acc2 = _hist_lo(acc2, b, xs, valid, b1, from_models=from_models)
-    h2 = np.asarray(acc2)[:, :, :_LO]
+    h2 = to_host(acc2)[:, :, :_LO]
     v = np.zeros_like(b1)
     below = np.zeros_like(b1)
     for i in range(m_models):
@@ -424,10 +424,9 @@ def _merge_on_device(base, inputs, params, meth, n, step, cols, **static):
     t_count = 2 if meth.sparsify == "outliers" else 1
     if meth.sparsify in ("magnitude", "outliers"):
         targets = np.stack([params["lo"], params["hi"]], axis=1)[:, :t_count]
-        sel = tie_start(whole, rank_cut(whole, targets, n, static["from_models"]), static["from_models"])
-        at = sel["tie_at"].astype(np.int64)  # a flat index: the streamed path's (chunk, offset)
-        sel = {"v": sel["v"], "tie_chunk": (at // step).astype(np.int32), "tie_at": (at % step).astype(np.int32),
-               "none": sel["none"]}
+        sel = rank_cut(whole, targets, n, static["from_models"])
+        sel = _tie_rows(b.reshape(rows, step), tuple(x.reshape(rows, step) for x in xs), n, sel,
+                        static["from_models"])
     else:
         sel = {k: np.zeros((m_models, t_count), bool if k == "none" else np.int32)
                for k in ("v", "tie_chunk", "tie_at", "none")}
@@ -438,7 +437,7 @@ def _merge_on_device(base, inputs, params, meth, n, step, cols, **static):
     b2, xs2 = b.reshape(rows, step), tuple(x.reshape(rows, step) for x in xs)
     if (static["rescale"] == "l1" and meth.sparsify is not None) or meth.kind == "slerp":
         acc = 0.0
-        for row in np.asarray(_apply_rows(b2, xs2, valid, chunk, p, sel, stats=True, cols=cols, **static), np.float64):
+        for row in to_host(_apply_rows(b2, xs2, valid, chunk, p, sel, stats=True, cols=cols, **static)).astype(np.float64):
             acc = acc + row  # in chunk order, as the streamed path adds them
         if meth.kind == "slerp":
             p["coef"] = np.asarray(_slerp_coefs(float(params["t"]), *acc), np.float32)
@@ -447,6 +446,57 @@ def _merge_on_device(base, inputs, params, meth, n, step, cols, **static):
             p["l1"] = np.where(ok, acc[:, 0] / np.where(ok, acc[:, 1], 1.0), 1.0).astype(np.float32)
     res = _apply_rows(b2, xs2, valid, chunk, p, sel, stats=False, cols=cols, **static)
     return res.reshape(-1)[:n] if pad else res.reshape(-1)
+
+
+def _tie_rows(b2, xs2, n: int, sel: dict, from_models: bool) -> dict:
+    """tie_start for a tensor on the devices as [rows, step]: the per-row counts of the magnitudes equal to
+    each cut locate the row of the first kept tie, and only that row's mask comes to the host."""
+    out = {k: sel[k] for k in ("v", "none")}
+    out["tie_chunk"], out["tie_at"] = np.zeros(sel["v"].shape, np.int32), np.zeros(sel["v"].shape, np.int32)
+    todo = sel["skip"] > 0
+    if not todo.any():
+        return out
+    counts = to_host(_tie_counts(b2, xs2, np.int32(n), sel["v"], from_models=from_models))
+    for i, t in zip(*np.nonzero(todo)):
+        cum = np.cumsum(counts[i, t], dtype=np.int64)
+        r = int(np.searchsorted(cum, sel["skip"][i, t], side="right"))  # the first row passing `skip` ties
+        within = int(sel["skip"][i, t] - (cum[r - 1] if r else 0))
+        row = to_host(_tie_row(b2, xs2, np.int32(n), np.int32(r), sel["v"][i, t], model=int(i), from_models=from_models))
+        out["tie_chunk"][i, t], out["tie_at"][i, t] = r, np.flatnonzero(row)[within]
+    return out
+
+
+def _equal_rows(b2, xs2, n, v, i, from_models):
+    _, ds = _deltas(b2, xs2, from_models)
+    step = b2.shape[-1]
+    ok = (jnp.arange(b2.shape[0])[:, None] * step + jnp.arange(step)[None, :]) < n
+    return (_bits(ds[i]) == v) & ok
+
+
+@partial(jax.jit, static_argnames=("from_models",))
+def _tie_counts(b2, xs2, n, v, *, from_models):
+    """[m, t, rows]: how many magnitudes of each row equal v[i, t]."""
+    return jnp.stack([jnp.stack([jnp.sum(_equal_rows(b2, xs2, n, v[i, t], i, from_models), axis=1, dtype=jnp.int32)
+                                 for t in range(v.shape[1])]) for i in range(len(xs2))])
+
+
+@partial(jax.jit, static_argnames=("model", "from_models"))
+def _tie_row(b2, xs2, n, r, v, *, model, from_models):
+    """Row r's mask of the magnitudes of model `model` equal to v."""
+    rows = lambda x: jax.lax.dynamic_slice_in_dim(x, r, 1, axis=0)  # noqa: E731
+    shift = r * b2.shape[-1]  # the row's global offset, for the padding test
+    return _equal_rows(rows(b2), tuple(rows(x) for x in xs2), n - shift, v, model, from_models)[0]
+
+
+def to_host(x) -> np.ndarray:
+    """A jax array as NumPy, also when it spans other processes' devices (replicated: the local copy;
+    sharded: gathered from every process, which must all call this)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 @partial(jax.jit, static_argnames=("method", "rescale", "normalize", "from_models", "cols", "stats"))

@@ -140,7 +140,8 @@ class SparsityStats:
         if self._jitted is None:
             self._jitted = jax.jit(lambda b, ds: _raw_stats(b.astype(jnp.float32), [d.astype(jnp.float32) for d in ds],
                                                             self.tols, self.relative, jnp))
-        self._add(name, _python(jax.device_get(self._jitted(base, list(deltas))), base.size))
+        from paft_jax.merge.methods import to_host
+        self._add(name, _python(jax.tree_util.tree_map(to_host, self._jitted(base, list(deltas))), base.size))
 
     def _add(self, name: str, s: dict) -> None:
         self.tensors[name] = _finish(s, self.tols)

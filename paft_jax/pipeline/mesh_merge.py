@@ -43,6 +43,7 @@ def merge_and_export_on_mesh(*, spec, recipe_text: str, inputs: list[str], branc
     from paft_jax.hf.export import Tensors, export_hf
     from paft_jax.hf.layout import entries, get_path, hf_shape, iter_hf_tensors
     from paft_jax.merge.engine import merge_array, verify_merged
+    from paft_jax.merge.methods import to_host
     from paft_jax.merge.sparsity import SparsityStats
     from paft_jax.merge.tree import to_hf_flat
     from paft_jax.models.config import to_dtype
@@ -83,7 +84,7 @@ def merge_and_export_on_mesh(*, spec, recipe_text: str, inputs: list[str], branc
         merged = merge_array(spec, name, shapes[name], into, [to_hf_flat(pick(deltas[p]), e.n_in) for p in inputs],
                              from_models=False, layers=cfg.num_layers)
         res = into if merged is None else merged
-        return np.asarray(jax.device_get(res.astype(target))).reshape(shapes[name])
+        return to_host(res.astype(target)).reshape(shapes[name])  # gathered from every process's shards
 
     built: dict[str, Any] = {}
 
