@@ -130,7 +130,10 @@ else:
 wall = time.perf_counter() - t0
 print("@@" + json.dumps({"wall_s": wall, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                          "sampled_rss_gb": peak["rss"] / 2**30, "peak_live_arrays_gb": peak["arrays"] / 2**30,
-                         "peak_host_beyond_arrays_gb": peak["host"] / 2**30}))
+                         "peak_host_beyond_arrays_gb": peak["host"] / 2**30}), flush=True)
+# no interpreter shutdown: the sampler (a daemon thread inside jax.live_arrays) would be unwound there, and
+# XLA's C++ aborts on that ("FATAL: exception not rethrown")
+__import__("os")._exit(0)
 """
 
 SAME = r"""

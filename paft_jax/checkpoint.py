@@ -185,9 +185,12 @@ class BranchCheckpointer:
         ocp = _ocp()
         from etils import epath
         path = epath.Path(self.directory) / str(step) / "state"
-        if not path.exists() or jax.process_count() > 1:
-            # multi-process: Orbax's partial restore set up gloo collectives with every process even for a
-            # process reading alone (the merge on process 0) and timed out there; the whole-state restore works
+        alone = jax.process_count() > 1 and len(self._mp.active_processes or range(jax.process_count())) \
+            < jax.process_count()
+        if not path.exists() or alone:
+            # some processes of several: Orbax's partial restore set up gloo collectives with every process even
+            # for a process reading alone (the streamed merge on process 0) and timed out; the whole-state
+            # restore works.  Every process together (the merge on the mesh) reads the delta alone.
             return None
         missing = _missing_metadata(self.directory, step)
         if missing:  # the arrays might still read, but a copy that lost this may have lost more

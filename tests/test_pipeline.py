@@ -292,8 +292,10 @@ def _free_port():
 @pytest.mark.parametrize("procs", [2, 4])
 def test_multi_process_paft(paft_run, tmp_path, procs):
     """N JAX processes on localhost (gloo): each drives one branch's sub-mesh, checkpoints and barriers
-    are scoped to the branch's processes, process 0 merges.  With 2 processes each branch is one process
-    with 4 devices, as in the single-process run, so the merged tensors match it."""
+    are scoped to the branch's processes.  With 2 processes each branch is one process with 4 devices, as in
+    the single-process run, so the merged tensors match it; both processes then merge on one mesh over all 8
+    devices (each restores its shards of the deltas and the base, process 0 writes).  With 4, process 0
+    streams the merge alone."""
     out, port = tmp_path / "run", _free_port()
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // procs}", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "paft_jax.launch", "paft", "--config", CONFIG, "--no-progress", f"output_dir={out}",
@@ -301,6 +303,8 @@ def test_multi_process_paft(paft_run, tmp_path, procs):
            f"distributed.num_processes={procs}", "distributed.cpu_collectives=gloo"]
     if procs == 4:  # two processes per branch: whole processes each (2 devices per process)
         cmd.append("split=[4,4]")
+    else:
+        cmd.append("merge.on_mesh=true")
     ps = [subprocess.Popen(cmd + [f"distributed.process_id={i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, env=env, cwd=ROOT) for i in range(procs)]
     outs = [p.communicate(timeout=900) for p in ps]
@@ -308,6 +312,8 @@ def test_multi_process_paft(paft_run, tmp_path, procs):
         assert p.returncode == 0, f"process {i}:\n{se[-4000:]}"
     rep = json.loads((out / "report.json").read_text())
     assert rep["merge"]["verified"]
+    merged_on = json.loads((out / "merge.json").read_text())["mesh"]
+    assert merged_on == ({"data": 1, "fsdp": 8, "tensor": 1} if procs == 2 else None), merged_on
     owners = {n: rep["branches"][n]["processes"] for n in ("sft", "preference")}
     assert not set(owners["sft"]) & set(owners["preference"]), owners   # each process drives one branch
     assert len(owners["sft"]) == procs // 2

@@ -20,6 +20,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 SPARSIFIERS = (None, "magnitude", "random", "outliers", "della")
 RESCALES = ("none", "inverse", "l1")
@@ -94,8 +95,8 @@ def _bits(d):
 def _hist_hi(acc, base, xs, valid, *, from_models):
     """acc[i] += histogram of the high bits of |delta_i| over the valid part of one chunk."""
     _, ds = _deltas(base, xs, from_models)
-    ok = jnp.arange(base.shape[0]) < valid
-    return jnp.stack([a + jnp.bincount(jnp.where(ok, _bits(d) >> 16, _HI), length=_HI + 1)
+    ok = _in_tensor(base, valid)
+    return jnp.stack([a + jnp.bincount(jnp.where(ok, _bits(d) >> 16, _HI).reshape(-1), length=_HI + 1)
                       for a, d in zip(acc, ds)])
 
 
@@ -103,13 +104,21 @@ def _hist_hi(acc, base, xs, valid, *, from_models):
 def _hist_lo(acc, base, xs, valid, b1, *, from_models):
     """acc[i, t] += histogram of the low bits of the |delta_i| whose high bits are b1[i, t]."""
     _, ds = _deltas(base, xs, from_models)
-    ok = jnp.arange(base.shape[0]) < valid
+    ok = _in_tensor(base, valid)
     out = []
     for i, d in enumerate(ds):
         bits = _bits(d)
-        out.append(jnp.stack([acc[i, t] + jnp.bincount(jnp.where(ok & ((bits >> 16) == b1[i, t]), bits & 0xFFFF, _LO),
-                                                       length=_LO + 1) for t in range(b1.shape[1])]))
+        out.append(jnp.stack([acc[i, t] + jnp.bincount(jnp.where(ok & ((bits >> 16) == b1[i, t]), bits & 0xFFFF,
+                                                                 _LO).reshape(-1), length=_LO + 1)
+                              for t in range(b1.shape[1])]))
     return jnp.stack(out)
+
+
+def _in_tensor(x, valid):
+    """Which elements of a chunk (1-D) or of a tensor laid out as [rows, step] are among its first `valid`."""
+    if x.ndim == 1:
+        return jnp.arange(x.shape[0]) < valid
+    return (jnp.arange(x.shape[0])[:, None] * x.shape[1] + jnp.arange(x.shape[1])[None, :]) < valid
 
 
 def rank_cut(chunks, targets: np.ndarray, n: int, from_models: bool):
@@ -416,25 +425,25 @@ def _merge_on_device(base, inputs, params, meth, n, step, cols, **static):
     rows at once (vmapped), each row with its own chunk index, so random masks, tie positions and per-chunk
     sums are exactly the streamed path's."""
     m_models = len(inputs)
-    rows = -(-n // step)
-    pad = rows * step - n
-    b, xs = _pad(base, pad), tuple(_pad(x, pad) for x in inputs)
-    whole = lambda: iter([(b, xs, np.int32(n), 0)])  # noqa: E731
+    mesh = getattr(base.sharding, "mesh", None)
+    spread = mesh.size if isinstance(base.sharding, NamedSharding) else 1
+    rows = -(-n // (step * spread)) * spread  # a whole number of rows on each device: the reshape moves nothing
+    where = NamedSharding(mesh, P(tuple(mesh.axis_names), None)) if spread > 1 else None
+    b2 = _as_rows(base, rows=rows, step=step, sharding=where)
+    xs2 = tuple(_as_rows(x, rows=rows, step=step, sharding=where) for x in inputs)
+    whole = lambda: iter([(b2, xs2, np.int32(n), 0)])  # noqa: E731
     p = {k: v for k, v in params.items() if k not in ("lo", "hi")}
     t_count = 2 if meth.sparsify == "outliers" else 1
     if meth.sparsify in ("magnitude", "outliers"):
         targets = np.stack([params["lo"], params["hi"]], axis=1)[:, :t_count]
-        sel = rank_cut(whole, targets, n, static["from_models"])
-        sel = _tie_rows(b.reshape(rows, step), tuple(x.reshape(rows, step) for x in xs), n, sel,
-                        static["from_models"])
+        sel = _tie_rows(b2, xs2, n, rank_cut(whole, targets, n, static["from_models"]), static["from_models"])
     else:
         sel = {k: np.zeros((m_models, t_count), bool if k == "none" else np.int32)
                for k in ("v", "tie_chunk", "tie_at", "none")}
     p["l1"] = np.ones((m_models,), np.float32)
     p["coef"] = np.ones((2,), np.float32)
-    valid = np.minimum(step, n - step * np.arange(rows)).astype(np.int32)
+    valid = np.clip(n - step * np.arange(rows), 0, step).astype(np.int32)
     chunk = np.arange(rows, dtype=np.uint32)
-    b2, xs2 = b.reshape(rows, step), tuple(x.reshape(rows, step) for x in xs)
     if (static["rescale"] == "l1" and meth.sparsify is not None) or meth.kind == "slerp":
         acc = 0.0
         for row in to_host(_apply_rows(b2, xs2, valid, chunk, p, sel, stats=True, cols=cols, **static)).astype(np.float64):
@@ -445,7 +454,14 @@ def _merge_on_device(base, inputs, params, meth, n, step, cols, **static):
             ok = (acc[:, 0] >= 1e-7) & (acc[:, 1] >= 1e-7)
             p["l1"] = np.where(ok, acc[:, 0] / np.where(ok, acc[:, 1], 1.0), 1.0).astype(np.float32)
     res = _apply_rows(b2, xs2, valid, chunk, p, sel, stats=False, cols=cols, **static)
-    return res.reshape(-1)[:n] if pad else res.reshape(-1)
+    return res.reshape(-1)[:n] if rows * step > n else res.reshape(-1)
+
+
+@partial(jax.jit, static_argnames=("rows", "step", "sharding"))
+def _as_rows(x, *, rows, step, sharding):
+    """A flat tensor zero-padded to [rows, step], its rows spread over `sharding`'s devices."""
+    y = jnp.pad(x, (0, rows * step - x.shape[0])).reshape(rows, step)
+    return y if sharding is None else jax.lax.with_sharding_constraint(y, sharding)
 
 
 def _tie_rows(b2, xs2, n: int, sel: dict, from_models: bool) -> dict:
@@ -468,9 +484,7 @@ def _tie_rows(b2, xs2, n: int, sel: dict, from_models: bool) -> dict:
 
 def _equal_rows(b2, xs2, n, v, i, from_models):
     _, ds = _deltas(b2, xs2, from_models)
-    step = b2.shape[-1]
-    ok = (jnp.arange(b2.shape[0])[:, None] * step + jnp.arange(step)[None, :]) < n
-    return (_bits(ds[i]) == v) & ok
+    return (_bits(ds[i]) == v) & _in_tensor(b2, n)
 
 
 @partial(jax.jit, static_argnames=("from_models",))

@@ -28,6 +28,17 @@ def to_hf_flat(x, n_in: int):
     return x.reshape(-1)
 
 
+@partial(jax.jit, static_argnames=("n_in", "sharding"))
+def to_hf_rows(x, n_in: int, sharding):
+    """to_hf_flat for a tensor sharded on a mesh: the HF [out, in] matrix is first spread by rows over
+    `sharding` (a 1-D NamedSharding over all the mesh's devices), so that flattening it moves nothing and each
+    device holds a contiguous piece of the flat tensor.  (Flattening a tensor sharded along a later axis
+    made XLA:CPU gather a full copy on every device.)"""
+    hf = x.reshape(_prod(x.shape[:n_in]), -1).T if n_in else x.reshape(x.shape[0] if x.ndim > 1 else 1, -1)
+    rows = jax.lax.with_sharding_constraint(hf, sharding)
+    return rows.reshape(-1)
+
+
 @partial(jax.jit, static_argnames=("shape", "n_in"))
 def _from_hf_flat(flat, shape: tuple, n_in: int):
     if n_in:

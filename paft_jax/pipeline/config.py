@@ -39,8 +39,9 @@ class MergeStage:
     atol: float = 1e-3
     # true: merge on the run's devices (deltas restored sharded, jitted merge, export tensor by tensor); false:
     # stream tensor by tensor on one device; auto: on the devices on accelerators, streamed on CPU (where
-    # device memory is host memory: streaming is leaner and faster there, benchmarks/README.md).  Several
-    # processes always stream, on process 0.  Both give the same tensors.
+    # device memory is host memory and simulated devices share the cores, benchmarks/README.md).  With several
+    # processes every one takes part in the merge on the mesh; streamed, process 0 merges alone.  Both give
+    # the same tensors.
     on_mesh: bool | str = "auto"
 
     def validate(self, num_layers: int | None = None) -> None:
@@ -67,8 +68,6 @@ class MergeStage:
 
     def merges_on_mesh(self) -> bool:
         import jax
-        if jax.process_count() > 1:
-            return False
         return self.on_mesh is True or (self.on_mesh == "auto" and jax.default_backend() != "cpu")
 
     def recipe(self, base: str, sft: str, preference: str, mode: str) -> dict:

@@ -40,18 +40,21 @@ def merge_and_export_on_mesh(*, spec, recipe_text: str, inputs: list[str], branc
     export's verification and the branch deltas' sparsity (counted in the same pass)."""
     import jax
     import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
     from paft_jax.hf.export import Tensors, export_hf
     from paft_jax.hf.layout import entries, get_path, hf_shape, iter_hf_tensors
     from paft_jax.merge.engine import merge_array, verify_merged
     from paft_jax.merge.methods import to_host
     from paft_jax.merge.sparsity import SparsityStats
-    from paft_jax.merge.tree import to_hf_flat
+    from paft_jax.merge.tree import to_hf_rows
     from paft_jax.models.config import to_dtype
     from paft_jax.train.restore import DeltaReader, merged_params
 
     t0 = time.time()
     mesh, rules = merge_mesh(tc, devices)
-    held = next(iter(bases.values()), None)  # the base this process trained from (on a branch's sub-mesh)
+    # the base this process trained from, on a branch's sub-mesh; with several processes each holds only its
+    # branch's copy, so every process reads its shards of the base again
+    held = next(iter(bases.values()), None) if jax.process_count() == 1 else None
     base = place(held, mesh, rules) if held is not None else load_base(tc, mesh, rules)
     cfg = base.cfg
     readers = {p: DeltaReader(p, mesh, rules) for p in branches.values()}  # the recipe's inputs are among them
@@ -67,6 +70,7 @@ def merge_and_export_on_mesh(*, spec, recipe_text: str, inputs: list[str], branc
         specs.append((name, hf_shape(e, tuple(leaf.shape[1:] if e.layered else leaf.shape)), target))
     shapes = {name: shape for name, shape, _ in specs}
     stats = SparsityStats()
+    by_rows = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names), None))  # HF rows over every device
     held_leaf: dict[str, Any] = {}
 
     def produce(name: str) -> np.ndarray:
@@ -80,8 +84,9 @@ def merge_and_export_on_mesh(*, spec, recipe_text: str, inputs: list[str], branc
         pick = (lambda x: x) if i is None else (lambda x: x[i])
         deltas = held_leaf["deltas"]
         stats.add_device(name, pick(held_leaf["base"]), [pick(deltas[p]) for p in branches.values()])
-        into = to_hf_flat(pick(held_leaf["into"]), e.n_in)
-        merged = merge_array(spec, name, shapes[name], into, [to_hf_flat(pick(deltas[p]), e.n_in) for p in inputs],
+        into = to_hf_rows(pick(held_leaf["into"]), e.n_in, by_rows)
+        merged = merge_array(spec, name, shapes[name], into, [to_hf_rows(pick(deltas[p]), e.n_in, by_rows)
+                                                             for p in inputs],
                              from_models=False, layers=cfg.num_layers)
         res = into if merged is None else merged
         return to_host(res.astype(target)).reshape(shapes[name])  # gathered from every process's shards

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from paft_jax.checkpoint import StopRequest
 from paft_jax.mesh import barrier, init_distributed, mesh_processes, select_devices
@@ -207,14 +208,10 @@ def _stacked_base(base: Base, sft_dir: str, mesh, rules) -> Base:
 # ------------------------------------------------------------------------------------ merge and export
 
 
-def merge_and_export(cfg: PaftConfig, tcs: dict[str, TrainConfig], bases: dict[str, Base], devices: list) -> dict:
-    """Merge the two branch checkpoints into the base and export (atomic), verified; skipped if done.
-    On the run's `devices` (pipeline/mesh_merge.py), or streamed on one device (merge.on_mesh: false, auto on
-    CPU, and with several processes)."""
+def finished_merge(cfg: PaftConfig, rd: RunDir) -> dict | None:
+    """merge.json of a merge already done (its export complete, the same recipe), else None after removing
+    what an unfinished or outdated merge left behind (process 0)."""
     from paft_jax import storage
-    from paft_jax.merge import load_recipe, merge_to_hf
-    from paft_jax.train.restore import CheckpointSource
-    rd = run_dir(cfg, tcs)
     merged = rd.join("merged")
     done = rd.read_json("merge.json")
     changed = done is not None and done.get("key", merge_key(cfg)) != merge_key(cfg)
@@ -236,7 +233,29 @@ def merge_and_export(cfg: PaftConfig, tcs: dict[str, TrainConfig], bases: dict[s
             shutil.rmtree(stale, ignore_errors=True)
         if Path(merged).exists() and not changed:  # renamed but not verified (killed during verification)
             shutil.rmtree(merged)  # (a changed recipe's old export stays readable until the new one replaces it)
-    rd.local.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def merge_and_export(cfg: PaftConfig, tcs: dict[str, TrainConfig], bases: dict[str, Base], devices: list) -> dict | None:
+    """Merge the two branch checkpoints into the base and export (atomic), verified; skipped if done.
+    On the run's `devices` (pipeline/mesh_merge.py), or streamed on one device (merge.on_mesh: false, auto on
+    CPU).  With several processes merging on the mesh every process calls this and takes part; process 0
+    decides whether to merge, keeps the books and returns the result (the others None); streamed, process 0
+    alone calls it."""
+    from paft_jax.merge import load_recipe, merge_to_hf
+    from paft_jax.train.restore import CheckpointSource
+    rd = run_dir(cfg, tcs)
+    merged = rd.join("merged")
+    lead = jax.process_index() == 0
+    done = finished_merge(cfg, rd) if lead else None
+    if jax.process_count() > 1 and cfg.merge.merges_on_mesh():  # everyone follows process 0's decision
+        from jax.experimental import multihost_utils
+        if int(multihost_utils.broadcast_one_to_all(np.int32(done is not None))):
+            return done
+    elif done is not None:
+        return done
+    if lead:
+        rd.local.mkdir(parents=True, exist_ok=True)
     branches = {n: rd.join(n) for n in BRANCHES}
     if cfg.merge.merges_on_mesh():
         from paft_jax.pipeline.mesh_merge import merge_and_export_on_mesh
@@ -248,6 +267,8 @@ def merge_and_export(cfg: PaftConfig, tcs: dict[str, TrainConfig], bases: dict[s
                                        sequential=cfg.mode == "sequential", out=merged, dtype=cfg.merge.dtype,
                                        max_shard_size=cfg.merge.max_shard_size, verify=cfg.merge.verify,
                                        atol=cfg.merge.atol)
+        if not lead:
+            return None
         rep, sparsity = res["verify"], res["sparsity"]
         numbers = {"merge_seconds": res["merge_seconds"], "tensors": res["tensors"], "bytes": res["bytes"],
                    "mesh": res["mesh"]}
@@ -343,11 +364,13 @@ def run_paft(cfg: PaftConfig, *, progress: bool = True) -> dict:
         return {"status": "stopped", "reason": trained["stopped"]}
     if jax.process_count() > 1:
         barrier(f"paft: branches trained ({out})")
-    summary: dict[str, Any] = {"status": "done"}  # processes other than 0 only train
+    summary: dict[str, Any] = {"status": "done"}  # processes other than 0 train (and merge on the mesh)
+    together = jax.process_count() > 1 and cfg.merge.merges_on_mesh()
+    merge = merge_and_export(cfg, tcs, trained["bases"], p.devices) if together else None
     if jax.process_index() == 0:
         for n in BRANCHES:  # branches other processes trained: their done.json (written before the barrier)
             trained["branches"][n] = trained["branches"][n] or rd.read_json(f"{n}/done.json")
-        merge = merge_and_export(cfg, tcs, trained["bases"], p.devices)
+        merge = merge if together else merge_and_export(cfg, tcs, trained["bases"], p.devices)
         exported = local_export(rd) if cfg.prompts or tasks else None
         answers = answer(exported, cfg.prompts, cfg.max_new_tokens) if cfg.prompts else []
         for a in answers:
