@@ -526,6 +526,27 @@ def test_failed_verification_removes_the_output(three_models, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".merged.*"))
 
 
+def test_verifier_reports_its_process_failing(tmp_path):
+    """A verification whose process fails (here: no such directory) is an error carrying its stderr."""
+    from paft_jax.hf.verifier import Verifier
+    verifier = Verifier(1e-3, "llama")
+    try:
+        with pytest.raises(RuntimeError, match=r"verification of .*missing failed \(rc 1\)"):
+            verifier.check(tmp_path / "missing")
+    finally:
+        verifier.close()
+
+
+def test_the_merge_cli_starts_its_verifier_before_importing_jax():
+    """The CLI parses a recipe and starts the verification's process without JAX or torch imported: the
+    verifier's own imports then overlap the merge's (benchmarks/merge.md)."""
+    import subprocess
+    import sys
+    code = ("import sys, paft_jax.launch, paft_jax.merge.cli, paft_jax.merge.recipe, paft_jax.hf.verifier; "
+            "heavy = {'jax', 'torch', 'transformers'} & set(sys.modules); assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def _chunked(base, xs, step):
     def chunks():
         for c, start in enumerate(range(0, base.size, step)):

@@ -2,12 +2,6 @@
 from __future__ import annotations
 
 import gc
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,28 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from paft_jax.hf.verifier import ExportMismatchError, VerifyReport, torch_available  # noqa: F401 (the API)
 from paft_jax.models.config import ModelConfig, to_dtype
 from paft_jax.models.decoder import Decoder
-
-
-class ExportMismatchError(RuntimeError):
-    pass
-
-
-@dataclass
-class VerifyReport:
-    max_abs_diff: float
-    mean_kl: float
-    tokens: int
-    atol: float
-
-    def __str__(self):
-        return (f"verify: max |logits diff| = {self.max_abs_diff:.3g} (atol {self.atol:g}), "
-                f"mean KL(flax || transformers) = {self.mean_kl:.3g} over {self.tokens} tokens")
-
-
-def torch_available() -> bool:
-    return importlib.util.find_spec("torch") is not None
 
 
 def probe_batch(vocab_size: int, batch: int = 2, length: int = 24, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -108,55 +83,3 @@ def verify_dir(model_dir: str | Path, atol: float = 1e-3) -> VerifyReport:
     del lm
     gc.collect()
     return verify_export(model_dir, ref, ids, mask, atol=atol)
-
-
-class Verifier:
-    """A verification in a process of its own, started before the output is written: its imports (torch,
-    transformers, the Flax model; ~4 s of a ~7 s verification on 2 cores) overlap the work that writes it.
-    `check(dir)` then loads the directory with paft_jax and with transformers, compares their logits (as
-    `verify_export` does) and returns the report, or raises ExportMismatchError."""
-
-    def __init__(self, atol: float = 1e-3, model_type: str | None = None):
-        self.atol = atol
-        self.proc = subprocess.Popen([sys.executable, "-m", "paft_jax.hf.verify", model_type or ""],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-
-    def check(self, model_dir: str | Path) -> VerifyReport:
-        out, err = self.proc.communicate(json.dumps({"dir": str(model_dir), "atol": self.atol}) + "\n")
-        line = next((ln for ln in reversed(out.splitlines()) if ln.startswith("{")), None)
-        if self.proc.returncode != 0 or line is None:
-            raise RuntimeError(f"verification of {model_dir} failed (rc {self.proc.returncode}):\n{err[-3000:]}")
-        res = json.loads(line)
-        if "mismatch" in res:
-            raise ExportMismatchError(res["mismatch"])
-        return VerifyReport(**res)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.communicate()
-
-
-def _serve(model_type: str) -> None:
-    """Verifier's process: import everything, then verify the one directory named on stdin."""
-    import torch  # noqa: F401
-    import transformers
-    import paft_jax.hf.load  # noqa: F401
-    if model_type:  # the config and modeling modules from_pretrained would import later
-        try:
-            importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-        except ImportError:
-            pass
-    transformers.logging.set_verbosity_error()
-    req = json.loads(sys.stdin.readline())
-    try:
-        report = verify_dir(req["dir"], req["atol"])
-    except ExportMismatchError as e:
-        print(json.dumps({"mismatch": str(e)}))
-        return
-    print(json.dumps(asdict(report)))
-
-
-if __name__ == "__main__":
-    _serve(sys.argv[1] if len(sys.argv) > 1 else "")

@@ -56,15 +56,18 @@ def recipe_from_args(args):
 
 
 def cmd_merge(args) -> int:
-    from paft_jax.merge.engine import merge_to_hf
+    from paft_jax.hf.verifier import start_verifier
     recipe = recipe_from_args(args)
     if args.dtype and args.config:
         recipe.spec.dtype = args.dtype
     base = recipe.base or recipe.models[0]  # linear needs no base: models[0] then only supplies names/config
     models = recipe.models
+    # the verification's process starts before this one imports JAX: its own imports are most of its time
+    verifier = start_verifier(args.atol, base) if args.verify else None
+    from paft_jax.merge.engine import merge_to_hf
     res = merge_to_hf(recipe.spec, base, models, args.out, recipe_text=recipe.text,
                       max_shard_size=args.max_shard_size, overwrite=args.overwrite, verify=args.verify,
-                      atol=args.atol)
+                      atol=args.atol, verifier=verifier)
     print(f"merged {res.tensors} tensors ({recipe.spec.method}, {len(models)} model(s)) into {res.out} "
           f"in {res.seconds:.1f}s")
     if res.verify is not None:

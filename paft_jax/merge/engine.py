@@ -20,6 +20,7 @@ import numpy as np
 
 from paft_jax import publish
 from paft_jax.hf.st_io import parse_size, plan_shards, write_streaming
+from paft_jax.hf.verifier import start_verifier
 from paft_jax.merge.methods import merge_flat, name_hash
 from paft_jax.merge.recipe import MergeSpec, TensorParams, rank_window
 from paft_jax.merge.sources import TensorSource, check_compatible, num_layers, open_source, read_order
@@ -71,7 +72,8 @@ class MergeResult:
 
 def merge_to_hf(spec: MergeSpec, base: str | Path | TensorSource, models: Sequence[str | Path | TensorSource],
                 out: str | Path, *, recipe_text: str | None = None, max_shard_size: int | str = "2GB",
-                overwrite: bool = False, verify: bool = True, atol: float = 1e-3, stats=None) -> MergeResult:
+                overwrite: bool = False, verify: bool = True, atol: float = 1e-3, stats=None,
+                verifier=None) -> MergeResult:
     """Stream a merge: tensor by tensor from the inputs (memory-mapped) into sharded safetensors.
 
     Host memory holds the base's and the models' copies of one tensor and its result, never a model.
@@ -85,8 +87,20 @@ def merge_to_hf(spec: MergeSpec, base: str | Path | TensorSource, models: Sequen
     Tensors are written in `sources.read_order` (a checkpoint input restores each leaf once).  `stats`
     (e.g. `merge.sparsity.SparsityStats`): its `add(name, base, deltas)` sees every float tensor's base and
     input deltas (float32) in the same pass, so a report needs no second read of the inputs.
+    `verifier`: a started `hf.verifier.Verifier` to check with (the CLI starts one before its own imports);
+    by default one is started here when `verify`.  It is closed on return either way.
     """
     t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if verify and verifier is None:
+            verifier = start_verifier(atol, base.config if hasattr(base, "get") else base)
+        if verifier is not None:
+            stack.callback(verifier.close)
+        return _merge_to_hf(spec, base, models, out, recipe_text=recipe_text, max_shard_size=max_shard_size,
+                            overwrite=overwrite, verifier=verifier if verify else None, stats=stats, t0=t0)
+
+
+def _merge_to_hf(spec, base, models, out, *, recipe_text, max_shard_size, overwrite, verifier, stats, t0):
     if len(models) != spec.num_models:
         raise ValueError(f"the spec is for {spec.num_models} models, {len(models)} given")
     paths = [getattr(s, "label", s) for s in [base, *models]]
@@ -129,11 +143,7 @@ def merge_to_hf(spec: MergeSpec, base: str | Path | TensorSource, models: Sequen
         return buf.reshape(shape).astype(target, copy=False)
 
     written, report = 0, None
-    verifier = _verifier(atol, base_src) if verify else None
-    with contextlib.ExitStack() as stack:
-        if verifier is not None:
-            stack.callback(verifier.close)
-        tmp = stack.enter_context(publish.staged(out, paths, overwrite=overwrite))
+    with publish.staged(out, paths, overwrite=overwrite) as tmp:
         shards = plan_shards(specs, parse_size(max_shard_size))
         weight_map = {}
         for k, shard in enumerate(shards):
@@ -208,15 +218,6 @@ def _spec_yaml(spec: MergeSpec, base: str, models: list[str]) -> str:
     if spec.dtype:
         data["dtype"] = spec.dtype
     return yaml.safe_dump(data, sort_keys=False)
-
-
-def _verifier(atol: float, base: TensorSource):
-    """The merge's verification, started now in a process of its own (None, with a warning, without torch)."""
-    from paft_jax.hf.verify import Verifier, torch_available
-    if not torch_available():
-        log.warning("torch is not installed: the merge will not be verified (pip install 'paft_jax[verify]')")
-        return None
-    return Verifier(atol, (base.config or {}).get("model_type"))
 
 
 def verify_merged(out: Path, atol: float = 1e-3):

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from paft_jax.merge.methods import RESCALES, get_method
+from paft_jax.merge.catalog import RESCALES, get_method
 
 PER_MODEL = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15}
 GLOBAL = {"normalize": None, "lambda": 1.0, "rescale": None, "int8_mask": False, "t": None, "seed": 0}
