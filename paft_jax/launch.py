@@ -382,7 +382,7 @@ def user_error(e: BaseException) -> bool:
                                               errno.ENOTEMPTY, errno.ELOOP, errno.EDQUOT, errno.EXDEV):
         return True
     for module, name in (("paft_jax.checkpoint", "CheckpointError"), ("paft_jax.storage", "IncompleteDirectoryError"),
-                         ("paft_jax.hf.verify", "ExportMismatchError")):
+                         ("paft_jax.hf.verifier", "ExportMismatchError")):
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None and isinstance(e, cls):
             return True

@@ -104,6 +104,8 @@ CASES = {
     "data-stats-bad-tokenizer": (["data-stats", "--config", "configs/tiny_sft.yaml", "--tokenizer", "{tmp}/nope"],
                                  ["--tokenizer {tmp}/nope"]),
     "merge-missing-recipe": (["merge", "--config", "{tmp}/nope.yaml", "--out", "{tmp}/m"], ["nope.yaml"]),
+    "merge-verification-mismatch": (["merge", "--method", "ties", "--base", "{hf}", "--model", "{hf}-2",
+                                     "--atol", "1e-12", "--out", "{tmp}/m"], ["transformers' logits differ"]),
     "merge-bad-method": (["merge", "--method", "tie", "--base", "{hf}", "--model", "{hf}-2", "--out", "{tmp}/m"],
                          ["unknown merge method 'tie'"]),
     "merge-bad-key": (["merge", "--method", "ties", "--base", "{hf}", "--model", "{hf}-2", "--param", "lamda=1",
