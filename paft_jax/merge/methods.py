@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from paft_jax.merge.catalog import METHODS
 
+
 def name_hash(name: str) -> int:
     """Stable 31-bit hash of a tensor name (Python's hash() is salted per process)."""
     return zlib.crc32(name.encode()) & 0x7FFFFFFF
