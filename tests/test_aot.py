@@ -1,9 +1,7 @@
 """Compiling from shapes alone: the 8B step traces on CPU, a reduced config compiles for a TPU topology,
 the compile command refuses what does not fit; the batch layout the compiler is given is the loader's."""
 import json
-import os
 
-import jax
 import numpy as np
 import pytest
 

@@ -1,7 +1,6 @@
 """Bad input is a clear error naming the file or tensor, and a failed export leaves nothing behind."""
 import json
 import os
-import shutil
 
 import pytest
 

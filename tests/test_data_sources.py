@@ -4,7 +4,6 @@ import csv
 import json
 import sys
 
-import numpy as np
 import pytest
 
 from paft_jax.data import DataConfig, DataError, make_loader

@@ -1,5 +1,4 @@
 """Generation against transformers' greedy decoding; typed config refusals; every command has --help."""
-import numpy as np
 import pytest
 
 from conftest import make_hf_model

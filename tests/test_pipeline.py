@@ -136,26 +136,38 @@ def test_eval_tasks_score_the_base_the_branches_and_the_merge(paft_run, tmp_path
     assert "leaderboard: already scored" in capsys.readouterr().err
 
 
+TRAIN_ON_GROUPS = r"""
+import json, sys
+from pathlib import Path
+import jax
+from paft_jax.hf.export import export_hf
+from paft_jax.mesh import build_mesh
+from paft_jax.pipeline.config import branch_configs, load_paft_config
+from paft_jax.train.loop import load_base, train
+config, root, run, out = sys.argv[1:]
+rep = json.loads((Path(run) / "report.json").read_text())
+tcs = branch_configs(load_paft_config(config, [f"output_dir={out}"]), Path(root))
+devs = sorted(jax.devices(), key=lambda d: d.id)
+groups = {"sft": devs[:rep["split"][0]], "preference": devs[rep["split"][0]:]}
+for name, tc in tcs.items():
+    mesh = build_mesh(tc.mesh, groups[name])
+    base = load_base(tc, mesh, tc.mesh.logical_rules())
+    train(tc, mesh=mesh, base=base, progress=False)
+export_hf(base.params, base.cfg, Path(out) / "base", tokenizer=base.tokenizer)
+"""
+
+
 def test_paft_equals_separate_sft_dpo_and_merge(paft_run, tmp_path):
     """The same branches trained by `sft` and `dpo` on the same device groups, then `launch merge` on their
-    checkpoints, give the pipeline's merged tensors."""
-    from paft_jax.hf.export import export_hf
-    from paft_jax.mesh import build_mesh
-    from paft_jax.pipeline.config import branch_configs, load_paft_config
-    from paft_jax.train.loop import load_base, train
-    rep = json.loads((paft_run / "report.json").read_text())
-    cfg = load_paft_config(CONFIG, [f"output_dir={tmp_path}"])
-    tcs = branch_configs(cfg, ROOT)
-    devs = sorted(jax.devices(), key=lambda d: d.id)
-    groups = {"sft": devs[:rep["split"][0]], "preference": devs[rep["split"][0]:]}
-    for name, tc in tcs.items():
-        mesh = build_mesh(tc.mesh, groups[name])
-        base = load_base(tc, mesh, tc.mesh.logical_rules())
-        train(tc, mesh=mesh, base=base, progress=False)
-    export_hf(base.params, base.cfg, tmp_path / "base", tokenizer=base.tokenizer)
-    recipe = {"merge_method": "ties", "base_model": str(tmp_path / "base"),
-              "models": [{"model": str(tmp_path / "sft"), "parameters": {"weight": 1.0, "density": 1.0}},
-                         {"model": str(tmp_path / "preference"), "parameters": {"weight": 1.0, "density": 0.5}}],
+    checkpoints, give the pipeline's merged tensors.  (Trained in a fresh process, run once more after an
+    XLA:CPU rendezvous abort, tests/xla_abort.py: an abort in pytest's own process ends the whole suite.)"""
+    out = tmp_path / "separate"
+    proc = xla_abort.run([sys.executable, "-c", TRAIN_ON_GROUPS, CONFIG, str(ROOT), str(paft_run), str(out)],
+                         fresh=out, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recipe = {"merge_method": "ties", "base_model": str(out / "base"),
+              "models": [{"model": str(out / "sft"), "parameters": {"weight": 1.0, "density": 1.0}},
+                         {"model": str(out / "preference"), "parameters": {"weight": 1.0, "density": 0.5}}],
               "parameters": {"normalize": True}}
     (tmp_path / "recipe.yaml").write_text(json.dumps(recipe))
     assert main(["merge", "--config", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "merged"),
@@ -213,8 +225,8 @@ def test_sequential_mode_trains_and_exports_the_same_model(tmp_path):
     and the export is that model + d_pref, the model it trained: weights and logits bitwise equal."""
     out = tmp_path / "seq"
     dtypes = ["param_dtype=bfloat16", "compute_dtype=bfloat16"]
-    assert main(["paft", "--config", CONFIG, "--no-progress", f"output_dir={out}", "mode=sequential",
-                 "prompts=[]", "report=false", "merge.on_mesh=true", *dtypes]) == 0
+    proc = _run_cli(out, extra=["mode=sequential", "prompts=[]", "report=false", "merge.on_mesh=true", *dtypes])
+    assert proc.returncode == 0, proc.stderr[-3000:]
     sft = [json.loads(l) for l in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
     pref = [json.loads(l) for l in (out / "preference" / "metrics.jsonl").read_text().splitlines()]
     # the preference branch starts where SFT ended: its reference is the SFT model, so step 1 is log 2

@@ -44,7 +44,7 @@ class Tensors:
 
 
 def model_card(cfg: ModelConfig, base_model: str | None, how: str, dtype: str) -> str:
-    return (f"---\nlibrary_name: transformers\ntags: [paft_jax]\n"
+    return ("---\nlibrary_name: transformers\ntags: [paft_jax]\n"
             + (f"base_model: {base_model}\n" if base_model else "") + "---\n\n"
             f"# {cfg.family} model exported by paft_jax\n\n"
             f"- Base model: {base_model or 'unknown'}\n- How it was made: {how}\n"

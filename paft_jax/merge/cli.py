@@ -4,7 +4,6 @@ Also runnable alone: `python -m paft_jax.merge.cli merge --config recipe.yaml --
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
