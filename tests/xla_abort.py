@@ -24,10 +24,40 @@ def run(cmd: list[str], *, fresh: Path | None = None, **kwargs) -> subprocess.Co
     for _ in range(RETRIES):
         if not (proc.returncode == -6 and ABORT in proc.stderr):
             break
-        stuck = sorted(set(re.findall(r"`([a-z -]+) RendezvousKey\{[^`]*op_id=(\d+)\}`", proc.stderr)))
         warnings.warn(f"XLA:CPU rendezvous abort in {' '.join(map(str, cmd[1:]))} (stuck: "
-                      f"{', '.join(f'{op} op_id={i}' for op, i in stuck) or '?'}); running it once more")
+                      f"{'; '.join(stuck(proc.stderr)) or '?'}); running it once more")
         if fresh is not None:
             shutil.rmtree(fresh, ignore_errors=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
     return proc
+
+
+_KEY = r"`([a-z -]+) RendezvousKey\{run_id=RunId: (-?\d+), global_devices=\[([\d, ]*)\][^`]*op_id=(\d+)\}`"
+
+
+def _keys(pattern: str, stderr: str) -> list[tuple]:
+    """(rank or count, (collective, op_id, run, devices)) for each match of `pattern` around _KEY."""
+    return [(m[0], (m[1], m[4], m[2], m[3])) for m in re.findall(pattern.replace("KEY", _KEY), stderr)]
+
+
+def stuck(stderr: str) -> list[str]:
+    """The rendezvous still waited on when XLA aborted, one line each: the collective, its program's run
+    (two run ids: two programs), its devices, and how many ranks had arrived ("waiting" lines that XLA
+    later logged as unstuck are left out)."""
+    waiting: dict[tuple, set[str]] = {}
+    for rank, key in _keys(r"\[id=(\d+)\] This thread has been waiting for KEY", stderr):
+        waiting.setdefault(key, set()).add(rank)
+    for rank, key in _keys(r"\[id=(\d+)\] This thread is unstuck waiting for KEY", stderr):
+        waiting.get(key, set()).discard(rank)
+    arrived = {key: n for n, key in _keys(r"()Termination timeout for KEY", stderr)}  # n: "" when not said
+    for m in re.findall(r"Termination timeout for " + _KEY + r"[^\n]*?only (\d+) of them", stderr):
+        arrived[(m[0], m[3], m[1], m[2])] = m[4]
+    out = []
+    for key in sorted(set(waiting) | set(arrived)):
+        op, op_id, run, devs = key
+        n, ranks = arrived.get(key), waiting.get(key)
+        if ranks or n is not None:
+            how = (f"{n} of {len(devs.split(','))} arrived" if n else f"{len(ranks)} waiting" if ranks
+                   else "timed out")
+            out.append(f"{op} op_id={op_id} run {run} devices [{devs}] {how}")
+    return out
