@@ -1,13 +1,17 @@
 """Running a multi-device CLI command in a fresh process, once more if XLA:CPU aborted it in a rendezvous.
 
 On 2-core machines, a few times in a hundred runs, XLA:CPU aborted a 4-device train step (one sub-mesh of
-the PAFT pipeline, concurrent or serial schedule) when its 40 s rendezvous timeout expired: three ranks at
-an all-reduce, the fourth rank's device at an all-gather of the same execution (seen in CI and locally,
-three times in a row in one test, then not again; never reproduced on demand).  That abort is XLA's, not
-the behaviour under test, so such a run is run once more, with a warning in the test report."""
+the PAFT pipeline, concurrent or serial schedule) when its 40 s rendezvous timeout expired: ranks took a
+top-level collective and the layer scan's collectives in different orders (paft_jax/cpu_devices.py says
+what gdb showed).  That abort is XLA's, not
+the behaviour under test, so such a run is run once more, with a warning in the test report that names the
+stuck rendezvous.  With XLA_ABORT_LOG_DIR set, each aborted run's whole stderr is kept there (XLA prints every
+thread's stack when it aborts)."""
+import os
 import re
 import shutil
 import subprocess
+import time
 import warnings
 from pathlib import Path
 
@@ -24,6 +28,10 @@ def run(cmd: list[str], *, fresh: Path | None = None, **kwargs) -> subprocess.Co
     for _ in range(RETRIES):
         if not (proc.returncode == -6 and ABORT in proc.stderr):
             break
+        if os.environ.get("XLA_ABORT_LOG_DIR"):  # keep the whole stderr (XLA prints every thread's stack)
+            log = Path(os.environ["XLA_ABORT_LOG_DIR"]) / f"abort_{os.getpid()}_{time.time_ns()}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(f"{cmd}\n{proc.stderr}")
         warnings.warn(f"XLA:CPU rendezvous abort in {' '.join(map(str, cmd[1:]))} (stuck: "
                       f"{'; '.join(stuck(proc.stderr)) or '?'}); running it once more")
         if fresh is not None:
