@@ -40,12 +40,12 @@ def run(cmd: list[str], *, fresh: Path | None = None, **kwargs) -> subprocess.Co
     return proc
 
 
-_KEY = r"`([a-z -]+) RendezvousKey\{run_id=RunId: (-?\d+), global_devices=\[([\d, ]*)\][^`]*op_id=(\d+)\}`"
+_KEY = (r"`(?P<op>[a-z -]+) RendezvousKey\{run_id=RunId: (?P<run>-?\d+), global_devices=\[(?P<devs>[\d, ]*)\]"
+        r"[^`]*op_id=(?P<op_id>\d+)\}`")
 
 
-def _keys(pattern: str, stderr: str) -> list[tuple]:
-    """(rank or count, (collective, op_id, run, devices)) for each match of `pattern` around _KEY."""
-    return [(m[0], (m[1], m[4], m[2], m[3])) for m in re.findall(pattern.replace("KEY", _KEY), stderr)]
+def _key(m: re.Match) -> tuple[str, str, str, str]:
+    return m["op"], m["op_id"], m["run"], m["devs"]
 
 
 def stuck(stderr: str) -> list[str]:
@@ -53,19 +53,22 @@ def stuck(stderr: str) -> list[str]:
     (two run ids: two programs), its devices, and how many ranks had arrived ("waiting" lines that XLA
     later logged as unstuck are left out)."""
     waiting: dict[tuple, set[str]] = {}
-    for rank, key in _keys(r"\[id=(\d+)\] This thread has been waiting for KEY", stderr):
-        waiting.setdefault(key, set()).add(rank)
-    for rank, key in _keys(r"\[id=(\d+)\] This thread is unstuck waiting for KEY", stderr):
-        waiting.get(key, set()).discard(rank)
-    arrived = {key: n for n, key in _keys(r"()Termination timeout for KEY", stderr)}  # n: "" when not said
-    for m in re.findall(r"Termination timeout for " + _KEY + r"[^\n]*?only (\d+) of them", stderr):
-        arrived[(m[0], m[3], m[1], m[2])] = m[4]
+    for m in re.finditer(r"\[id=(?P<rank>\d+)\] This thread has been waiting for " + _KEY, stderr):
+        waiting.setdefault(_key(m), set()).add(m["rank"])
+    for m in re.finditer(r"\[id=(?P<rank>\d+)\] This thread is unstuck waiting for " + _KEY, stderr):
+        waiting.get(_key(m), set()).discard(m["rank"])
+    arrived = {_key(m): m["n"] for m in re.finditer(
+        r"Termination timeout for " + _KEY + r"(?:[^\n]*?only (?P<n>\d+) of them)?", stderr)}
     out = []
     for key in sorted(set(waiting) | set(arrived)):
         op, op_id, run, devs = key
-        n, ranks = arrived.get(key), waiting.get(key)
-        if ranks or n is not None:
-            how = (f"{n} of {len(devs.split(','))} arrived" if n else f"{len(ranks)} waiting" if ranks
-                   else "timed out")
-            out.append(f"{op} op_id={op_id} run {run} devices [{devs}] {how}")
+        if arrived.get(key):
+            how = f"{arrived[key]} of {len(devs.split(','))} arrived"
+        elif waiting.get(key):
+            how = f"{len(waiting[key])} waiting"
+        elif key in arrived:
+            how = "timed out"
+        else:
+            continue
+        out.append(f"{op} op_id={op_id} run {run} devices [{devs}] {how}")
     return out
