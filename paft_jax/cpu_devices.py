@@ -11,14 +11,15 @@ found); idle threads cost nothing but their stacks.  The CPU client reads PJRT_N
 creates its backend: `configure()` must run before that (the launcher calls it first; the tests'
 conftest too).  A PJRT_NPROC already set is kept.
 
-The aborts left are a different deadlock, inside one program (caught under gdb, 2026-12-06: the DPO train
-step on 4 of 8 devices, 1 hang in 14 runs of configs/paft_tiny.yaml with two busy loops beside it).  XLA:CPU
-ran a top-level all-reduce (the gradient of the final norm and the LM head) and the backward layer scan's
-while loop, which holds all-gathers, in different orders on different ranks, one rank even both at once:
-three ranks waited at the all-reduce, two threads at an all-gather in the loop.  The HLO schedules the
-all-reduce first and nothing orders them by data, so nothing here can rule that out short of unrolling the
-scans; `step_fn.in_order` removes one such pair (batch totals before the forward scan).  Raising XLA's
-timeout (`--xla_cpu_collective_call_terminate_timeout_seconds=300`) did not help: CI still aborted twice.
+The aborts left are another deadlock, inside one program (caught under gdb, 2026-12-06: the DPO train
+step on 4 of 8 devices, 1 hang in 14 runs of configs/paft_tiny.yaml with two busy loops beside it).
+XLA:CPU ran a top-level all-reduce (the gradient of the final norm and the LM head) and the backward layer
+scan's while loop, which holds all-gathers, in different orders on different ranks, one rank even both at
+once: three ranks waited at the all-reduce, two threads at an all-gather in the loop.  The HLO schedules
+the all-reduce first and nothing orders them by data.  `step_fn.in_order` was meant to order one such pair
+(batch totals before the forward scan), but XLA:CPU drops its barrier, and that pair deadlocked in CI too;
+only a real data dependency or unrolled scans would rule it out.  Raising XLA's timeout
+(`--xla_cpu_collective_call_terminate_timeout_seconds=300`) did not help: CI still aborted twice.
 """
 from __future__ import annotations
 

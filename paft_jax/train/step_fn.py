@@ -138,9 +138,10 @@ def in_order(first: Any, then: Any) -> tuple[Any, Any]:
     A reduction over the sharded batch or delta that nothing else depends on (the batch's token counts, the
     L1 penalty) is a collective the compiler may run at any time; XLA:CPU ran such an all-reduce on some
     simulated devices while the others were already in the layer scan's all-gathers, and every rank waited
-    for the others (a 40 s rendezvous abort, tests on 2 cores).  Ordering it removes that race; other top-level
-    collectives inserted by the partitioner (gradient reductions) can still race the scan on XLA:CPU
-    (paft_jax/cpu_devices.py, tests/xla_abort.py).  On TPU it only fixes when a scalar reduction runs."""
+    for the others (a 40 s rendezvous abort, tests on 2 cores).  This barrier does not prevent that on
+    XLA:CPU: its optimized HLO keeps neither the barrier nor a control edge, and the forward scan does not
+    read the all-reduce (SFT step, 2026-12-06), so the same pair still deadlocked in CI
+    (paft_jax/cpu_devices.py, tests/xla_abort.py).  On TPU it fixes when a scalar reduction runs."""
     return jax.lax.optimization_barrier((first, then))
 
 
