@@ -31,7 +31,8 @@ def token_logps(logits: Array, targets: Array) -> Array:
 
 
 def token_logps_chunked(hidden: Array, kernel: Array, targets: Array, chunk_size: int = 8192,
-                        with_hits: bool = False, vocab_major: bool = False) -> Array | tuple[Array, Array]:
+                        with_hits: bool = False, vocab_major: bool = False,
+                        unroll: bool = False) -> Array | tuple[Array, Array]:
     """log p(targets) from final hidden states [B, T, E] and the output kernel [E, V], vocab in chunks.
 
     A running (max, sum-exp) over vocab chunks replaces one [B, T, V] fp32 log-softmax: peak memory is
@@ -39,6 +40,7 @@ def token_logps_chunked(hidden: Array, kernel: Array, targets: Array, chunk_size
     logits instead of storing all of them (which would bring the full [B, T, V] back).
     `with_hits` also returns whether each target is the argmax (token accuracy, ties count as hits).
     `vocab_major`: the kernel is [V, E] (a tied embedding), sliced into chunks without a transpose.
+    `unroll`: the loop over chunks unrolled (same values; paft_jax.models.loops says when).
     """
     v, e = kernel.shape if vocab_major else kernel.shape[::-1]
     n = -(-v // chunk_size)
@@ -72,7 +74,7 @@ def token_logps_chunked(hidden: Array, kernel: Array, targets: Array, chunk_size
 
     init = (jnp.full(lead, -jnp.inf, acc), jnp.zeros(lead, acc), jnp.zeros(lead, acc))
     starts = jnp.arange(n, dtype=jnp.int32) * chunk_size
-    (m, s, picked), _ = jax.lax.scan(body, init, (w, starts))
+    (m, s, picked), _ = jax.lax.scan(body, init, (w, starts), unroll=n if unroll else 1)
     logps = picked - (m + jnp.log(s))
     return (logps, jax.lax.stop_gradient(picked >= m)) if with_hits else logps
 

@@ -124,7 +124,7 @@ def test_remat_changes_memory_not_results(policy):
 def test_scan_unroll_changes_the_loop_not_results(unroll):
     """Unrolling the layer scan (all 4 layers, 2 per trip, more than there are) gives the same logits and
     gradients as one layer per trip, and the compiled loop makes fewer trips (none when fully unrolled)."""
-    cfg = CFG.replace(num_layers=4)
+    cfg = CFG.replace(num_layers=4, scan_unroll=1)
     params = init_params(cfg, jax.random.key(0))
     ids = jax.random.randint(jax.random.key(5), (2, 64), 0, cfg.vocab_size)
 
@@ -138,3 +138,25 @@ def test_scan_unroll_changes_the_loop_not_results(unroll):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
     loops = [f.lower(params).as_text().count("stablehlo.while") for f in (plain, unrolled)]
     assert loops[0] >= 2 and (loops[1] == 0 if unroll >= 4 else loops[1] == loops[0]), loops
+
+
+def test_loop_settings_resolve_by_platform():
+    """auto: the whole layer stack and full logits on CPU, one layer per trip and 8192-column chunks on
+    TPU/GPU; on a CPU mesh of several devices every loop is unrolled, an explicit scan_unroll included."""
+    from paft_jax.models import loops
+    cpu8 = build_mesh(MeshConfig(data=1, fsdp=8, tensor=1))
+    cpu1 = build_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    assert [loops.layer_unroll("auto", 30, m) for m in (cpu8, cpu1, None)] == [30, 30, 30]
+    assert [loops.layer_unroll(2, 30, m) for m in (cpu8, cpu1)] == [30, 2]
+    assert [loops.layer_unroll("auto", 30, m, remat=True) for m in (cpu8, cpu1)] == [30, 1]
+    assert [loops.logits_chunk("auto", cpu8), loops.logits_chunk(128, cpu8)] == [0, 128]
+    assert [loops.unroll_loops(m) for m in (cpu8, cpu1, None)] == [True, False, False]
+
+    class Tpu:  # a mesh of TPU devices, as `launch compile --topology` builds one
+        devices = np.array([type("D", (), {"platform": "tpu"})()] * 4)
+    assert (loops.layer_unroll("auto", 30, Tpu), loops.logits_chunk("auto", Tpu), loops.unroll_loops(Tpu)) == \
+        (1, loops.ACCELERATOR_LOGITS_CHUNK, False)
+    for bad in ("all", 0, 2.5, True):
+        assert loops.check("scan_unroll", bad, 1) is not None
+    with pytest.raises(ValueError, match="scan_unroll"):
+        CFG.replace(scan_unroll="all")

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-import xla_abort
 from test_pipeline import CONFIG, ROOT, assert_same_tensors
 
 URL = "gs://paft/runs/paft-tiny"
@@ -43,15 +42,11 @@ print(json.dumps({}))
 
 
 def paft(env, out: str, cache: Path, *extra, fault: str | None = None) -> subprocess.CompletedProcess:
-    """The branches train one after the other here (schedule=serial): with both at once on 4 + 4 simulated
-    CPU devices and the uploads beside them, XLA:CPU's in-process collectives twice stalled in one branch's
-    step (4 devices, 3 at an all-reduce, none of them at the all-gather a fourth waited in) until XLA's 40 s
-    rendezvous timeout aborted the process, once in CI.  Both schedules give the same tensors; the
-    concurrent one is covered by test_pipeline.py (and the local reference run below)."""
+    """`launch paft` (or tests/fault_run.py FAULT paft) with its run directory at `out`, in a fresh process."""
     launch = [str(ROOT / "tests" / "fault_run.py"), fault] if fault else ["-m", "paft_jax.launch"]
-    # once more after an XLA:CPU rendezvous abort (tests/xla_abort.py; seen here too, in the serial schedule)
-    return xla_abort.run([sys.executable, *launch, "paft", "--config", CONFIG, "--no-progress", f"output_dir={out}",
-                          f"cache_dir={cache}", "schedule=serial", *extra], cwd=ROOT, env=env, timeout=600)
+    return subprocess.run([sys.executable, *launch, "paft", "--config", CONFIG, "--no-progress", f"output_dir={out}",
+                           f"cache_dir={cache}", *extra], cwd=ROOT, env=env, timeout=600, capture_output=True,
+                          text=True)
 
 
 def ok(proc: subprocess.CompletedProcess) -> str:

@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+from paft_jax.models import loops
+
 log = logging.getLogger("paft_jax")
 
 PROGRAMS = ("train_step", "eval_step", "reference_logps")
@@ -118,9 +120,10 @@ def cmd_compile(args) -> int:
         raise ValueError(f"--programs: unknown {sorted(bad)}; expected some of {', '.join(PROGRAMS)}")
     branches, mcfg, hbm, where = plan_branches(args)
     jax_devices = {d for _, _, m in branches for d in m.devices.flat}
+    unroll = loops.layer_unroll(mcfg.scan_unroll, mcfg.num_layers, branches[0][2], remat=mcfg.remat != "none")
     print(f"compile {args.config} for {where}\nmodel {mcfg.family}: {mcfg.num_params():,} params, "
           f"{mcfg.num_layers} layers, hidden {mcfg.hidden_size}; params {mcfg.param_dtype}, compute {mcfg.dtype}, "
-          f"remat {mcfg.remat}, layer scan unroll {mcfg.scan_unroll}", file=sys.stderr)
+          f"remat {mcfg.remat}, layer scan unroll {unroll}", file=sys.stderr)
     for name, tc, _ in branches:
         print(f"{name}: attention {tc.attention} (block {tc.attention_block}), remat {tc.remat}", file=sys.stderr)
     jobs = [(name, prog, fn, a, mesh) for name, tc, mesh in branches
@@ -153,7 +156,7 @@ def cmd_compile(args) -> int:
             "where": where,
             "model": {"family": mcfg.family, "params": mcfg.num_params(), "param_dtype": mcfg.param_dtype,
                       "dtype": mcfg.dtype, "remat": mcfg.remat,
-                      "scan_unroll": mcfg.scan_unroll},
+                      "scan_unroll": unroll},
             "min_headroom": args.min_headroom, "programs": [r.to_json() for r in rows], "refused": refused},
             indent=2) + "\n")
     if refused:

@@ -11,6 +11,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from paft_jax.models import loops
+
 FAMILIES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -63,7 +65,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of matmuls; norms, softmax and logits stay fp32
     remat: str = "none"
-    scan_unroll: int = 1  # layers per trip of the layer scan (nn.scan unroll): more, fewer trips, longer compile
+    # layers per trip of the layer scan (nn.scan unroll); auto: by platform (paft_jax.models.loops)
+    scan_unroll: int | str = "auto"
     # paft_jax.models.attention: auto | naive (the reference) | chunked | splash (TPU) | cudnn (GPU)
     attention: str = "naive"
     attention_block: int = 512
@@ -86,8 +89,9 @@ class ModelConfig:
             errors.append(f"rope_scaling type {rs.get('rope_type')!r} is not supported (supported: {ROPE_TYPES})")
         if self.remat not in REMAT_POLICIES:
             errors.append(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
-        if int(self.scan_unroll) < 1:
-            errors.append(f"scan_unroll must be >= 1, got {self.scan_unroll}")
+        bad_unroll = loops.check("scan_unroll", self.scan_unroll, 1)
+        if bad_unroll:
+            errors.append(bad_unroll)
         if self.attention not in ATTENTION:
             errors.append(f"attention={self.attention!r} is not one of {ATTENTION}")
         if self.attention_block < 1:

@@ -2,8 +2,9 @@
 
 Numerics follow Hugging Face transformers (RMSNorm in fp32, RoPE with the rotate-half convention and
 fp32 frequencies, softmax in fp32).  Every parameter and major activation carries logical axis names;
-`paft_jax.mesh` maps them to mesh axes.  Layers are stacked with `nn.scan` (one compiled layer,
-parameters with a leading "layers" axis).
+`paft_jax.mesh` maps them to mesh axes.  Layers are stacked with `nn.scan` (parameters with a
+leading "layers" axis; how many layers one trip of the scan runs is chosen by platform in
+`paft_jax.models.loops`).
 
 Attention is masked by segment ids (0 = padding) and slot order, so packed sequences never attend
 across segments, and the same code serves training (no cache) and generation (a KV cache).  The
@@ -21,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from paft_jax.mesh import fit_spec, logical_to_spec
-from paft_jax.models import attention
+from paft_jax.models import attention, loops
 from paft_jax.models.config import ModelConfig
 
 Array = jax.Array
@@ -87,7 +88,7 @@ class _Sharder:
 
     @property
     def platform(self) -> str:
-        return jax.default_backend() if self.mesh is None else self.mesh.devices.flat[0].platform
+        return loops.platform_of(self.mesh)
 
 
 def _with_delta(module: nn.Module, name: str, w: Array) -> Array:
@@ -291,12 +292,13 @@ class Decoder(nn.Module):
         x = sh(embed(input_ids.astype(jnp.int32)), ("act_batch", "act_length", "act_embed"))
 
         layer = DecoderLayer
+        unroll = loops.layer_unroll(cfg.scan_unroll, cfg.num_layers, self.mesh, remat=cfg.remat != "none")
         if cfg.remat != "none":
-            layer = nn.remat(layer, policy=_REMAT[cfg.remat], prevent_cse=False)
+            layer = nn.remat(layer, policy=_REMAT[cfg.remat], prevent_cse=unroll > 1)
         # the delta / LoRA collections are stacked like the params: each layer of the scan sees its own slice
         stack = nn.scan(layer, variable_axes={"params": 0, "delta": 0, "lora": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
-                        length=cfg.num_layers, unroll=min(cfg.scan_unroll, cfg.num_layers),
+                        length=cfg.num_layers, unroll=unroll,
                         metadata_params={nn.PARTITION_NAME: "layers"})
         x, new_layer_caches = stack(cfg, sh, name="layers")(x, cos, sin, (m, segment_ids), layer_caches,
                                                              cache_index)

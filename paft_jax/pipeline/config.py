@@ -102,7 +102,7 @@ class PaftConfig:
     param_dtype: str | None = None
     compute_dtype: str | None = None
     remat: str | None = None
-    scan_unroll: int | None = None
+    scan_unroll: int | str | None = None
     cache_dir: str | None = None
     seed: int | None = None            # a random base is initialized from it; LoRA factors too
     devices: int = 0                   # devices to use (0: all); the branches split them

@@ -10,6 +10,7 @@ from typing import Any
 from paft_jax.checkpoint import CheckpointConfig
 from paft_jax.config import MeshConfig, load_config
 from paft_jax.data.config import DataConfig
+from paft_jax.models import loops
 from paft_jax.models.config import ATTENTION, REMAT_POLICIES
 from paft_jax.train.delta import DeltaConfig
 from paft_jax.train.objectives import ObjectiveConfig
@@ -26,10 +27,10 @@ class TrainConfig:
     param_dtype: str = "auto"          # dtype the frozen base is held in (auto: the checkpoint's)
     compute_dtype: str = "auto"        # auto: float32 on CPU, bfloat16 on accelerators
     remat: str = "none"                # none | full | dots | dots_no_batch
-    # layers per trip of the layer scan (nn.scan unroll).  1: one compiled layer, the fastest compile and the
-    # scan's memory plan.  On CPU all layers (e.g. 30 for SmolLM2) let XLA fuse across them: a few % faster
-    # steps for ~12 s more compile per program (benchmarks/train_throughput.py)
-    scan_unroll: int = 1
+    # layers per trip of the layer scan (nn.scan unroll).  auto: 1 on TPU/GPU (one compiled layer, the fastest
+    # compile and the scan's memory plan), every layer on CPU (faster steps; on a CPU mesh of several devices
+    # no collective may sit inside a loop): paft_jax/models/loops.py
+    scan_unroll: int | str = "auto"
     attention: str = "auto"            # auto (splash on TPU, cudnn on GPU, naive on CPU) | naive | chunked | splash | cudnn
     attention_block: int = 512         # chunked: query rows per block; splash: its q / kv block (a multiple of 128)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -68,8 +69,9 @@ class TrainConfig:
         parse_profile(self.profile)
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: expected one of {REMAT_POLICIES}")
-        if self.scan_unroll < 1:
-            raise ValueError(f"scan_unroll={self.scan_unroll}: expected a number of layers >= 1")
+        bad_unroll = loops.check("scan_unroll", self.scan_unroll, 1)
+        if bad_unroll:
+            raise ValueError(bad_unroll)
         if self.attention not in ATTENTION or self.attention_block < 1:
             raise ValueError(f"attention={self.attention!r} / attention_block={self.attention_block}: expected one "
                              f"of {ATTENTION} and a block >= 1")
@@ -120,8 +122,7 @@ class TrainConfig:
 # not trained with, so it is refused (resume_conflicts).
 RESUMABLE_KEYS = ("steps", "eval_every", "eval_batches", "eval_at_start", "log_every", "profile", "eval_data",
                   "checkpoint", "output_dir", "cache_dir", "mesh", "remat", "scan_unroll", "attention",
-                  "attention_block",
-                  "grad_accum", "eval_micro_batch", "ref_cache")
+                  "attention_block", "grad_accum", "eval_micro_batch", "ref_cache", "objective.logits_chunk")
 
 
 def flat_items(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -140,7 +141,7 @@ def resume_conflicts(saved: dict, new: dict, allowed: tuple[str, ...] = RESUMABL
     a, b = (flat_items(json.loads(json.dumps(t, default=str))) for t in (saved, new))  # as the JSON saved it
     out = []
     for key in sorted(set(a) & set(b)):
-        if key.split(".")[0] in allowed or a[key] == b[key]:
+        if a[key] == b[key] or any(key == k or key.startswith(k + ".") for k in allowed):
             continue
         out.append(f"{key}: {a[key]!r} -> {b[key]!r}")
     return out

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from paft_jax import losses
+from paft_jax.models import loops
 
 OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
 L1_MODES = ("proximal", "proximal_adam", "penalty")
@@ -30,7 +31,8 @@ class ObjectiveConfig:
     nll_weight: float = 0.0           # simpo: weight of the chosen NLL (CPO's alpha); orpo always has weight 1
     l1_lambda: float = 0.0            # L1 on the delta (0 = off)
     l1_mode: str = "proximal"         # proximal | proximal_adam (exact zeros) | penalty (docs/training.md)
-    logits_chunk: int = 8192          # vocab chunk of the log-softmax (0: full logits, no recompute)
+    # vocab chunk of the log-softmax (0: full logits, no recompute); auto: 0 on CPU, 8192 on TPU/GPU
+    logits_chunk: int | str = "auto"
 
     def validate(self) -> None:
         if self.kind not in OBJECTIVES:
@@ -44,8 +46,9 @@ class ObjectiveConfig:
         if self.l1_lambda < 0 or self.l1_mode not in L1_MODES:
             raise ValueError(f"objective.l1_lambda={self.l1_lambda} / l1_mode={self.l1_mode!r}: "
                              f"need lambda >= 0 and a mode in {L1_MODES}")
-        if self.logits_chunk < 0:
-            raise ValueError("objective.logits_chunk must be >= 0 (0: no chunking)")
+        bad_chunk = loops.check("objective.logits_chunk", self.logits_chunk, 0)
+        if bad_chunk:
+            raise ValueError(bad_chunk + " (0: no chunking)")
 
     def check_delta(self, delta_kind: str) -> None:
         """proximal_adam is for dense deltas.  On LoRA factors it would wipe A's random init at step 1 (A has

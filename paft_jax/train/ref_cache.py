@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from paft_jax.data import one_pass
+from paft_jax.models import loops
 from paft_jax.train.objectives import reference_pair_logps, reference_params
 from paft_jax.train.programs import branch_model
 from paft_jax.train.step_fn import join_micro, make_logp_fn, micro_count, rows_constraint, split_micro
-from paft_jax.train.turns import one_at_a_time
 
 log = logging.getLogger("paft_jax")
 
@@ -75,7 +75,7 @@ def reference_program(mcfg, logits_chunk: int, mesh, rules, base_sh, data_shardi
     """The jitted pass (base params, batch) -> (chosen, rejected, example_index): exactly what the step
     computes for the reference when nothing is cached, `micro_rows` rows per forward (0: the whole batch)."""
     logp_fn = make_logp_fn(mcfg, mesh, rules, logits_chunk)
-    constrain = rows_constraint(mesh, rules)
+    constrain, unroll = rows_constraint(mesh, rules), loops.unroll_loops(mesh)
 
     def ref(base_params, batch):
         params = reference_params(base_params)
@@ -83,7 +83,8 @@ def reference_program(mcfg, logits_chunk: int, mesh, rules, base_sh, data_shardi
         if k == 1:
             return (*reference_pair_logps(logp_fn, params, batch), batch["example_index"])
         micro = jax.tree_util.tree_map(lambda x: split_micro(x, k), batch)
-        chosen, rejected = jax.lax.map(lambda mb: reference_pair_logps(logp_fn, params, constrain(mb)), micro)
+        _, (chosen, rejected) = jax.lax.scan(lambda c, mb: (c, reference_pair_logps(logp_fn, params, constrain(mb))),
+                                             None, micro, unroll=k if unroll else 1)
         return join_micro(chosen), join_micro(rejected), batch["example_index"]
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -95,7 +96,7 @@ def reference_table(branch, it, split: str) -> RefTable:
     base, cfg = branch.base, branch.cfg
     key = hashlib.sha256(json.dumps({
         "data": data_fingerprint(it.ds), "model": asdict(base.cfg), "weights": weights_fingerprint(base.params),
-        "chunk": cfg.objective.logits_chunk}, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        "chunk": loops.logits_chunk(cfg.objective.logits_chunk, branch.mesh)}, sort_keys=True, default=str).encode()).hexdigest()[:24]
     path = Path(cfg.cache_dir) / "ref_logps" / f"{key}-p{it.ds.process_index}.npz"
     if path.exists():
         with np.load(path) as z:
@@ -103,9 +104,8 @@ def reference_table(branch, it, split: str) -> RefTable:
         log.info("reference log-probs for %s: reusing %s", split, path)
         return table
 
-    ref = one_at_a_time(reference_program(branch_model(cfg, base.cfg), cfg.objective.logits_chunk, branch.mesh,
-                                          branch.rules, branch.base_sh, branch.data_sharding,
-                                          cfg.forward_micro_rows()))
+    ref = reference_program(branch_model(cfg, base.cfg), cfg.objective.logits_chunk, branch.mesh, branch.rules,
+                            branch.base_sh, branch.data_sharding, cfg.forward_micro_rows())
     idx, ch, rj = [], [], []
     from tqdm.auto import tqdm
     from paft_jax.mesh import is_mesh_primary

@@ -1,8 +1,9 @@
 """The jitted train and eval steps: pure functions of (state, base, batch), built once per branch.
 
 One step serves every objective: the objective contributes `micro_loss` (objectives.py).  Gradient
-accumulation is a `lax.scan` over micro-batches inside the step; the state is donated; base, delta and
-optimizer state keep the shardings the logical-axis rules give them.
+accumulation is a `lax.scan` over micro-batches inside the step (unrolled on a CPU mesh of several devices,
+paft_jax/models/loops.py); the state is donated; base, delta and optimizer state keep the shardings the
+logical-axis rules give them.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from paft_jax import losses
 from paft_jax.mesh import logical_to_spec
+from paft_jax.models import loops
 from paft_jax.models.config import ModelConfig
 from paft_jax.models.decoder import Decoder
 from paft_jax.train import objectives, optim
@@ -55,9 +57,10 @@ def head_kernel(cfg: ModelConfig, variables: dict) -> tuple[jax.Array, bool]:
     return kernel, tied
 
 
-def make_logp_fn(cfg: ModelConfig, mesh: Mesh | None, rules: tuple, chunk: int):
-    """(model variables, batch) -> (token log-probs, argmax hits)."""
+def make_logp_fn(cfg: ModelConfig, mesh: Mesh | None, rules: tuple, chunk: int | str):
+    """(model variables, batch) -> (token log-probs, argmax hits); `chunk`: objective.logits_chunk."""
     model = Decoder(cfg, mesh=mesh, rules=rules)
+    chunk, unroll = loops.logits_chunk(chunk, mesh), loops.unroll_loops(mesh)
 
     def logp_fn(variables, batch):
         hidden, _ = model.apply(variables, batch["input_ids"], positions=batch["positions"],
@@ -70,7 +73,7 @@ def make_logp_fn(cfg: ModelConfig, mesh: Mesh | None, rules: tuple, chunk: int):
             hits = jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0] >= logits.max(-1)
             return lp, jax.lax.stop_gradient(hits)
         return losses.token_logps_chunked(hidden, kernel, batch["targets"], min(chunk, cfg.vocab_size),
-                                          with_hits=True, vocab_major=tied)
+                                          with_hits=True, vocab_major=tied, unroll=unroll)
     return logp_fn
 
 
@@ -98,13 +101,14 @@ def rows_constraint(mesh: Mesh | None, rules: tuple):
     return lambda tree: jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
 
 
-def sum_over_micro(fn, batch: dict, k: int, constrain):
+def sum_over_micro(fn, batch: dict, k: int, constrain, unroll: bool = False):
     """The sum of `fn(micro_batch)` (a pytree) over the k micro-batches of `batch`, in a lax.scan: one
-    micro-batch's activations are live at a time."""
+    micro-batch's activations are live at a time (`unroll`: the scan unrolled, the same sums in order)."""
     micro = jax.tree_util.tree_map(lambda x: split_micro(x, k), batch)
     first = jax.tree_util.tree_map(lambda x: x[0], micro)
     zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first))
-    return jax.lax.scan(lambda acc, mb: (_tree_add(acc, fn(constrain(mb))), None), zero, micro)[0]
+    return jax.lax.scan(lambda acc, mb: (_tree_add(acc, fn(constrain(mb))), None), zero, micro,
+                        unroll=k if unroll else 1)[0]
 
 
 def _tree_add(a, b):
@@ -132,19 +136,6 @@ def l1_prox(ocfg: ObjectiveConfig, opt: optax.GradientTransformation, delta: Any
 DELTA_TOL = 1e-6  # |delta| at or below this counts as "near zero" in the per-step metrics
 
 
-def in_order(first: Any, then: Any) -> tuple[Any, Any]:
-    """(first, then) unchanged, with everything computed from `then` ordered after `first`.
-
-    A reduction over the sharded batch or delta that nothing else depends on (the batch's token counts, the
-    L1 penalty) is a collective the compiler may run at any time; XLA:CPU ran such an all-reduce on some
-    simulated devices while the others were already in the layer scan's all-gathers, and every rank waited
-    for the others (a 40 s rendezvous abort, tests on 2 cores).  This barrier does not prevent that on
-    XLA:CPU: its optimized HLO keeps neither the barrier nor a control edge, and the forward scan does not
-    read the all-reduce (SFT step, 2026-12-06), so the same pair still deadlocked in CI
-    (paft_jax/cpu_devices.py, tests/xla_abort.py).  On TPU it fixes when a scalar reduction runs."""
-    return jax.lax.optimization_barrier((first, then))
-
-
 def delta_stats(delta: Any, tols: tuple[float, ...] = ()) -> dict[str, jax.Array]:
     """Sparsity of the trained state after the update (over every trained array: the dense delta, or the
     LoRA factors): exact zeros, entries with |x| <= DELTA_TOL (and each of `tols`: `delta/abs_le_<t>`), and
@@ -170,7 +161,7 @@ def build_steps(cfg: ModelConfig, dcfg: DeltaConfig, ocfg: ObjectiveConfig, opt:
     if ocfg.l1_lambda and ocfg.l1_mode == "proximal_adam":
         optim.branch_config(opt)  # refused now rather than at the first step
     logp_fn = make_logp_fn(cfg, mesh, rules, ocfg.logits_chunk)
-    constrain = rows_constraint(mesh, rules)
+    constrain, unroll = rows_constraint(mesh, rules), loops.unroll_loops(mesh)
 
     def loss_of(delta, base, ref_params, mb, totals):
         return objectives.micro_loss(ocfg, logp_fn, model_variables(base, delta, dcfg), ref_params, mb, totals)
@@ -179,7 +170,7 @@ def build_steps(cfg: ModelConfig, dcfg: DeltaConfig, ocfg: ObjectiveConfig, opt:
         return objectives.reference_params(base) if ocfg.needs_reference else None
 
     def train_step(state: TrainState, base: Any, batch: dict):
-        totals, batch = in_order(objectives.batch_totals(ocfg, batch), batch)
+        totals = objectives.batch_totals(ocfg, batch)
         ref_params = reference(base)
         grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
@@ -188,11 +179,10 @@ def build_steps(cfg: ModelConfig, dcfg: DeltaConfig, ocfg: ObjectiveConfig, opt:
             return grads, sums
 
         grads, sums = (grads_and_sums(batch) if grad_accum == 1 else
-                       sum_over_micro(grads_and_sums, batch, grad_accum, constrain))
+                       sum_over_micro(grads_and_sums, batch, grad_accum, constrain, unroll))
         metrics = objectives.finalize(ocfg, sums)
         if ocfg.l1_lambda and ocfg.l1_mode == "penalty":
-            grads, after = in_order(grads, state.delta)
-            l1, l1_grads = jax.value_and_grad(losses.l1_penalty)(after, ocfg.l1_lambda)
+            l1, l1_grads = jax.value_and_grad(losses.l1_penalty)(state.delta, ocfg.l1_lambda)
             grads = _tree_add(grads, l1_grads)
             metrics["l1_penalty"] = l1
         metrics["grad_norm"] = optax.global_norm(grads)
@@ -204,14 +194,14 @@ def build_steps(cfg: ModelConfig, dcfg: DeltaConfig, ocfg: ObjectiveConfig, opt:
         return TrainState(step=state.step + 1, delta=delta, opt_state=opt_state), metrics
 
     def eval_sums(delta: Any, base: Any, batch: dict):
-        totals, batch = in_order(objectives.batch_totals(ocfg, batch), batch)
+        totals = objectives.batch_totals(ocfg, batch)
         ref_params = reference(base)
 
         def sums_of(mb):
             return loss_of(delta, base, ref_params, mb, totals)[1]
 
         k = micro_count(batch["input_ids"].shape[0], eval_micro_rows)
-        return sums_of(batch) if k == 1 else sum_over_micro(sums_of, batch, k, constrain)
+        return sums_of(batch) if k == 1 else sum_over_micro(sums_of, batch, k, constrain, unroll)
 
     return train_step, eval_sums
 
