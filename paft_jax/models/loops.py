@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+
 AUTO = "auto"
 ACCELERATOR_LOGITS_CHUNK = 8192
 
@@ -26,7 +28,6 @@ ACCELERATOR_LOGITS_CHUNK = 8192
 def platform_of(mesh: Any) -> str:
     """"cpu" | "gpu" | "tpu": the platform of a mesh's devices (the default backend without a mesh)."""
     if mesh is None:
-        import jax
         return jax.default_backend()
     return mesh.devices.flat[0].platform
 
