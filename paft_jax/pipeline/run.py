@@ -42,6 +42,7 @@ from paft_jax.pipeline.base import StackedSource, base_model_config, base_source
 from paft_jax.pipeline.config import BRANCHES, PaftConfig, branch_configs
 from paft_jax.rundir import RunDir
 from paft_jax.train.config import TrainConfig
+from paft_jax.train import turns
 from paft_jax.train.loop import Base, Branch, load_base, run_branch
 
 log = logging.getLogger("paft_jax")
@@ -143,7 +144,8 @@ def train_branches(cfg: PaftConfig, tcs: dict[str, TrainConfig], p: Plan, progre
     def run(name: str, position: int, base_for: Base) -> None:
         try:
             t_start = time.time()
-            branch = Branch(tcs[name], base_for, p.meshes[name], p.rules[name])
+            with turns.turn():  # its set-up runs programs too (the delta's init, the reference pass)
+                branch = Branch(tcs[name], base_for, p.meshes[name], p.rules[name])
             res = run_branch(branch, progress=progress, name=name, stop=stop, bar_position=position)
             if res.preempted:
                 return
@@ -179,11 +181,12 @@ def train_branches(cfg: PaftConfig, tcs: dict[str, TrainConfig], p: Plan, progre
             bases.update(placed)
             threads = [threading.Thread(target=run, args=(n, i, placed[n]), name=f"paft-{n}", daemon=True)
                        for i, n in enumerate(todo)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                while t.is_alive():  # join with a timeout so the main thread still receives signals
-                    t.join(0.5)
+            with turns.taking_turns():  # on CPU, their programs run one at a time (train/turns.py)
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    while t.is_alive():  # join with a timeout so the main thread still receives signals
+                        t.join(0.5)
     finally:
         stop.restore_handlers()
     if errors:

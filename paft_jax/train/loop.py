@@ -27,6 +27,7 @@ from paft_jax.train import objectives
 from paft_jax.train.config import TrainConfig, eval_view
 from paft_jax.train.programs import branch_programs
 from paft_jax.train.step_fn import TrainState, init_state
+from paft_jax.train.turns import active as turns_active, one_at_a_time, turn
 
 log = logging.getLogger("paft_jax")
 
@@ -105,7 +106,7 @@ class Branch:
                                     process_count=count) if cfg.eval_data else None)
         p = branch_programs(cfg, base.cfg, mesh, rules)
         self.lr, self.base_sh, self.state_sh, self.data_sharding = p.lr, p.base_sh, p.state_sh, p.data_sharding
-        self.train_step, self.eval_sums = p.train_step, p.eval_sums
+        self.train_step, self.eval_sums = one_at_a_time(p.train_step), one_at_a_time(p.eval_sums)
         delta = delta_lib.init_delta(base.cfg, cfg.delta, jax.random.key(cfg.seed + 1), mesh, rules)
         self.state = init_state(delta, p.opt, self.state_sh)
         reference = cfg.objective.needs_reference and not cfg.ref_cache
@@ -162,7 +163,8 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
     ckpt = _checkpointer(cfg, mesh_processes(branch.mesh))
     result = BranchResult(branch.state)
     if ckpt is not None and cfg.checkpoint.resume != "never":
-        result.resumed_from = _resume(branch, ckpt, cfg)
+        with turn():
+            result.resumed_from = _resume(branch, ckpt, cfg)
     start_step = int(jax.device_get(branch.state.step))
     finished_before = start_step >= cfg.steps  # a rerun of a finished run: nothing to train, nothing to re-log
     if primary:
@@ -189,7 +191,11 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
             "ref_cache": {k: str(t.path) for k, t in branch.ref_tables.items()}}
 
     def save(step: int, wait: bool = False) -> None:
-        ckpt.save(step, branch.state, branch.train_it.state(), {**meta, "step": step}, wait=wait)
+        # taking turns (CPU, parallel branches): the save finishes inside its turn, so that whatever Orbax runs
+        # on the devices cannot overlap the other branch's programs (train/turns.py)
+        with turn():
+            ckpt.save(step, branch.state, branch.train_it.state(), {**meta, "step": step},
+                      wait=wait or turns_active())
 
     def write(rec: dict) -> None:  # on the recorder's thread, one record at a time, in order
         result.history.append(rec)

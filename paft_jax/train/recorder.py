@@ -21,7 +21,8 @@ import jax
 class MetricsRecorder:
     def __init__(self, write: Callable[[dict], None], *, max_in_flight: int | None = None):
         """`write(record)`: called on the recorder's thread, one record at a time, in step order.
-        `max_in_flight` (default 2 on accelerators, 1 on CPU, where a step already keeps every core busy)."""
+        `max_in_flight` (default 2 on accelerators, 1 on CPU, where a step already keeps every core busy;
+        branch threads sharing an XLA:CPU process also take turns, see train/turns.py)."""
         if max_in_flight is None:
             max_in_flight = 1 if jax.default_backend() == "cpu" else 2
         self._write, self._queue = write, queue.Queue()

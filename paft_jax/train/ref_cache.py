@@ -26,6 +26,7 @@ from paft_jax.models import loops
 from paft_jax.train.objectives import reference_pair_logps, reference_params
 from paft_jax.train.programs import branch_model
 from paft_jax.train.step_fn import join_micro, make_logp_fn, micro_count, rows_constraint, split_micro
+from paft_jax.train.turns import one_at_a_time
 
 log = logging.getLogger("paft_jax")
 
@@ -94,9 +95,10 @@ def reference_program(mcfg, logits_chunk: int, mesh, rules, base_sh, data_shardi
 def reference_table(branch, it, split: str) -> RefTable:
     """Load or compute (and atomically save) the base's chosen/rejected log-probs for `it`'s data set."""
     base, cfg = branch.base, branch.cfg
+    chunk = loops.logits_chunk(cfg.objective.logits_chunk, branch.mesh)
     key = hashlib.sha256(json.dumps({
         "data": data_fingerprint(it.ds), "model": asdict(base.cfg), "weights": weights_fingerprint(base.params),
-        "chunk": loops.logits_chunk(cfg.objective.logits_chunk, branch.mesh)}, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        "chunk": chunk}, sort_keys=True, default=str).encode()).hexdigest()[:24]
     path = Path(cfg.cache_dir) / "ref_logps" / f"{key}-p{it.ds.process_index}.npz"
     if path.exists():
         with np.load(path) as z:
@@ -104,8 +106,9 @@ def reference_table(branch, it, split: str) -> RefTable:
         log.info("reference log-probs for %s: reusing %s", split, path)
         return table
 
-    ref = reference_program(branch_model(cfg, base.cfg), cfg.objective.logits_chunk, branch.mesh, branch.rules,
-                            branch.base_sh, branch.data_sharding, cfg.forward_micro_rows())
+    ref = one_at_a_time(reference_program(branch_model(cfg, base.cfg), cfg.objective.logits_chunk, branch.mesh,
+                                          branch.rules, branch.base_sh, branch.data_sharding,
+                                          cfg.forward_micro_rows()))
     idx, ch, rj = [], [], []
     from tqdm.auto import tqdm
     from paft_jax.mesh import is_mesh_primary
