@@ -38,8 +38,7 @@ def assert_same_tensors(a: Path, b: Path, atol: float = 0.0):
 
 @pytest.fixture(scope="module")
 def paft_run(tmp_path_factory):
-    # the CLI in a fresh process, as a user runs it: run here, in the test process after the tests before it,
-    # the branches' 4-device train steps stalled in an XLA:CPU rendezvous twice in a row (see _run_cli)
+    # the CLI in a fresh process, as a user runs it
     out = tmp_path_factory.mktemp("paft") / "run"
     run = _run_cli(out, extra=["merge.on_mesh=true"])  # on CPU the default streams; this run merges on the mesh
     assert run.returncode == 0, run.stderr[-3000:]
