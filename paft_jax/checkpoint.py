@@ -24,11 +24,15 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import numpy as np
+
+from paft_jax import checksums
+from paft_jax.storage import join as storage_join
 
 log = logging.getLogger("paft_jax")
 
@@ -55,6 +59,10 @@ class CheckpointConfig:
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class _Damaged(Exception):
+    """A step whose files differ from the checksums written when it was saved."""
 
 
 def _ocp():
@@ -131,6 +139,36 @@ class BranchCheckpointer:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
             raise self._save_failed(step, e) from e
+        if step is not None and jax.process_index() == self.primary:
+            self._write_checksums(step)
+
+    def _write_checksums(self, step: int) -> None:
+        """The committed step's checksum manifest (paft_jax/checksums.py); a step left without one restores
+        unverified, with a warning, so failing to write it is a warning too."""
+        where = storage_join(self.directory, str(step))
+        try:
+            stats = checksums.write(where)
+        except Exception as e:  # noqa: BLE001  (an I/O error of the store or disk)
+            log.warning("checkpoint %s: its checksums could not be written (%s: %s); it will restore unverified",
+                        where, type(e).__name__, e)
+            return
+        log.info("checkpoint %s: checksums of %d files (%.1f MB) written in %.2fs", where, stats["files"],
+                 stats["bytes"] / 1e6, stats["seconds"])
+
+    def verify(self, step: int) -> str | None:
+        """None when `step`'s files match the checksums written when it was saved (or it has none: then a
+        warning); else what differs, naming the file."""
+        where = storage_join(self.directory, str(step))
+        t0 = time.perf_counter()
+        try:
+            problem = checksums.verify(where)
+        except FileNotFoundError:
+            log.warning("checkpoint %s has no %s (saved by an older paft_jax, or stopped before the checksums "
+                        "were written): restoring it unverified", where, checksums.MANIFEST)
+            return None
+        log.info("checkpoint %s: checksums %s in %.2fs", where, "differ" if problem else "verified",
+                 time.perf_counter() - t0)
+        return problem
 
     def close(self) -> None:
         if self._failed is not None:  # already reported; Orbax would re-raise the same failure
@@ -196,6 +234,9 @@ class BranchCheckpointer:
         if missing:  # the arrays might still read, but a copy that lost this may have lost more
             raise CheckpointError(f"checkpoint {self.directory}/{step} cannot be restored ({missing} is missing: "
                                   "the checkpoint was damaged or copied incompletely)")
+        damaged = self.verify(step)
+        if damaged:
+            raise CheckpointError(f"checkpoint {self.directory}/{step} cannot be restored (damaged: {damaged})")
         item = {"delta": abstract_delta}
         args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                       partial_restore=True)
@@ -227,6 +268,9 @@ class BranchCheckpointer:
         from etils import epath
         for s in reversed(candidates):
             try:
+                damaged = self.verify(s)
+                if damaged:
+                    raise _Damaged(damaged)
                 if (epath.Path(self.directory) / str(s) / "host_state").exists():
                     item = dict(host_state=_host_state_args()[1](abstract_state))
                 else:
@@ -246,13 +290,14 @@ class BranchCheckpointer:
                     older = [x for x in candidates if x < s]
                     hint = (f"; set checkpoint.fallback=true to resume from step {older[-1]} instead"
                             if older else "")
-                    detail = f"{type(e).__name__}: " + " ".join(str(e).split())[:300] + " ..."
+                    detail = (f"damaged: {e}" if isinstance(e, _Damaged) else
+                              f"{type(e).__name__}: " + " ".join(str(e).split())[:300] + " ...")
                     missing = _missing_metadata(self.directory, s)
                     if missing:
                         detail = f"{missing} is missing: the checkpoint was damaged or copied incompletely"
                     raise CheckpointError(f"checkpoint {where} cannot be restored ({detail}){hint}") from None
-                log.error("checkpoint %s cannot be restored (%s: %s); trying the previous one",
-                          where, type(e).__name__, str(e)[:200])
+                log.error("checkpoint %s cannot be restored (%s); trying the previous one", where,
+                          f"damaged: {e}" if isinstance(e, _Damaged) else f"{type(e).__name__}: {str(e)[:200]}")
                 tried.append(s)
         raise CheckpointError(f"no readable checkpoint in {self.directory} (tried {tried})")
 

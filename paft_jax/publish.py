@@ -144,3 +144,19 @@ def _publish(built: Path, out: str | Path, *, overwrite: bool) -> None:
         old.rename(out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_file(path: str | Path, flag: str) -> None:
+    """Refuse, before any work, an output file (`flag`: the option that named it) that could not be written
+    at the end: it is a directory, or its nearest existing ancestor is a file or not writable."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise IsADirectoryError(f"{flag} {path}: is a directory; give a file name")
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{flag} {path}: {parent} is a file, so the file cannot be created under it")
+    target = p if p.exists() else parent
+    if not os.access(target, os.W_OK):
+        raise PermissionError(f"{flag} {path}: {target} is not writable")

@@ -235,3 +235,59 @@ def is_complete_dir(url: str) -> bool:
     """Objects exist under `url` and the incomplete-marker of `publish_dir` is not among them."""
     names = child_names(url)
     return bool(names) and INCOMPLETE not in names
+
+
+def create_text(url: str, text: str) -> bool:
+    """Write one object only if none exists at `url` (GCS: the `ifGenerationMatch=0` precondition, so of
+    two concurrent writers exactly one succeeds); False when an object is already there."""
+    fs, root = _fs(url)
+    try:
+        fs.pipe_file(root, text.encode(), mode="create")
+    except FileExistsError:
+        return False
+    fs.invalidate_cache(root)
+    return True
+
+
+def read_versioned(url: str) -> tuple[str | None, str | None]:
+    """(text, generation) of one object, (None, None) when it does not exist; the generation is GCS's
+    object generation (None on stores without one)."""
+    fs, root = _fs(url)
+    fs.invalidate_cache(root)
+    try:
+        info = fs.info(root)
+        return fs.cat_file(root).decode(), (str(info["generation"]) if info.get("generation") else None)
+    except FileNotFoundError:
+        return None, None
+
+
+def remove_version(url: str, generation: str | None) -> bool:
+    """Delete the object at `url` if it is still `generation` (GCS: an `ifGenerationMatch` precondition;
+    stores without generations delete unconditionally).  False when it is gone or was replaced."""
+    fs, root = _fs(url)
+    fs.invalidate_cache(root)
+    try:
+        if generation is not None and type(fs).__name__ == "GCSFileSystem":
+            bucket, _, key = root.partition("/")
+            fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=generation)
+        else:
+            fs.rm_file(root)
+    except (FileNotFoundError, FileExistsError):  # gcsfs reports a failed precondition (412) as FileExistsError
+        return False
+    finally:
+        fs.invalidate_cache(root)
+    return True
+
+
+def object_checksums(url: str) -> dict[str, tuple[int | None, str | None]]:
+    """{relative name: (size, crc32c)} of every object under `url`, from a fresh listing: the CRC-32C
+    is the one the store computed (GCS verifies it on upload), so nothing is downloaded."""
+    fs, root = _fs(url)
+    fs.invalidate_cache(root)
+    try:
+        found = fs.find(root, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {path[len(root):].lstrip("/"): (info.get("size"), info.get("crc32c"))
+            for path, info in found.items()
+            if path[len(root):].lstrip("/") and info.get("type", "file") != "directory"}

@@ -219,6 +219,14 @@ def test_resume_from_a_named_checkpoint_given_as_a_relative_path(tmp_path):
     assert res.resumed_from == 2 and [r["step"] for r in res.history if "loss" in r] == [3, 4]
 
 
+def tensorboard_steps(directory, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of `tag` as TensorBoard shows them: its reader applies the purge a restart writes."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(directory))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
 def test_corrupted_checkpoint_is_an_error_naming_it_unless_fallback(tmp_path):
     out = tmp_path / "run"
     train(_cfg(out), progress=False)
@@ -238,6 +246,12 @@ def test_corrupted_checkpoint_is_an_error_naming_it_unless_fallback(tmp_path):
     res = train(_cfg(out, "steps=6", "checkpoint.fallback=true"), progress=False)
     assert res.resumed_from == 2
     assert [r["step"] for r in res.history if "loss" in r] == [3, 4, 5, 6]
+    # TensorBoard rewinds with metrics.jsonl: read back as TensorBoard reads them, steps 3-4 of the first
+    # session are gone and every step is there once, with the value metrics.jsonl has
+    logged = {json.loads(l)["step"]: json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(l)}
+    assert sorted(logged) == [1, 2, 3, 4, 5, 6]
+    assert tensorboard_steps(out / "tb", "loss") == [(s, pytest.approx(v, rel=1e-6)) for s, v in sorted(logged.items())]
     # a deleted _METADATA is named (Orbax reports it as a pytree structure error)
     (out / "checkpoints" / "6" / "state" / "_METADATA").unlink()
     for read in (lambda: restore_delta(out), lambda: train(_cfg(out, "steps=8"), progress=False)):
@@ -245,6 +259,49 @@ def test_corrupted_checkpoint_is_an_error_naming_it_unless_fallback(tmp_path):
                                                   r"damaged") as e:
             read()
         assert "pytree" not in str(e.value)
+
+
+def test_a_flipped_byte_in_array_data_is_refused_before_any_step_or_fallen_back_from(tmp_path, caplog):
+    """64 bytes XORed inside the latest step's array data (same size, so Orbax reads it): the checksums
+    written when the step was saved refuse it at resume, before any step runs, naming the file; the export
+    path refuses it too; checkpoint.fallback=true resumes from the newest intact step and says so."""
+    from paft_jax import checksums
+    out = tmp_path / "run"
+    train(_cfg(out), progress=False)
+    for step in (2, 4):
+        assert checksums.verify(str(out / "checkpoints" / str(step))) is None
+    victim = max((p for p in (out / "checkpoints" / "4" / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+                 key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(b ^ 0xA5 for b in data[mid:mid + 64])
+    victim.write_bytes(bytes(data))
+    before = (out / "metrics.jsonl").read_text()
+    rel = victim.relative_to(out / "checkpoints" / "4")
+    with pytest.raises(CheckpointError, match=rf"checkpoints/4 cannot be restored \(damaged: {rel} has another "
+                                              r"checksum than when it was saved .*fallback=true.*step 2"):
+        train(_cfg(out, "steps=6"), progress=False)
+    assert (out / "metrics.jsonl").read_text() == before        # no step ran
+    from paft_jax.train.restore import restore_delta
+    with pytest.raises(CheckpointError, match=rf"checkpoints/4 cannot be restored \(damaged: {rel} has another "
+                                              r"checksum.*checkpoints/2, may be readable"):
+        restore_delta(out)
+    with caplog.at_level("WARNING", logger="paft_jax"):
+        res = train(_cfg(out, "steps=6", "checkpoint.fallback=true"), progress=False)
+    assert res.resumed_from == 2 and [r["step"] for r in res.history if "loss" in r] == [3, 4, 5, 6]
+    assert "checkpoints/4 cannot be restored (damaged" in caplog.text
+    assert "resuming from step 2" in caplog.text
+
+
+def test_a_checkpoint_without_checksums_restores_with_a_warning(tmp_path, caplog):
+    from paft_jax import checksums
+    out = tmp_path / "run"
+    train(_cfg(out), progress=False)
+    (out / "checkpoints" / "4" / checksums.MANIFEST).unlink()     # saved by an older paft_jax
+    with caplog.at_level("WARNING", logger="paft_jax"):
+        res = train(_cfg(out, "steps=5"), progress=False)
+    assert res.resumed_from == 4
+    assert f"has no {checksums.MANIFEST}" in caplog.text and "restoring it unverified" in caplog.text
 
 
 def test_export_of_a_lora_checkpoint_is_base_plus_folded_delta(tmp_path):

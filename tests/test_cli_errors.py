@@ -146,10 +146,10 @@ def test_user_mistake_is_one_line(case, tmp_path, tiny_hf):
 
 def test_debug_shows_the_traceback(tmp_path):
     proc = launch("--debug", "train", "--config", tmp_path / "nope.yaml")
-    assert proc.returncode != 0 and "Traceback" in proc.stderr and "FileNotFoundError" in proc.stderr
-    # anywhere on the command line
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and "FileNotFoundError" in proc.stderr
+    # anywhere on the command line; the exit code stays a user's mistake's (2)
     proc = launch("train", "--config", "configs/tiny_sft.yaml", "stepz=3", "--debug")
-    assert proc.returncode != 0 and "Traceback" in proc.stderr and "did you mean steps" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and "did you mean steps" in proc.stderr
 
 
 def test_bugs_keep_their_traceback(monkeypatch, capsys):
@@ -187,3 +187,32 @@ def test_paft_bad_merge_key_fails_before_anything_loads(tmp_path):
         assert not out.exists(), f"{override}: created {out} before refusing"
         assert wall < 30, f"{override}: {wall:.1f}s to refuse (training ran?)"
         print(f"{override}: refused in {wall:.1f}s")
+
+
+def test_output_files_and_data_paths_are_checked_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    """eval --output and sparsity --json/--plot somewhere unwritable, a training data path that does not
+    exist: refused before a model loads (none may), and a refused training run leaves no output_dir."""
+    from paft_jax import launch
+    from paft_jax.train import loop
+    from paft_jax.hf import load
+    from paft_jax.merge import sparsity
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the inputs were checked")
+    monkeypatch.setattr(loop, "load_base", no_load)
+    monkeypatch.setattr(load, "load_model", no_load)
+    monkeypatch.setattr(sparsity, "analyze", no_load)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert launch.cli(["eval", "--model", "smollm2", "--tasks", "arc_easy", "--limit", "2",
+                        "--output", str(blocker / "r.json")]) == 2
+    assert "--output" in capsys.readouterr().err
+    assert launch.cli(["sparsity", "--base", str(tmp_path), "--model", str(tmp_path),
+                        "--plot", str(tmp_path)]) == 2
+    assert "--plot" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert launch.cli(["sft", "--config", "configs/tiny_sft.yaml", f"output_dir={out}",
+                        "data.sources=[{path: data/arith/nope.jsonl}]"]) == 2
+    err = capsys.readouterr().err
+    assert "data.sources[0]: data/arith/nope.jsonl: no such file or directory" in err
+    assert not out.exists()

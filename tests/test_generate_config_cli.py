@@ -113,3 +113,19 @@ def test_shipped_mesh_configs_load_and_build(name):
     mesh = build_mesh(cfg)
     assert mesh.devices.size == 8
     cfg.logical_rules()
+
+
+def test_generate_json_keeps_answers_apart(monkeypatch, capsys):
+    """--json: one JSON line per prompt, so an answer holding a blank line cannot run into the next."""
+    import json
+    import types
+    import paft_jax.launch as launch
+    monkeypatch.setattr(launch, "_load", lambda args: types.SimpleNamespace(params=None, cfg=None, tokenizer=object(),
+                                                                            source="fake"))
+    import paft_jax.generate as gen
+    monkeypatch.setattr(gen, "chat", lambda params, cfg, tok, prompts, sampling, system=None:
+                        [f"first line\n\nof {p}" for p in prompts])
+    assert main(["generate", "--model", "smollm2", "--prompt", "a", "--prompt", "b", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [json.loads(l) for l in lines] == [{"prompt": "a", "answer": "first line\n\nof a"},
+                                              {"prompt": "b", "answer": "first line\n\nof b"}]

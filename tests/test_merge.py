@@ -592,3 +592,39 @@ def test_host_rank_cut_falls_back_when_the_sample_misleads():
     spec = MergeSpec("magnitude_prune", 1, {}, [{"weight": 1.0, "density": 0.5}])
     got = np.asarray(merge_array(spec, NAME, (n,), base, [d], from_models=False, layers=None))
     np.testing.assert_array_equal(got, ref_topk(d.astype(np.float64), 0.5).astype(np.float32))
+
+
+def test_refuses_a_model_whose_config_differs_unless_accepted(hf_dir, tmp_path):
+    """Same tensors, another rope_theta (or max_position_embeddings): a different function, refused naming
+    the key and both values; an accepted key passes; keys that cannot change the computation are ignored."""
+    import json
+    from conftest import make_hf_model
+    base = hf_dir("llama", rope_theta=10000.0)
+    make_hf_model("llama", seed=1, rope_theta=1000.0).save_pretrained(tmp_path / "rope")
+    with pytest.raises(ValueError, match=r"config differs .*rope_theta 1000\.0 \(base 10000\.0\)"):
+        merge_to_hf(spec2(), base, [tmp_path / "rope"], tmp_path / "o1", verify=False)
+    make_hf_model("llama", seed=1, max_position_embeddings=576).save_pretrained(tmp_path / "pos")
+    with pytest.raises(ValueError, match=r"max_position_embeddings 576 \(base 64\)"):
+        merge_to_hf(spec2(), base, [tmp_path / "pos"], tmp_path / "o2", verify=False)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    accepted = MergeSpec("ties", 1, {}, [{"weight": 1.0, "density": 0.5}], accept_config=("rope_theta",))
+    merge_to_hf(accepted, base, [tmp_path / "rope"], tmp_path / "o3", verify=False)
+    cfg = json.loads((tmp_path / "rope" / "config.json").read_text())   # file-only keys do not count
+    cfg.update(transformers_version="0.0.1", torch_dtype="bfloat16", use_cache=False)
+    del cfg["rope_parameters"]
+    cfg["rope_theta"] = 10000.0                                       # transformers v4's spelling of the base's RoPE
+    (tmp_path / "rope" / "config.json").write_text(json.dumps(cfg))
+    merge_to_hf(spec2(), base, [tmp_path / "rope"], tmp_path / "o4", verify=False)
+
+
+def test_cli_accepts_a_config_difference_only_when_named(hf_dir, tmp_path, capsys):
+    from conftest import make_hf_model
+    from paft_jax.launch import cli as main
+    base = hf_dir("llama", rope_theta=10000.0)
+    make_hf_model("llama", seed=1, rope_theta=1000.0).save_pretrained(tmp_path / "rope")
+    args = ["merge", "--method", "ties", "--base", str(base), "--model", str(tmp_path / "rope"), "--density", "0.5",
+            "--no-verify"]
+    assert main(args + ["--out", str(tmp_path / "o1")]) == 2
+    err = capsys.readouterr().err
+    assert "rope_theta" in err and "--accept-config-difference" in err and "Traceback" not in err
+    assert main(args + ["--out", str(tmp_path / "o2"), "--accept-config-difference", "rope_theta"]) == 0

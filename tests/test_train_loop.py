@@ -221,3 +221,10 @@ def test_recorder_writes_every_step_in_order_and_stops_at_a_non_finite_loss():
     assert len(got) == 3  # nothing written after the bad step
     rec.close()
 
+
+
+def test_evaluations_are_printed_above_the_progress_bar(tmp_path, capsys):
+    assert main(["sft", "--config", "configs/tiny_sft.yaml", "steps=4", "eval_every=2", f"output_dir={tmp_path / 'r'}"]) == 0
+    captured = capsys.readouterr()
+    assert "[sft] eval at step 2: eval_loss=" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["step"] == 4

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from paft_jax.config import from_dict
@@ -36,6 +37,15 @@ class SourceConfig:
                              "directory is `path:`")
         if self.weight < 0:
             raise ValueError(f"source weight must be >= 0, got {self.weight}")
+
+    def missing_path(self) -> str | None:
+        """The local file or directory this source names that does not exist (checked with the config,
+        before anything loads or is written); None when there is none to check (hub names, URLs)."""
+        local = self.path if self.type not in ("hf_hub", "tfds") else (self.data_dir or self.path
+                                                                         if self.type == "tfds" else None)
+        if local and "://" not in str(local) and not Path(local).expanduser().exists():
+            return str(local)
+        return None
 
     def label(self) -> str:
         return self.path if self.path is not None else f"{self.type}:{self.name}[{self.split}]"

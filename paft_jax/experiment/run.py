@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paft_jax import storage
+from paft_jax import runlock, storage
 from paft_jax.evals.tasks import LEADERBOARD_METRIC
 from paft_jax.experiment.config import ExperimentConfig
 from paft_jax.experiment.evaluate import read_rows, score_generations
@@ -109,10 +109,6 @@ def delta_sparsity(delta: Any, base_params: Any, tols: list[float]) -> dict[str,
 
 
 def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
-    from paft_jax.experiment.evaluate import Evaluator
-    from paft_jax.experiment.report import write_results
-    from paft_jax.merge import load_recipe
-    from paft_jax.merge.tree import merge_deltas
     t_start = time.time()
     if jax.process_count() > 1:
         raise ValueError("launch experiment runs in one process (one host, any number of its devices); "
@@ -126,6 +122,17 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     rules = tcs["sft"].mesh.logical_rules()
     for name, tc in tcs.items():
         tc.validate(data_parallel=mesh.shape["data"] * mesh.shape["fsdp"])
+    with runlock.holding(cfg.output_dir):  # one writer per output_dir (paft_jax/runlock.py)
+        return _experiment(cfg, tcs, rd, devices, mesh, rules, progress, t_start)
+
+
+def _experiment(cfg: ExperimentConfig, tcs: dict, rd: RunDir, devices, mesh, rules, progress: bool,
+                t_start: float) -> dict:
+    """run_experiment's work once its inputs are checked and its run lock is held."""
+    from paft_jax.experiment.evaluate import Evaluator
+    from paft_jax.experiment.report import write_results
+    from paft_jax.merge import load_recipe
+    from paft_jax.merge.tree import merge_deltas
     base = load_base(tcs["sft"], mesh, rules)
     say(f"base {base.source}; {len(devices)} device(s), mesh {dict(mesh.shape)}")
     t_train = time.time()

@@ -29,7 +29,9 @@ def recipe_from_args(args):
     if args.config:
         if args.method or args.model:
             raise ValueError("give either --config or --method/--base/--model, not both")
-        return load_recipe(args.config)
+        recipe = load_recipe(args.config)
+        recipe.spec.accept_config += tuple(args.accept_config_difference or ())
+        return recipe
     if not args.method or not args.model:
         raise ValueError("merge needs --config RECIPE.yaml, or --method with --base and --model ...")
     n = len(args.model)
@@ -51,6 +53,8 @@ def recipe_from_args(args):
         data["dtype"] = args.dtype
     if args.skip:
         data["overrides"] = [{"pattern": p, "skip": True} for p in args.skip]
+    if args.accept_config_difference:
+        data["accept_config_differences"] = list(args.accept_config_difference)
     return load_recipe(data, where="command line")
 
 
@@ -76,6 +80,10 @@ def cmd_merge(args) -> int:
 
 def cmd_sparsity(args) -> int:
     from paft_jax.merge.sparsity import analyze, format_table, plot
+    from paft_jax.publish import check_output_file
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):  # before the work, not after it
+        if path:
+            check_output_file(path, flag)
     rep = analyze(args.base, args.model, tolerances=args.tol, relative=not args.absolute)
     print(format_table(rep, per_tensor=args.per_tensor))
     if args.json:
@@ -106,6 +114,9 @@ def register(sub) -> None:
                    help="flag form: keep the base's tensors matching this glob (e.g. 'model.embed_tokens.*')")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="output dtype (default: the recipe's dtype, else the base's)")
+    p.add_argument("--accept-config-difference", action="append", default=None, metavar="KEY",
+                   help="a config.json key (dotted when nested, e.g. rope_scaling.factor) the models may have "
+                        "another value of than the base (repeat); any other difference is refused")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it holds a previous paft_jax export (nothing else is ever replaced)")
     p.add_argument("--no-verify", dest="verify", action="store_false",

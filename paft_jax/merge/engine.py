@@ -107,7 +107,7 @@ def _merge_to_hf(spec, base, models, out, *, recipe_text, max_shard_size, overwr
     out = publish.check_destination(out, paths, overwrite=overwrite)
     base_src = base if hasattr(base, "get") else open_source(base)
     srcs = [m if hasattr(m, "get") else open_source(m) for m in models]
-    check_compatible(base_src, srcs)
+    check_compatible(base_src, srcs, spec.accept_config)
     layers = num_layers(base_src)
     target = _out_dtype(spec, base_src)
     names = read_order(base_src.names(), [base_src, *srcs])

@@ -28,7 +28,8 @@ PER_MODEL = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15}
 GLOBAL = {"normalize": None, "lambda": 1.0, "rescale": None, "int8_mask": False, "t": None, "seed": 0}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # mergekit recipe keys we read; everything else in a recipe is refused, naming the key
-RECIPE_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "overrides"}
+RECIPE_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "overrides",
+               "accept_config_differences"}
 UNSUPPORTED = {"slices": "layer slicing (frankenmerges)", "modules": "per-module definitions",
                "tokenizer": "tokenizer merging", "chat_template": "chat template selection"}
 
@@ -121,6 +122,7 @@ class MergeSpec:
     model_parameters: list[dict] = field(default_factory=list)
     overrides: list[Override] = field(default_factory=list)
     dtype: str | None = None  # output dtype; None keeps the base's
+    accept_config: tuple[str, ...] = ()  # config keys the models may have other values of than the base
 
     def __post_init__(self):
         m = get_method(self.method)
@@ -333,8 +335,12 @@ def load_recipe(source: str | Path | dict, *, where: str | None = None) -> Recip
             raise RecipeError(f"{where}: overrides[{j}]: expected {{pattern: GLOB, parameters: {{...}}, skip: bool}}")
         overrides.append(Override(str(o["pattern"]), dict(o.get("parameters") or {}), bool(o.get("skip", False))))
     dtype = data.get("out_dtype") or data.get("dtype")
+    accept = data.get("accept_config_differences") or []
+    if not isinstance(accept, list) or not all(isinstance(k, str) for k in accept):
+        raise RecipeError(f"{where}: accept_config_differences must be a list of config keys, e.g. [rope_theta]")
     try:
-        spec = MergeSpec(method, len(models), dict(data.get("parameters") or {}), params, overrides, dtype)
+        spec = MergeSpec(method, len(models), dict(data.get("parameters") or {}), params, overrides, dtype,
+                         tuple(accept))
     except RecipeError as e:
         raise RecipeError(f"{where}: {e}") from None
     return Recipe(spec, base, models, text)

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -148,8 +148,64 @@ def num_layers(src: TensorSource) -> int | None:
     return max(idx) + 1 if idx else None
 
 
-def check_compatible(base: TensorSource, models: list[TensorSource]) -> None:
-    """Same architecture, the same tensor names and shapes: otherwise an error naming the difference."""
+# config.json keys that describe the file or generation defaults, not the function the weights compute
+CONFIG_KEYS_IGNORED = frozenset({
+    "_name_or_path", "_commit_hash", "transformers_version", "torch_dtype", "dtype", "architectures", "auto_map",
+    "use_cache", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "output_attentions",
+    "output_hidden_states", "return_dict", "tokenizer_class", "id2label", "label2id", "problem_type",
+    "task_specific_params", "prefix", "finetuning_task", "_attn_implementation", "attn_implementation",
+    "_attn_implementation_autoset", "quantization_config", "generation_config", "chat_template"})
+
+
+def _rope_as_v5(cfg: dict) -> dict:
+    """transformers v4's `rope_theta` / `rope_scaling` folded into v5's `rope_parameters`, so that one model
+    saved by either version compares equal."""
+    if "rope_theta" not in cfg and not isinstance(cfg.get("rope_scaling"), dict):
+        return cfg
+    cfg = dict(cfg)
+    rope = dict(cfg.get("rope_parameters") or {})
+    if "rope_theta" in cfg:
+        rope.setdefault("rope_theta", cfg.pop("rope_theta"))
+    for k, v in (cfg.pop("rope_scaling", None) or {}).items():
+        rope.setdefault("rope_type" if k == "type" else k, v)
+    rope.setdefault("rope_type", "default")
+    cfg["rope_parameters"] = rope
+    return cfg
+
+
+def config_differences(base: dict, other: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, base value, other value) for every computation-relevant config key whose value differs
+    (nested mappings such as rope_parameters or text_config compared key by key; a missing key differs)."""
+    if not prefix:
+        base, other = _rope_as_v5(base), _rope_as_v5(other)
+    out = []
+    for key in sorted(set(base) | set(other)):
+        if key in CONFIG_KEYS_IGNORED:
+            continue
+        a, b = base.get(key, _MISSING), other.get(key, _MISSING)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b and not (_is_number(a) and _is_number(b) and float(a) == float(b)):
+            out.append((prefix + key, a, b))
+    return out
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+_MISSING = _Missing()
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_compatible(base: TensorSource, models: list[TensorSource], accept: Sequence[str] = ()) -> None:
+    """Same architecture, config and tensor names and shapes: otherwise an error naming the difference.
+    `accept`: config keys allowed to differ from the base's (dotted, e.g. rope_parameters.rope_theta, or
+    the last part alone, rope_theta)."""
     arch = _arch(base)
     names = set(base.names())
     for m in models:
@@ -168,6 +224,15 @@ def check_compatible(base: TensorSource, models: list[TensorSource]) -> None:
                 raise ValueError(f"{m.label}: tensor {n} has shape {tuple(m.shape(n))}, the base "
                                  f"{base.label} has {tuple(base.shape(n))} (models of different sizes cannot "
                                  "be merged)")
+        if base.config and m.config:
+            diffs = [d for d in config_differences(base.config, m.config)
+                     if d[0] not in accept and d[0].rsplit('.', 1)[-1] not in accept]
+            if diffs:
+                shown = ", ".join(f"{k} {b!r} (base {a!r})" for k, a, b in diffs[:6])
+                raise ValueError(f"{m.label}: its config differs from the base {base.label}'s: {shown}"
+                                 f"{' ...' if len(diffs) > 6 else ''}; the merged model would take the base's. "
+                                 "If that is intended, accept the keys (recipe accept_config_differences: "
+                                 f"[{', '.join(k for k, _, _ in diffs)}], or --accept-config-difference KEY)")
 
 
 def read_order(names: list[str], sources: list) -> list[str]:

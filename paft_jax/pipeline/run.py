@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from paft_jax import runlock
 from paft_jax.checkpoint import StopRequest
 from paft_jax.mesh import barrier, init_distributed, mesh_processes, select_devices
 from paft_jax.models.config import ModelConfig
@@ -345,10 +346,18 @@ def run_paft(cfg: PaftConfig, *, progress: bool = True) -> dict:
     mcfg = base_model_config(tcs["sft"])
     p = plan(cfg, tcs, mcfg)
     rd = run_dir(cfg, tcs)
-    out = rd.join()
     check_rerun(cfg, tcs, rd)
     from paft_jax.pipeline import leaderboard
     tasks = leaderboard.prepare(cfg)  # the eval tasks' data, read before training: a missing set fails now
+    with runlock.holding(cfg.output_dir):  # one writer per output_dir (paft_jax/runlock.py), before any write
+        return _train_merge_report(cfg, tcs, p, mcfg, rd, tasks, progress)
+
+
+def _train_merge_report(cfg: PaftConfig, tcs: dict[str, TrainConfig], p, mcfg, rd: RunDir, tasks,
+                        progress: bool) -> dict:
+    """run_paft's work once its inputs are checked and its run lock is held."""
+    from paft_jax.pipeline import leaderboard
+    out = rd.join()
     if jax.process_index() == 0:
         rd.local.mkdir(parents=True, exist_ok=True)
         from paft_jax.config import to_dict

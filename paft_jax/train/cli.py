@@ -33,9 +33,6 @@ def cmd_train(args) -> int:
         raise ValueError(f"objective.kind={cfg.objective.kind!r} contradicts the `{args.command}` command")
     mesh = build_mesh(cfg.mesh)
     cfg.validate(data_parallel=mesh.shape["data"] * mesh.shape["fsdp"])
-    from paft_jax import storage
-    if not storage.is_url(cfg.output_dir):  # an unwritable output_dir is refused now, not after the model loads
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     result = train(cfg, mesh=mesh, progress=not args.no_progress)
     final = {k: v for r in result.history for k, v in r.items() if not k.startswith("time")}
     print(json.dumps({"status": "stopped" if result.preempted else "done", **final}))

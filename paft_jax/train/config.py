@@ -95,6 +95,11 @@ class TrainConfig:
                                  f"needs {want!r} data")
         if not self.data.sources:
             raise ValueError("data.sources is empty: name at least one file, directory or dataset")
+        for name, d in (("data", self.data), ("eval_data", self.eval_data)):
+            for i, src in enumerate(d.sources if d is not None else ()):
+                missing = src.missing_path()
+                if missing:
+                    raise FileNotFoundError(f"{name}.sources[{i}]: {missing}: no such file or directory")
         if self.data.batch_size % self.grad_accum:
             raise ValueError(f"data.batch_size={self.data.batch_size} is not divisible by "
                              f"grad_accum={self.grad_accum}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,13 +143,16 @@ class Branch:
 
 def train(cfg: TrainConfig, *, mesh: Mesh | None = None, base: Base | None = None, progress: bool = True,
           name: str | None = None) -> BranchResult:
-    """Run one branch for `cfg.steps` steps; metrics go to `output_dir/metrics.jsonl`."""
+    """Run one branch for `cfg.steps` steps; metrics go to `output_dir/metrics.jsonl`.  Holds output_dir's
+    run lock (paft_jax/runlock.py) from before the base loads to the end."""
     mesh = mesh or build_mesh(cfg.mesh)
     rules = cfg.mesh.logical_rules()
     cfg.validate(data_parallel=mesh.shape["data"] * mesh.shape["fsdp"])  # before loading anything
-    base = base or load_base(cfg, mesh, rules)
-    branch = Branch(cfg, base, mesh, rules)
-    return run_branch(branch, progress=progress, name=name)
+    from paft_jax import runlock
+    with runlock.holding(cfg.output_dir):  # one writer per output_dir, refused before the model loads
+        base = base or load_base(cfg, mesh, rules)
+        branch = Branch(cfg, base, mesh, rules)
+        return run_branch(branch, progress=progress, name=name)
 
 
 def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None, stop=None,
@@ -175,7 +179,7 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
     metrics_file = (out / "metrics.jsonl").open("a") if primary else None
     if metrics_file and result.resumed_from is not None and not finished_before:  # the timeline marks the gap
         metrics_file.write(json.dumps({"step": start_step, "event": "resumed", "time": time.time()}) + "\n")
-    tb = _tensorboard(out / "tb") if primary else None
+    tb = _tensorboard(out / "tb", start_step) if primary else None
 
     def sync() -> None:
         """A remote run: upload config.json, metrics.jsonl and the TensorBoard files (primary only)."""
@@ -211,8 +215,12 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
             bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
             if bar.disable and primary and (rec["step"] % cfg.log_every == 0 or rec["step"] == cfg.steps):
                 log.info("[%s] step %d/%d: %s", name, rec["step"], cfg.steps, _summary(rec))
-        elif bar.disable and primary and rec.get("step", 0) < cfg.steps:
-            log.info("[%s] eval at step %d: %s", name, rec["step"], _summary(rec))
+        elif primary and "eval_loss" in rec and rec.get("step", 0) < cfg.steps:
+            line = f"[{name}] eval at step {rec['step']}: {_summary(rec)}"
+            if bar.disable:
+                log.info("%s", line)
+            else:  # above the bars (stderr), which keep their place
+                bar.write(line, file=sys.stderr)
 
     from paft_jax.checkpoint import StopRequest
     from tqdm.auto import tqdm
@@ -294,10 +302,12 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
     return result
 
 
-def _tensorboard(directory: Path):
-    """TensorBoard event files (tensorboardX: no TensorFlow needed); one file per (re)start of the run."""
+def _tensorboard(directory: Path, start_step: int):
+    """TensorBoard event files (tensorboardX: no TensorFlow needed); one file per (re)start of the run.
+    A resumed run's file starts with a purge at the first step it redoes (TensorBoard then drops what
+    earlier files logged from that step on), so TensorBoard rewinds with metrics.jsonl."""
     from tensorboardX import SummaryWriter
-    return SummaryWriter(str(directory), flush_secs=10)
+    return SummaryWriter(str(directory), flush_secs=10, purge_step=start_step + 1 if start_step else None)
 
 
 def _checkpointer(cfg: TrainConfig, processes: list[int] | None = None):

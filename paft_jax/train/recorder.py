@@ -83,7 +83,8 @@ class MetricsRecorder:
         self._last_end = t1
         if not math.isfinite(m["loss"]):
             raise FloatingPointError(f"step {step + 1}: loss is {m['loss']} (metrics {m}); stopping before any "
-                                     "later checkpoint: the last one saved holds the last good state")
+                                     "later checkpoint is saved (those saved so far predate this step; each is "
+                                     "checked against its checksums when restored)")
         dt = max(t1 - start, 1e-9)
         rec = {"step": step + 1, **m, "trained_tokens": tokens[0], "tokens": tokens[1], "time_start": start,
                "time_end": t1, "tokens_per_second": tokens[1] / dt, "model_tflops_per_second": flops / dt / 1e12}
