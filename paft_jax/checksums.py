@@ -33,6 +33,20 @@ def _file_crc32(path: Path) -> int:
     return crc
 
 
+def _file_crc32c(path: Path) -> str | None:
+    """GCS's form of a file's CRC-32C (base64 of the big-endian value); None without google-crc32c."""
+    try:
+        import google_crc32c
+    except ImportError:
+        return None
+    import base64
+    c = google_crc32c.Checksum()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            c.update(chunk)
+    return base64.b64encode(c.digest()).decode()
+
+
 def compute(step_dir: str) -> dict[str, dict]:
     """{relative path: {"size", "crc32" | "crc32c"}} of every file of a step directory (the manifest aside)."""
     if storage.is_url(step_dir):
@@ -59,17 +73,17 @@ def write(step_dir: str) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
-def has_manifest(step_dir: str) -> bool:
+def _read_manifest(step_dir: str) -> str | None:
     if storage.is_url(step_dir):
-        return storage.read_text(storage.join(step_dir, MANIFEST)) is not None
-    return (Path(step_dir) / MANIFEST).is_file()
+        return storage.read_text(storage.join(step_dir, MANIFEST))
+    path = Path(step_dir) / MANIFEST
+    return path.read_text() if path.is_file() else None
 
 
 def verify(step_dir: str) -> str | None:
     """None when every file matches the step's manifest; else what differs (one file named).  A step
     without a manifest raises FileNotFoundError (unverifiable, which is not the same as damaged)."""
-    text = (storage.read_text(storage.join(step_dir, MANIFEST)) if storage.is_url(step_dir)
-            else (Path(step_dir) / MANIFEST).read_text() if (Path(step_dir) / MANIFEST).is_file() else None)
+    text = _read_manifest(step_dir)
     if text is None:
         raise FileNotFoundError(f"{step_dir}: no {MANIFEST}")
     try:
@@ -81,18 +95,25 @@ def verify(step_dir: str) -> str | None:
         got = found.get(rel)
         if got is None:
             return f"{rel} is missing"
-        if got != want:
-            what = "size" if got.get("size") != want.get("size") else "checksum"
-            return (f"{rel} has another {what} than when it was saved ({_show(got, what)}, saved "
-                    f"{_show(want, what)}): its bytes changed")
+        differs = _differs(got, want, None if storage.is_url(step_dir) else Path(step_dir) / rel)
+        if differs:
+            return f"{rel} has another {differs} than when it was saved: its bytes changed"
     extra = sorted(set(found) - set(expected))
     if extra:
         return f"{extra[0]} was added after the save"
     return None
 
 
-def _show(entry: dict, what: str) -> str:
-    if what == "size":
-        return f"{entry.get('size')} bytes"
-    key = "crc32" if "crc32" in entry else "crc32c"
-    return f"{key} {entry.get(key)}"
+def _differs(got: dict, want: dict, local: Path | None) -> str | None:
+    """What differs between a file and its manifest entry, or None.  A step saved on gs:// and copied to
+    a disk is checked against GCS's CRC-32C computed here; one saved on a disk and copied to gs:// by its
+    sizes (its CRC-32 would need the bytes downloaded)."""
+    if got.get("size") != want.get("size"):
+        return f"size ({got.get('size')} bytes, saved {want.get('size')})"
+    for key in ("crc32", "crc32c"):
+        mine = got.get(key)
+        if key == "crc32c" and mine is None and local is not None and want.get(key) is not None:
+            mine = _file_crc32c(local)
+        if mine is not None and want.get(key) is not None and mine != want[key]:
+            return f"checksum ({key} {mine}, saved {want[key]})"
+    return None

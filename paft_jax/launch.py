@@ -443,6 +443,12 @@ def cli(argv: list[str] | None = None, entry=None) -> int:
     argv = [a for a in argv if a != "--debug"]
     try:
         return int((entry or main)(argv) or 0)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and stops after the step in flight)
+        if debug:
+            raise
+        print("error: interrupted at once by a second Ctrl-C; the same command resumes from the latest complete "
+              "checkpoint", file=sys.stderr, flush=True)
+        return 130
     except Exception as e:
         if not user_error(e):
             raise

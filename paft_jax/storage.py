@@ -51,20 +51,22 @@ def split_url(url: str) -> tuple[str, str]:
     return head, name
 
 
-def _listing(fs, root: str) -> dict[str, tuple]:
-    """{relative name: (size, version)} of every object under `root` (fresh, not from fsspec's cache)."""
+def _objects(fs, root: str) -> dict[str, dict]:
+    """{relative name: fsspec info} of every object under `root` (fresh, not from fsspec's cache)."""
     fs.invalidate_cache(root)
     try:
         found = fs.find(root, detail=True)
     except FileNotFoundError:
         return {}
-    out = {}
-    for path, info in found.items():
-        rel = path[len(root):].lstrip("/")
-        if rel and info.get("type", "file") != "directory":
-            version = info.get("generation") or info.get("updated") or info.get("mtime") or info.get("created")
-            out[rel] = (info.get("size"), str(version))
-    return out
+    return {path[len(root):].lstrip("/"): info for path, info in found.items()
+            if path[len(root):].lstrip("/") and info.get("type", "file") != "directory"}
+
+
+def _listing(fs, root: str) -> dict[str, tuple]:
+    """{relative name: (size, version)} of every object under `root` (fresh, not from fsspec's cache)."""
+    return {rel: (info.get("size"), str(info.get("generation") or info.get("updated") or info.get("mtime")
+                                        or info.get("created")))
+            for rel, info in _objects(fs, root).items()}
 
 
 def child_names(url: str) -> set[str]:
@@ -267,7 +269,8 @@ def remove_version(url: str, generation: str | None) -> bool:
     fs, root = _fs(url)
     fs.invalidate_cache(root)
     try:
-        if generation is not None and type(fs).__name__ == "GCSFileSystem":
+        protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+        if generation is not None and "gs" in protocols:  # gcsfs: a DELETE with GCS's precondition
             bucket, _, key = root.partition("/")
             fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=generation)
         else:
@@ -283,11 +286,4 @@ def object_checksums(url: str) -> dict[str, tuple[int | None, str | None]]:
     """{relative name: (size, crc32c)} of every object under `url`, from a fresh listing: the CRC-32C
     is the one the store computed (GCS verifies it on upload), so nothing is downloaded."""
     fs, root = _fs(url)
-    fs.invalidate_cache(root)
-    try:
-        found = fs.find(root, detail=True)
-    except FileNotFoundError:
-        return {}
-    return {path[len(root):].lstrip("/"): (info.get("size"), info.get("crc32c"))
-            for path, info in found.items()
-            if path[len(root):].lstrip("/") and info.get("type", "file") != "directory"}
+    return {rel: (info.get("size"), info.get("crc32c")) for rel, info in _objects(fs, root).items()}

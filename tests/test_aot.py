@@ -147,3 +147,12 @@ def test_splash_attention_compiles_for_a_tpu_topology(tmp_path):
     assert kernels["attention=auto"] == {"train_step": 2, "eval_step": 1}
     assert kernels["attention=naive"] == {"train_step": 0, "eval_step": 0}
     assert kernels["attention=auto data.seq_len=576 eval_data.seq_len=576"] == {"train_step": 0, "eval_step": 0}
+
+
+def test_compile_of_a_program_no_branch_runs_is_refused():
+    """--programs reference_logps with ref_cache: false compiled nothing and exited 0 with an empty table."""
+    from paft_jax.launch import main
+    with pytest.raises(ValueError, match=r"--programs reference_logps: no branch of configs/tiny_dpo.yaml runs that "
+                                         r"program \(the reference pass runs only with ref_cache: true\)"):
+        main(["compile", "--config", "configs/tiny_dpo.yaml", "--no-progress", "--programs", "reference_logps",
+              "ref_cache=false"])

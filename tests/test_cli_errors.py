@@ -216,3 +216,44 @@ def test_output_files_and_data_paths_are_checked_before_any_model_loads(tmp_path
     err = capsys.readouterr().err
     assert "data.sources[0]: data/arith/nope.jsonl: no such file or directory" in err
     assert not out.exists()
+
+
+def test_a_second_ctrl_c_is_one_line_and_exit_130(capsys):
+    """The first SIGINT saves after the step in flight; a second one interrupts at once (KeyboardInterrupt
+    from the handler): one line saying how to resume, exit code 130, no traceback (--debug keeps it)."""
+    from paft_jax import launch as launch_mod
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    assert launch_mod.cli(["sft"], entry=interrupted) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("error: interrupted at once by a second Ctrl-C") and err.count("\n") == 1
+    with pytest.raises(KeyboardInterrupt):
+        launch_mod.cli(["sft", "--debug"], entry=interrupted)
+
+
+def test_a_missing_checkpoint_step_lists_the_steps_there(tmp_path):
+    from paft_jax.train.restore import locate
+    for s in (2, 4):
+        (tmp_path / "checkpoints" / str(s)).mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"checkpoints/7: no such checkpoint step; .*holds steps 2, 4"):
+        locate(tmp_path / "checkpoints" / "7")
+
+
+def test_misspelled_split_and_tokenizer_get_a_suggestion():
+    from paft_jax.evals.data import load_split
+    from paft_jax.evals.tasks import TASKS
+    from paft_jax.train.loop import resolve_tokenizer
+    with pytest.raises(FileNotFoundError, match="did you mean --split validation"):
+        load_split(TASKS["arc_easy"], "validaton", None)
+    with pytest.raises(ValueError, match="did you mean 'llama3-test'"):
+        resolve_tokenizer("llama3_test", None)
+
+
+def test_a_split_with_no_candidate_says_why():
+    """4 chips of one host (v4-8) in steps of 4: no two-way split exists; the message says so instead of
+    ending at a colon."""
+    from paft_jax.pipeline.split import choose_split
+    with pytest.raises(ValueError, match=r"4 devices in steps of 4 \(whole processes\) cannot be split between two "
+                                         r"branches: run on at least 8 devices, or use mode=sequential"):
+        choose_split(4, [1.0, 1.0], [None, None], granularity=4)

@@ -42,6 +42,29 @@ def test_checkpoints_on_gs_resume_in_a_new_process_and_export(gcs_env, tmp_path)
                           "d = storage.fetch_dir('gs://paft/exports/tiny-sft', tempfile.mkdtemp())\n"
                           "import os\nprint(json.dumps({'files': sorted(os.listdir(d))}))\n", tmp_path)
     assert "config.json" in got["files"] and "model.safetensors" in got["files"]
+    # a flipped byte in the bucket: the object's CRC-32C (GCS's own) no longer matches the manifest
+    flipped = script(gcs_env, FLIP_LARGEST, f"{bucket}/6", tmp_path)["flipped"]
+    proc = subprocess.run([sys.executable, "-m", "paft_jax.launch", *common, "steps=8"], cwd=ROOT, env=gcs_env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"{bucket}/6 cannot be restored (damaged: {flipped} has another checksum (" in proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 6                                    # no step ran
+
+
+FLIP_LARGEST = r"""
+import json, sys
+from paft_jax import storage
+step = sys.argv[1]
+sizes = {k: v[0] for k, v in storage.object_checksums(step).items() if k.startswith("state/")}
+name = max(sizes, key=sizes.get)
+import fsspec
+fs, root = fsspec.core.url_to_fs(f"{step}/{name}")
+data = bytearray(fs.cat_file(root))
+data[len(data) // 2] ^= 0xFF
+fs.pipe_file(root, bytes(data))
+print(json.dumps({"flipped": name}))
+"""
 
 
 def script(env, code: str, *args, timeout=300) -> dict:

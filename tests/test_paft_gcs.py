@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -124,16 +125,19 @@ def test_paft_with_its_run_directory_in_a_bucket(gcs_env, local_run, tmp_path):
 @pytest.mark.slow
 def test_a_branch_killed_midway_resumes_from_the_bucket_on_another_machine(gcs_env, local_run, tmp_path):
     url = f"{URL}-killed"
-    killed = paft(gcs_env, url, tmp_path / "cache1", "prompts=[]", fault="sft-step-5")
+    killed = paft(gcs_env, url, tmp_path / "cache1", "prompts=[]", "lock_lease_s=8", fault="sft-step-5")
     assert killed.returncode == -9, killed.stderr[-3000:]
+    lock = script(gcs_env, READ_JSON, f"{url}/.paft-lock")     # the killed run's lock is left in the bucket
+    assert lock["pid"] and lock["lease_s"] == 8
     names = set(listing(gcs_env, url))
     assert "sft/done.json" not in names and "merge.json" not in names
     assert any(n.startswith("sft/checkpoints/4/") for n in names)
     before = [r["step"] for r in metrics(gcs_env, f"{url}/sft", tmp_path / "before")]
     assert before[:4] == [1, 2, 3, 4]           # uploaded with the step-4 checkpoint (or later)
     script(gcs_env, STALE_UPLOAD, url)
-    again = ok(paft(gcs_env, url, tmp_path / "cache2", "prompts=[]"))   # an empty mirror
-    for text in ("resumed from", "removing the unfinished upload"):
+    time.sleep(max(0.0, lock["expires"] - time.time() + 0.5))  # a preempted run's lease runs out, then:
+    again = ok(paft(gcs_env, url, tmp_path / "cache2", "prompts=[]", "lock_lease_s=8"))   # an empty mirror
+    for text in ("resumed from", "removing the unfinished upload", "taking over the run lock of"):
         assert text in again, (text, again[-3000:])
     names = set(listing(gcs_env, url))
     assert not [n for n in names if n.startswith(".") or "/." in n or "tmp" in n], sorted(names)

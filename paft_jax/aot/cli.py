@@ -128,6 +128,10 @@ def cmd_compile(args) -> int:
         print(f"{name}: attention {tc.attention} (block {tc.attention_block}), remat {tc.remat}", file=sys.stderr)
     jobs = [(name, prog, fn, a, mesh) for name, tc, mesh in branches
             for prog, fn, a in abstract_programs(tc, mcfg, mesh) if prog.split(" ")[0] in wanted]
+    if not jobs:  # e.g. --programs reference_logps on branches without a reference cache
+        raise ValueError(f"--programs {args.programs}: no branch of {args.config} runs "
+                         + ("that program" if len(wanted) == 1 else "these programs")
+                         + " (the reference pass runs only with ref_cache: true)" * ("reference_logps" in wanted))
     rows, refused = [], []
     for name, prog, fn, a, mesh in tqdm(jobs, desc="compiling", unit="program", disable=not args.progress):
         try:
@@ -172,6 +176,7 @@ def cmd_compile(args) -> int:
 
 
 def register(sub) -> None:
+    from paft_jax.aot.topology import size_ranges  # light: no JAX
     p = sub.add_parser("compile", help="compile a run's device programs ahead of time and report per-chip memory",
                        description="Compile every device program of a branch or PAFT config (train step, eval "
                                    "step, DPO reference pass) from shapes alone, for a TPU slice given by its "
@@ -180,8 +185,7 @@ def register(sub) -> None:
                                    "program does not fit.")
     p.add_argument("--config", default=None, help="a branch config (configs/llama3_8b_sft.yaml) or a PAFT config")
     p.add_argument("--topology", default=None,
-                   help="gcloud accelerator type: v4-8 ... v4-128, v5litepod-1 ... v5litepod-256, v5p-8 ..., v6e-1 ... "
-                        "(default: the attached devices)")
+                   help=f"gcloud accelerator type: {size_ranges()} (default: the attached devices)")
     p.add_argument("--model-shape", default=None,
                    help="named model shape when the model directory is not on this machine: llama3-8b, "
                         "llama3.1-8b, llama3.2-1b, mistral-7b, qwen2-7b, smollm2-135m")

@@ -47,8 +47,8 @@ def compile_memory(branch: str, name: str, fn, args: tuple, mesh, hbm: int | Non
 
 def table(rows: list[ProgramMemory]) -> str:
     """Per program and per chip, in GiB: argument, output, alias, temporary and peak against the HBM."""
-    head = ("branch", "program", "chips", "mesh", "args", "output", "alias", "temp", "peak", "HBM", "headroom",
-            "fits", "kernels", "compile")
+    head = ("branch", "program", "chips", "mesh", "args GiB", "output GiB", "alias GiB", "temp GiB", "peak GiB",
+            "HBM GiB", "headroom", "fits", "kernels", "compile")
     lines = []
     for r in rows:
         mesh = "x".join(f"{k}{v}" for k, v in r.mesh.items() if v > 1) or "1"

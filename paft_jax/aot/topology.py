@@ -45,6 +45,15 @@ class Topology:
         return math.prod(self.chips_per_host)
 
 
+def size_ranges() -> str:
+    """The accelerator types parse_accelerator knows, as ranges (for help texts)."""
+    out = []
+    for gen, (_, _, _, per) in GENERATIONS.items():
+        sizes = sorted(int(c / per) for c in (_3D if gen in ("v4", "v5p") else _2D))
+        out.append(f"{gen}-{sizes[0]} ... {gen}-{sizes[-1]}")
+    return ", ".join(out)
+
+
 def parse_accelerator(accel: str) -> Topology:
     """'v4-32' -> its topology; an unknown or impossible type is refused, naming the known sizes."""
     m = re.fullmatch(r"(v4|v5p|v5litepod|v5e|v6e)-(\d+)", accel.strip().lower())

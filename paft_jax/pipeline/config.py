@@ -95,6 +95,7 @@ class PaftConfig:
     mode: str = "parallel"             # parallel (PAFT) | sequential (SFT, then preference on the SFT model)
     schedule: str = "concurrent"       # parallel mode: concurrent (both branches at once) | serial (for timing)
     output_dir: str = "runs/paft"
+    lock_lease_s: float = 300.0  # gs:// output_dir: the run lock's lease (a killed run's lock expires after it)
     # the shared base (null: take it from the branch configs, which must then agree)
     model: str | None = None
     model_config: dict[str, Any] | None = None
@@ -123,6 +124,8 @@ class PaftConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self) -> None:
+        if self.lock_lease_s <= 0:
+            raise ValueError(f"lock_lease_s={self.lock_lease_s} must be > 0 (seconds)")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r}: expected one of {MODES}")
         if self.schedule not in SCHEDULES:

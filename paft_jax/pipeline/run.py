@@ -349,7 +349,7 @@ def run_paft(cfg: PaftConfig, *, progress: bool = True) -> dict:
     check_rerun(cfg, tcs, rd)
     from paft_jax.pipeline import leaderboard
     tasks = leaderboard.prepare(cfg)  # the eval tasks' data, read before training: a missing set fails now
-    with runlock.holding(cfg.output_dir):  # one writer per output_dir (paft_jax/runlock.py), before any write
+    with runlock.holding(cfg.output_dir, lease_s=cfg.lock_lease_s):  # one writer per output_dir, before any write
         return _train_merge_report(cfg, tcs, p, mcfg, rd, tasks, progress)
 
 

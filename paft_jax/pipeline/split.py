@@ -69,6 +69,9 @@ def choose_split(n_devices: int, works: list[float], cfgs: list[TrainConfig], gr
             if why:
                 raise ValueError(f"split gives the {name} branch {c} devices: {why}")
         return counts
+    if n_devices < 2 * granularity:
+        raise ValueError(f"{n_devices} devices in steps of {granularity} (whole processes) cannot be split between "
+                         f"two branches: run on at least {2 * granularity} devices, or use mode=sequential")
     best, reasons = None, []
     ideal = works[0] / sum(works) * n_devices
     for first in range(granularity, n_devices, granularity):

@@ -53,6 +53,7 @@ class TrainConfig:
     cache_dir: str = "cache/paft_jax"  # reference log-prob cache (content-addressed)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output_dir: str = "runs/branch"
+    lock_lease_s: float = 300.0        # gs:// output_dir: the run lock's lease (paft_jax/runlock.py)
     seed: int = 0
 
     def forward_micro_rows(self) -> int:
@@ -63,6 +64,8 @@ class TrainConfig:
         """Every refusal that needs no devices, data or weights."""
         if self.steps < 1:
             raise ValueError(f"steps={self.steps} must be >= 1")
+        if self.lock_lease_s <= 0:
+            raise ValueError(f"lock_lease_s={self.lock_lease_s} must be > 0 (seconds)")
         if self.grad_accum < 1 or self.eval_every < 0 or self.eval_batches < 0 or self.log_every < 1:
             raise ValueError("grad_accum and log_every must be >= 1, eval_every and eval_batches >= 0")
         from paft_jax.train.recorder import parse_profile
@@ -127,7 +130,8 @@ class TrainConfig:
 # not trained with, so it is refused (resume_conflicts).
 RESUMABLE_KEYS = ("steps", "eval_every", "eval_batches", "eval_at_start", "log_every", "profile", "eval_data",
                   "checkpoint", "output_dir", "cache_dir", "mesh", "remat", "scan_unroll", "attention",
-                  "attention_block", "grad_accum", "eval_micro_batch", "ref_cache", "objective.logits_chunk")
+                  "attention_block", "grad_accum", "eval_micro_batch", "ref_cache", "objective.logits_chunk",
+                  "lock_lease_s")
 
 
 def flat_items(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -61,6 +61,12 @@ def resolve_tokenizer(spec: str | None, fallback: Any):
     if spec == "llama3-test":
         from paft_jax.data.testing import llama3_style_tokenizer
         return llama3_style_tokenizer()
+    named = ("llama3-test", "smollm2")
+    if spec not in named and "://" not in spec and not Path(spec).expanduser().exists():
+        import difflib
+        close = difflib.get_close_matches(spec.lower().replace("_", "-"), named, n=1)
+        if close:
+            raise ValueError(f"tokenizer {spec!r}: no such directory or file; did you mean {close[0]!r}?")
     directory, gguf = resolve_model_path(spec)
     tok = load_tokenizer(directory, gguf)
     if tok is None:
@@ -149,7 +155,7 @@ def train(cfg: TrainConfig, *, mesh: Mesh | None = None, base: Base | None = Non
     rules = cfg.mesh.logical_rules()
     cfg.validate(data_parallel=mesh.shape["data"] * mesh.shape["fsdp"])  # before loading anything
     from paft_jax import runlock
-    with runlock.holding(cfg.output_dir):  # one writer per output_dir, refused before the model loads
+    with runlock.holding(cfg.output_dir, lease_s=cfg.lock_lease_s):  # one writer per output_dir, before the load
         base = base or load_base(cfg, mesh, rules)
         branch = Branch(cfg, base, mesh, rules)
         return run_branch(branch, progress=progress, name=name)

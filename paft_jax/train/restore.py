@@ -38,6 +38,10 @@ def locate(path: str | Path) -> tuple[str, int | None]:
         return str(p / "checkpoints"), None
     if p.is_dir():
         return str(p), None
+    if p.name.isdigit() and p.parent.is_dir():  # a step that is not there: say which are
+        steps = sorted(int(c.name) for c in p.parent.iterdir() if c.name.isdigit() and c.is_dir())
+        raise FileNotFoundError(f"{path}: no such checkpoint step; {p.parent} holds "
+                                + (f"steps {', '.join(map(str, steps))}" if steps else "no complete step"))
     raise FileNotFoundError(f"{path}: no such checkpoint directory")
 
 
