@@ -79,7 +79,7 @@ def main() -> None:
     est_params = 8.03e9
     per_host = 3 * 4 * est_params / 4  # delta + two moments, fp32, over the 4 hosts of a v4-32
     print(f"\nSmolLM2-135M-sized state: {n_params / 1e6:.1f}M parameters x (delta + 2 AdamW moments) fp32 = "
-          f"{total / 1e9:.2f} GB on disk ({rows[0]['bytes'] / 1e9:.2f} GB in {rows[0]['files']} files); "
+          f"{total / 1e9:.2f} GB in memory, {rows[0]['bytes'] / 1e9:.2f} GB in {rows[0]['files']} files on disk; "
           f"median of {args.repeats}; {os.cpu_count()} cores\n")
     print(f"{'operation':28} {'seconds':>8} {'vs save/restore':>16}")
     print(f"{'save (sync, Orbax)':28} {med['save_s']:8.2f}")
