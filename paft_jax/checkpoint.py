@@ -103,6 +103,7 @@ class BranchCheckpointer:
         self._in_flight: int | None = None   # step of the async save not yet waited for
         self._failed: CheckpointError | None = None
         self._slow = slow_save_hook()
+        self._verified: set[int] = set()     # steps whose checksums matched in this process
 
     # ------------------------------------------------------------------------------------------ save
     def should_save(self, step: int, last_step: int) -> bool:
@@ -158,6 +159,8 @@ class BranchCheckpointer:
     def verify(self, step: int) -> str | None:
         """None when `step`'s files match the checksums written when it was saved (or it has none: then a
         warning); else what differs, naming the file."""
+        if step in self._verified:  # a merge reads a step leaf by leaf: its files are checked once
+            return None
         where = storage_join(self.directory, str(step))
         t0 = time.perf_counter()
         try:
@@ -168,6 +171,8 @@ class BranchCheckpointer:
             return None
         log.info("checkpoint %s: checksums %s in %.2fs", where, "differ" if problem else "verified",
                  time.perf_counter() - t0)
+        if problem is None:
+            self._verified.add(step)
         return problem
 
     def close(self) -> None:

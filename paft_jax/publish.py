@@ -152,11 +152,16 @@ def check_output_file(path: str | Path, flag: str) -> None:
     p = Path(path).expanduser()
     if p.is_dir():
         raise IsADirectoryError(f"{flag} {path}: is a directory; give a file name")
-    parent = p.parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = existing_ancestor(p.parent)
     if not parent.is_dir():
         raise NotADirectoryError(f"{flag} {path}: {parent} is a file, so the file cannot be created under it")
     target = p if p.exists() else parent
     if not os.access(target, os.W_OK):
         raise PermissionError(f"{flag} {path}: {target} is not writable")
+
+
+def existing_ancestor(path: Path) -> Path:
+    """`path` itself when it exists, else its nearest ancestor that does (what creating it would go under)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path

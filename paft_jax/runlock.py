@@ -88,10 +88,9 @@ class RunLock:
     # ------------------------------------------------------------------------------------------ local
     def _acquire_local(self) -> None:
         import fcntl
+        from paft_jax.publish import existing_ancestor
         d = Path(self.output_dir)
-        ancestor = d
-        while not ancestor.exists() and ancestor != ancestor.parent:
-            ancestor = ancestor.parent
+        ancestor = existing_ancestor(d)
         if not ancestor.is_dir():
             raise NotADirectoryError(f"output_dir {d}: {ancestor} is a file, not a directory")
         self._created_dir = not d.exists()
