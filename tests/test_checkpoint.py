@@ -155,7 +155,9 @@ def test_sigterm_saves_exits_stopped_and_the_same_command_continues(tmp_path):
 
 
 def _cfg(out, *extra):
-    return load_train_config("configs/tiny_sft.yaml", [*ARGS, "steps=4", "checkpoint.save_every=2",
+    # one lr schedule (decay to step 8) for every length these runs are given: a resumed run keeps its schedule
+    return load_train_config("configs/tiny_sft.yaml", [*ARGS, "steps=4", "optim.schedule_steps=8",
+                                                        "checkpoint.save_every=2",
                                                         "checkpoint.async_save=false", f"output_dir={out}", *extra])
 
 
@@ -340,7 +342,8 @@ FULL_DISK = r"""
 set -u
 mount -t tmpfs -o size=64m paft_full_disk "$MNT" || exit 99
 run() { "$PY" -m paft_jax.launch sft --config configs/tiny_sft.yaml eval_data=null optim.warmup_steps=1 \
-          checkpoint.save_every=2 "checkpoint.directory=$MNT/checkpoints" "output_dir=$OUT/run" --no-progress "$@"; }
+          optim.schedule_steps=4 checkpoint.save_every=2 "checkpoint.directory=$MNT/checkpoints" "output_dir=$OUT/run" \
+          --no-progress "$@"; }
 run steps=2 > "$OUT/1.log" 2>&1; echo $? > "$OUT/1.rc"
 # fill the disk so that only half of a checkpoint still fits
 avail=$(df --output=avail -B1 "$MNT" | tail -1); size=$(du -sb "$MNT/checkpoints/2" | cut -f1)

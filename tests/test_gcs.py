@@ -24,8 +24,8 @@ def run(env, *argv, timeout=300):
 def test_checkpoints_on_gs_resume_in_a_new_process_and_export(gcs_env, tmp_path):
     bucket = "gs://paft/runs/tiny/checkpoints"
     common = ["sft", "--config", "configs/tiny_sft.yaml", "eval_data=null", "optim.warmup_steps=1",
-              "checkpoint.save_every=2", f"checkpoint.directory={bucket}", f"output_dir={tmp_path / 'run'}",
-              "--no-progress"]
+              "optim.schedule_steps=8", "checkpoint.save_every=2", f"checkpoint.directory={bucket}",
+              f"output_dir={tmp_path / 'run'}", "--no-progress"]  # one lr schedule for the 4, 6 and 8 steps
     run(gcs_env, *common, "steps=4")
     out = run(gcs_env, *common, "steps=6")
     assert f"resumed from {bucket}/4" in out

@@ -104,6 +104,23 @@ def test_rerun_with_changed_settings(paft_run, tmp_path, capsys):
     assert any(not np.array_equal(a[k], b[k]) for k in a)  # and it is the new merge
 
 
+def test_more_steps_may_not_stretch_a_branch_lr_schedule_unasked(paft_run):
+    """As for one branch (tests/test_rerun.py): a rerun raising a trained branch's steps is refused before
+    anything loads when that would stretch the branch's lr schedule, naming the key that says what to do;
+    with the key set, the rerun may go on."""
+    from paft_jax.pipeline.config import branch_configs, load_paft_config
+    from paft_jax.pipeline.run import check_rerun, run_dir
+    before = sorted((p, p.stat().st_mtime_ns) for p in paft_run.rglob("*"))
+    with pytest.raises(ValueError, match=r"sft\.steps=8 would change the lr schedule this run was trained with "
+                                         r"\(cosine decay ending at step 6, now 8\); to go on, set "
+                                         r"sft\.optim\.schedule_steps=8 to stretch it"):
+        main(["paft", "--config", CONFIG, "--no-progress", f"output_dir={paft_run}", "sft.steps=8"])
+    assert sorted((p, p.stat().st_mtime_ns) for p in paft_run.rglob("*")) == before
+    cfg = load_paft_config(CONFIG, [f"output_dir={paft_run}", "sft.steps=8", "sft.optim.schedule_steps=8"])
+    tcs = branch_configs(cfg)
+    check_rerun(cfg, tcs, run_dir(cfg, tcs))
+
+
 def test_eval_tasks_score_the_base_the_branches_and_the_merge(paft_run, tmp_path, capsys):
     """eval_tasks added to a finished run: nothing is retrained or merged again, the four models of the paper's
     Table 1 are scored; the SFT row is `launch eval --checkpoint` of the SFT branch, the PAFT row `launch eval`

@@ -65,7 +65,8 @@ def test_more_steps_continue_and_fresh_starts_beside(finished, tmp_path):
     import shutil
     run = tmp_path / "sft"
     shutil.copytree(finished, run)
-    assert main(["sft", *TINY, "steps=3", "eval_batches=2", f"output_dir={run}"]) == 0  # allowed changes
+    # allowed changes (the run's cosine decays to 0 at step 2: going on means stretching it, said explicitly)
+    assert main(["sft", *TINY, "steps=3", "optim.schedule_steps=3", "eval_batches=2", f"output_dir={run}"]) == 0
     recs = rows(run)
     assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3]
     assert [r["step"] for r in recs if "eval_loss" in r] == [2, 3]
@@ -76,6 +77,38 @@ def test_more_steps_continue_and_fresh_starts_beside(finished, tmp_path):
     assert json.loads((fresh / "config.json").read_text())["optim"]["learning_rate"] == 1e-4
     assert [r["step"] for r in rows(fresh) if "loss" in r] == [1, 2]
     assert json.loads((run / "config.json").read_text())["optim"]["learning_rate"] == 3e-3
+
+
+def lrs(out) -> dict[int, float]:
+    return {r["step"]: r["learning_rate"] for r in rows(out) if "learning_rate" in r}
+
+
+def test_more_steps_keep_the_lr_schedule_the_run_was_trained_with(tmp_path):
+    """A rerun with a larger `steps` resumes mid-schedule: it may not stretch the cosine decay unasked (the lr
+    would jump up at the resumed step); with optim.schedule_steps at the first run's horizon the decay ends
+    where it did and the new steps train at the final lr, learning_rate x min_lr_ratio."""
+    from paft_jax.train.optim import OptimConfig, schedule
+    run = tmp_path / "sft"
+    args = ["sft", *TINY, "optim.min_lr_ratio=0.1", f"output_dir={run}"]
+    assert main([*args, "steps=3"]) == 0
+    first = lrs(run)
+    before = (run / "config.json").read_text(), (run / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"checkpoint .*/3: steps=5 would change the lr schedule this run was "
+                                         r"trained with \(cosine decay ending at step 3, now 5\); to go on, set "
+                                         r"optim\.schedule_steps=3 to keep it \(steps past 3 at its final lr, "
+                                         r"0\.0003\), or optim\.schedule_steps=5 to stretch it"):
+        main([*args, "steps=5"])
+    assert ((run / "config.json").read_text(), (run / "metrics.jsonl").read_text()) == before
+    assert main([*args, "steps=5", "optim.schedule_steps=3"]) == 0
+    got = lrs(run)
+    assert sorted(got) == [1, 2, 3, 4, 5] and {s: got[s] for s in first} == first
+    kept = schedule(OptimConfig(learning_rate=3e-3, min_lr_ratio=0.1, schedule_steps=3), 5)
+    assert [got[s] for s in range(1, 6)] == pytest.approx([float(kept(s - 1)) for s in range(1, 6)], rel=1e-6)
+    assert got[4] == got[5] == pytest.approx(3e-4, rel=1e-6)  # the final lr, held: no jump at the resumed step
+    assert all(b <= a for a, b in zip([got[s] for s in range(1, 6)], [got[s] for s in range(2, 6)]))
+    # the saved horizon is explicit now: a later rerun must name it again (or another one) to change steps
+    with pytest.raises(ValueError, match=r"steps=6 would change .*ending at step 3, now 6"):
+        main([*args, "steps=6"])
 
 
 def test_generate_reads_a_run_directory_as_its_export_would(finished, tmp_path, capsys):

@@ -148,6 +148,10 @@ def test_micro_batched_reference_and_eval_passes_equal_the_whole_batch(tmp_path)
     ("objective.loss_type=hinge", "has no effect on objective.kind='sft'"),
     ("checkpoint.resume=maybe", "checkpoint.resume='maybe': expected auto, never"),
     ("eval_micro_batch=3", "eval_micro_batch=3: expected 0 or a multiple of the data-parallel size 8"),
+    ("optim.schedule_steps=0", "optim.schedule_steps=0 must be >= 1"),
+    ("optim.schedule_steps=1", "optim.warmup_steps=2 must be within [0, optim.schedule_steps=1]"),
+    # tiny_sft's cosine decays to 0 (min_lr_ratio 0): steps past the horizon would train nothing
+    ("optim.schedule_steps=5", "optim.schedule_steps=5 < steps=10 with a final lr of 0"),
 ])
 def test_bad_config_refused_before_anything_loads(override, message, tmp_path, monkeypatch):
     import paft_jax.train.loop as loop

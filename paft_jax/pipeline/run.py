@@ -56,12 +56,14 @@ def run_dir(cfg: PaftConfig, tcs: dict[str, TrainConfig]) -> RunDir:
 
 def check_rerun(cfg: PaftConfig, tcs: dict[str, TrainConfig], rd: RunDir) -> None:
     """A rerun continues the run in output_dir: refuse, before anything loads, settings that change what a
-    branch has already trained (a branch with a checkpoint or done.json), naming the keys.  The merge
+    branch has already trained (a branch with a checkpoint or done.json), naming the keys, and a raised
+    `steps` that would stretch a branch's lr schedule (optim.horizon_change).  The merge
     recipe may change: merge_and_export redoes the merge then."""
     from paft_jax import storage
     from paft_jax.config import to_dict
     from paft_jax.train.config import RESUMABLE_KEYS, resume_conflicts
-    conflicts = []
+    from paft_jax.train.optim import horizon_change
+    conflicts, stretched = [], []
     saved = rd.read_json("paft_config.json") or {}
     if saved.get("mode", cfg.mode) != cfg.mode:
         conflicts.append(f"mode: {saved['mode']!r} -> {cfg.mode!r}")
@@ -71,11 +73,15 @@ def check_rerun(cfg: PaftConfig, tcs: dict[str, TrainConfig], rd: RunDir) -> Non
             c.isdigit() for c in storage.child_names(rd.join(n, "checkpoints"))))
         if trained:
             conflicts += [f"{n}.{c}" for c in resume_conflicts(prev, to_dict(tcs[n]))]
+            stretched.append(horizon_change(prev, tcs[n].optim, tcs[n].steps, prefix=f"{n}."))
     if conflicts:
         raise ValueError(f"{rd.url} holds a run trained with other settings ({'; '.join(conflicts)}); a rerun "
                          f"continues it and may change only the merge and, per branch, {', '.join(RESUMABLE_KEYS)}. "
                          "To train with the new settings, give a new output_dir or pass --fresh "
                          "(a new run directory beside this one)")
+    stretched = [s for s in stretched if s]
+    if stretched:
+        raise ValueError(f"{rd.url}: {'; '.join(stretched)}")
 
 
 def merge_key(cfg: PaftConfig) -> dict:

@@ -125,13 +125,14 @@ class TrainConfig:
 
 
 # What a resumed run may change: how long and how often it evaluates and saves, where it writes, and how the
-# same math is laid out on the devices.  Every other key changes what is trained (model, data, delta,
+# same math is laid out on the devices; and the lr schedule's horizon when set explicitly (a longer run's
+# deliberate choice, optim.horizon_change).  Every other key changes what is trained (model, data, delta,
 # objective, optimizer, seed): a resume with a different value would continue a run under settings it was
 # not trained with, so it is refused (resume_conflicts).
 RESUMABLE_KEYS = ("steps", "eval_every", "eval_batches", "eval_at_start", "log_every", "profile", "eval_data",
                   "checkpoint", "output_dir", "cache_dir", "mesh", "remat", "scan_unroll", "attention",
                   "attention_block", "grad_accum", "eval_micro_batch", "ref_cache", "objective.logits_chunk",
-                  "lock_lease_s")
+                  "lock_lease_s", "optim.schedule_steps")
 
 
 def flat_items(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -365,7 +365,8 @@ def _resume(branch: Branch, ckpt, cfg: TrainConfig) -> int | None:
 
 
 def check_resumable(meta: dict, cfg: TrainConfig, where: str) -> None:
-    """Refuse to continue a checkpoint under settings that change what it trains, naming the keys."""
+    """Refuse to continue a checkpoint under settings that change what it trains, naming the keys, or that
+    would change its lr schedule unasked (a raised `steps` stretching the decay: optim.horizon_change)."""
     from paft_jax.train.config import RESUMABLE_KEYS, resume_conflicts
     conflicts = resume_conflicts(meta.get("config") or {}, to_dict(cfg))
     if conflicts:
@@ -377,6 +378,10 @@ def check_resumable(meta: dict, cfg: TrainConfig, where: str) -> None:
     if isinstance(step, int) and step > cfg.steps:
         raise ValueError(f"checkpoint {where} is at step {step}, past steps={cfg.steps}: resuming would train "
                          f"nothing; set steps >= {step}, or export that step with `export --checkpoint {where}`")
+    from paft_jax.train.optim import horizon_change
+    stretched = horizon_change(meta.get("config") or {}, cfg.optim, cfg.steps)
+    if stretched:
+        raise ValueError(f"checkpoint {where}: {stretched}")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -1,5 +1,10 @@
 """Optimizer of a branch: global-norm clipping + AdamW on the delta, warmup then cosine/linear decay.
 
+The schedule's horizon (where the decay ends) is `optim.schedule_steps`, by default the run's `steps`; past
+it the lr stays at its final value.  A rerun that raises `steps` resumes mid-schedule, so an unset
+`schedule_steps` may not change the horizon a run was trained with (`horizon_change`): that would stretch
+the decay and make the lr jump.
+
 The step may need to see the optimizer the way AdamW sees the gradient (the proximal L1 step in Adam's
 metric): `clip_factor` and `adam_state` read that from the optimizer `make_optimizer` built and its state.
 """
@@ -28,16 +33,35 @@ class OptimConfig:
     eps: float = 1e-8
     max_grad_norm: float = 1.0         # 0 disables clipping
     mu_dtype: str | None = None        # Adam's first moment: null = the delta's (float32); bfloat16 halves it
+    # where the decay ends (null: at `steps`); steps past it train at the final lr.  Set it to keep a run's
+    # schedule when a rerun raises `steps` (MaxText's learning_rate_schedule_steps)
+    schedule_steps: int | None = None
+
+    def horizon(self, steps: int) -> int:
+        """The step at which warmup + decay end, for a run of `steps` steps."""
+        return self.schedule_steps if self.schedule_steps is not None else steps
+
+    def final_lr(self) -> float:
+        return self.learning_rate * (1.0 if self.schedule == "constant" else self.min_lr_ratio)
 
     def validate(self, steps: int) -> None:
         if not self.learning_rate > 0:
             raise ValueError(f"optim.learning_rate={self.learning_rate} must be > 0")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule={self.schedule!r}: expected one of {SCHEDULES}")
-        if not 0 <= self.warmup_steps <= steps:
-            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be within [0, steps={steps}]")
+        if self.schedule_steps is not None and self.schedule_steps < 1:
+            raise ValueError(f"optim.schedule_steps={self.schedule_steps} must be >= 1 (or null: steps)")
+        horizon = self.horizon(steps)
+        if not 0 <= self.warmup_steps <= horizon:
+            where = f"optim.schedule_steps={horizon}" if self.schedule_steps is not None else f"steps={steps}"
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be within [0, {where}]")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be within [0, 1]")
+        if horizon < steps and self.final_lr() == 0:
+            # every step past the horizon would have lr 0: AdamW's update and weight decay both scale with it
+            raise ValueError(f"optim.schedule_steps={horizon} < steps={steps} with a final lr of 0 "
+                             f"(optim.min_lr_ratio=0): steps {horizon + 1}..{steps} would not change the delta; "
+                             f"set optim.schedule_steps >= steps")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("optim.weight_decay and optim.max_grad_norm must be >= 0")
         if self.mu_dtype not in (None, "float32", "bfloat16"):
@@ -48,8 +72,10 @@ class OptimConfig:
 
 
 def schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
+    """The lr at each step count of a run of `steps` steps: warmup, then decay until `cfg.horizon(steps)`,
+    then the final lr."""
     lr, end = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
-    decay = max(steps - cfg.warmup_steps, 1)
+    decay = max(cfg.horizon(steps) - cfg.warmup_steps, 1)
     if cfg.schedule == "cosine":
         after = optax.cosine_decay_schedule(lr, decay, alpha=cfg.min_lr_ratio)
     elif cfg.schedule == "linear":
@@ -61,6 +87,32 @@ def schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
     # warmup from lr/warmup (not 0) so step 0 already moves: a zero-lr first step is wasted compute
     warm = optax.linear_schedule(lr / cfg.warmup_steps, lr, cfg.warmup_steps)
     return optax.join_schedules([warm, after], [cfg.warmup_steps])
+
+
+def horizon_change(saved: dict, cfg: OptimConfig, steps: int, prefix: str = "") -> str | None:
+    """Why continuing a run saved with config `saved` (its config.json / checkpoint config, a dict) under
+    (`cfg`, `steps`) would silently change its lr schedule, or None.  Only an unset `optim.schedule_steps`
+    is checked: its horizon follows `steps`, so raising `steps` on a rerun would stretch the decay from the
+    resumed step on (the lr jumps up).  A set `schedule_steps` is the user's deliberate choice.  `prefix`:
+    what the keys are named under (a PAFT config's `sft.`)."""
+    optim = saved.get("optim") or {}
+    old_steps = saved.get("steps")
+    if cfg.schedule_steps is not None or cfg.schedule == "constant" or not isinstance(old_steps, int):
+        return None
+    old = optim.get("schedule_steps") or old_steps
+    new = cfg.horizon(steps)
+    if old == new:
+        return None
+    key, final = f"{prefix}optim.schedule_steps", cfg.final_lr()
+    change = (f"{key}={new} to {'stretch' if new > old else 'shorten'} it from the resumed step on (the lr "
+              "changes at once)")
+    if steps > old and final == 0:
+        how = f"{change}; keeping it would train steps {old + 1}..{steps} at its final lr, 0"
+    else:
+        past = f" (steps past {old} at its final lr, {final:g})" if steps > old else ""
+        how = f"{key}={old} to keep it{past}, or {change}"
+    return (f"{prefix}steps={steps} would change the lr schedule this run was trained with ({cfg.schedule} "
+            f"decay ending at step {old}, now {new}); to go on, set {how}")
 
 
 class BranchOptimizer(optax.GradientTransformationExtraArgs):
