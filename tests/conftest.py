@@ -37,7 +37,22 @@ VARIANTS = {
     "mistral_sliding": ("MistralConfig", {"sliding_window": 5}),
     "qwen2": ("Qwen2Config", {}),
     "qwen2_tied": ("Qwen2Config", {"tie_word_embeddings": True}),
+    # the families with per-layer kinds: 4 layers mixing them, windows shorter than the test rows
+    "qwen2_mixed": ("Qwen2Config", {"num_hidden_layers": 4, "use_sliding_window": True, "sliding_window": 4,
+                                    "max_window_layers": 2}),
+    "qwen3": ("Qwen3Config", {"num_hidden_layers": 4, "head_dim": 16, "use_sliding_window": True,
+                              "sliding_window": 4, "max_window_layers": 2, "tie_word_embeddings": True}),
+    "gemma3": ("Gemma3TextConfig", {
+        "num_hidden_layers": 4, "head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 24,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
+    "olmo2": ("Olmo2Config", {"num_hidden_layers": 4}),
+    "olmo3": ("Olmo3Config", {"num_hidden_layers": 4, "sliding_window": 4}),
+    "smollm3": ("SmolLM3Config", {"num_hidden_layers": 4, "no_rope_layers": [1, 0, 1, 0], "use_sliding_window": True,
+                                  "sliding_window": 4}),
 }
+_MODEL_CLASSES = {"Gemma3TextConfig": "Gemma3ForCausalLM"}
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -55,7 +70,7 @@ def make_hf_model(variant: str, seed: int = 0, **overrides):
     import transformers
     cls_name, kw = VARIANTS[variant]
     cfg_cls = getattr(transformers, cls_name)
-    model_cls = getattr(transformers, cls_name.replace("Config", "ForCausalLM"))
+    model_cls = getattr(transformers, _MODEL_CLASSES.get(cls_name, cls_name.replace("Config", "ForCausalLM")))
     base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                 bos_token_id=1, eos_token_id=2, pad_token_id=0)

@@ -12,8 +12,8 @@ def test_logits_match_transformers(hf_dir, variant):
     d = hf_dir(variant)
     lm = load_model(d, with_tokenizer=False)
     ids, mask = padded_batch(lm.cfg.vocab_size)
-    report = compare(hf_logits(d, ids, mask), flax_logits(lm.params, lm.cfg, ids, mask), mask, 1e-4)
-    assert report.max_abs_diff <= 1e-4, report
+    report = compare(hf_logits(d, ids, mask), flax_logits(lm.params, lm.cfg, ids, mask), mask, 1e-5)
+    assert report.max_abs_diff <= 1e-5, report
     assert report.tokens == int(mask.sum())
 
 
@@ -29,6 +29,20 @@ def test_variants_are_really_different(hf_dir):
     assert np.abs(flax_logits(l3.params, l3.cfg, ids, mask) - plain).max() > 1e-4
     q = load_model(hf_dir("qwen2"), with_tokenizer=False)
     assert q.cfg.attention_bias and "bias" in q.params["layers"]["self_attn"]["q_proj"]
+
+
+@pytest.mark.parametrize("variant", ["qwen2_mixed", "qwen3", "gemma3", "olmo3", "smollm3"])
+def test_layer_kinds_are_really_used(hf_dir, variant):
+    """Guards the parity tests of the mixed-layer families: the test rows are longer than the window, and
+    treating every layer alike (no window, the global RoPE everywhere) changes the logits."""
+    lm = load_model(hf_dir(variant), with_tokenizer=False)
+    kinds = lm.cfg.layer_kinds()
+    assert len(kinds.windows) > 1 or len(kinds.ropes) > 1, kinds
+    assert min(w for w in kinds.windows if w) < 20
+    ids, mask = padded_batch(lm.cfg.vocab_size, length=20)
+    alike = lm.cfg.replace(layer_types=None, sliding_window=None, no_rope_layers=(), sliding_rope_theta=None,
+                           sliding_rope_scaling=None)
+    assert np.abs(flax_logits(lm.params, lm.cfg, ids, mask) - flax_logits(lm.params, alike, ids, mask)).max() > 1e-2
 
 
 def test_bf16_checkpoint_parity(hf_dir):

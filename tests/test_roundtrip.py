@@ -23,7 +23,9 @@ def _tensors(directory):
 
 
 @pytest.mark.parametrize("variant,dtype", [("llama", None), ("qwen2_tied", None), ("llama", "bfloat16"),
-                                           ("mistral", "bfloat16")])
+                                           ("mistral", "bfloat16"), ("qwen2_mixed", None), ("qwen3", None),
+                                           ("gemma3", None), ("gemma3", "bfloat16"), ("olmo2", None),
+                                           ("olmo3", "bfloat16"), ("smollm3", None)])
 def test_round_trip_bit_identical(hf_dir, tmp_path, variant, dtype):
     import torch
     src = hf_dir(variant, dtype=dtype)

@@ -22,12 +22,22 @@ class Entry:
     gguf: str  # llama.cpp tensor name
     layered: bool
     n_in: int  # leading dims (after the layer axis) forming the Linear input; 0 = not a Linear kernel
+    flat: bool = False  # a vector in HF that we keep split by head (biases, OLMo's q/k norms)
 
     def hf_name(self, i: int | None = None) -> str:
         return self.hf.format(i=i)
 
     def gguf_name(self, i: int | None = None) -> str:
         return self.gguf.format(i=i)
+
+
+# per family, the block's norms in HF order: (our module = HF module name, llama.cpp name)
+_BLOCK_NORMS = {
+    "pre": [("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm")],
+    "post": [("post_attention_layernorm", "post_attention_norm"), ("post_feedforward_layernorm", "post_ffw_norm")],
+    "sandwich": [("input_layernorm", "attn_norm"), ("post_attention_layernorm", "post_attention_norm"),
+                 ("pre_feedforward_layernorm", "ffn_norm"), ("post_feedforward_layernorm", "post_ffw_norm")],
+}
 
 
 def entries(cfg: ModelConfig) -> list[Entry]:
@@ -38,12 +48,16 @@ def entries(cfg: ModelConfig) -> list[Entry]:
     for name, g, n_in in attn:
         out.append(Entry(("layers", "self_attn", name, "kernel"), f"{L}self_attn.{name}.weight", f"{G}{g}.weight", True, n_in))
         if cfg.attention_bias and name != "o_proj":
-            out.append(Entry(("layers", "self_attn", name, "bias"), f"{L}self_attn.{name}.bias", f"{G}{g}.bias", True, 0))
+            out.append(Entry(("layers", "self_attn", name, "bias"), f"{L}self_attn.{name}.bias", f"{G}{g}.bias", True, 0,
+                             flat=True))
+    if cfg.qk_norm is not None:
+        for name, g in [("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm")]:
+            out.append(Entry(("layers", "self_attn", name, "weight"), f"{L}self_attn.{name}.weight", f"{G}{g}.weight",
+                             True, 0, flat=cfg.qk_norm == "projection"))
     for name, g in [("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")]:
         out.append(Entry(("layers", "mlp", name, "kernel"), f"{L}mlp.{name}.weight", f"{G}{g}.weight", True, 1))
-    out.append(Entry(("layers", "input_layernorm", "weight"), f"{L}input_layernorm.weight", f"{G}attn_norm.weight", True, 0))
-    out.append(Entry(("layers", "post_attention_layernorm", "weight"), f"{L}post_attention_layernorm.weight",
-                     f"{G}ffn_norm.weight", True, 0))
+    for name, g in _BLOCK_NORMS[cfg.block]:
+        out.append(Entry(("layers", name, "weight"), f"{L}{name}.weight", f"{G}{g}.weight", True, 0))
     out.append(Entry(("norm", "weight"), "model.norm.weight", "output_norm.weight", False, 0))
     if not cfg.tie_word_embeddings:
         out.append(Entry(("lm_head", "kernel"), "lm_head.weight", "output.weight", False, 1))
@@ -54,7 +68,7 @@ def hf_shape(entry: Entry, ours: tuple[int, ...]) -> tuple[int, ...]:
     """HF shape of one (per-layer) tensor whose shape in our layout is `ours`."""
     if entry.n_in:
         return (math.prod(ours[entry.n_in:]), math.prod(ours[:entry.n_in]))
-    if entry.path[-1] == "bias":
+    if entry.flat:
         return (math.prod(ours),)
     return tuple(ours)
 

@@ -97,7 +97,9 @@ def _serve(model_type: str) -> None:
     from paft_jax.hf.verify import ExportMismatchError, verify_dir  # the package's class, not __main__'s
     if model_type:  # the config and modeling modules from_pretrained would import later
         try:
-            importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+            from transformers.models.auto.configuration_auto import model_type_to_module_name
+            module = model_type_to_module_name(model_type)
+            importlib.import_module(f"transformers.models.{module}.modeling_{module}")
         except ImportError:
             pass
     transformers.logging.set_verbosity_error()

@@ -64,10 +64,9 @@ def mask(q_seg, kv_seg, q_slot, kv_slot, window: int | None):
     return m
 
 
-def _softmax_attend(qg, k, v, m):
+def _softmax_attend(qg, k, v, m, scale):
     """qg [b, t, k, g, d] over k / v [b, s, k, d] under m [b, t, s]: fp32 scores and softmax."""
-    d = qg.shape[-1]
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(m[:, None, None], logits, _NEG)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -80,20 +79,21 @@ def largest_block(t: int, block: int, multiple: int = 1) -> int:
     return max((c for c in range(multiple, block + 1, multiple) if t % c == 0), default=t)
 
 
-def naive(q, k, v, m, block: int | None = None):
+def naive(q, k, v, m, block: int | None = None, scale: float | None = None):
     """The reference; with `block`, query blocks one at a time, each recomputed in the backward pass
-    (scores [b, k, g, block, s] at a time)."""
+    (scores [b, k, g, block, s] at a time).  `scale` multiplies the scores (default head_dim ** -0.5)."""
     b, t, n, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
     kh = k.shape[2]
     qg = q.reshape(b, t, kh, n // kh, d)
     block = t if block is None else largest_block(t, block)
     if block == t:
-        out = _softmax_attend(qg, k, v, m)
+        out = _softmax_attend(qg, k, v, m, scale)
     else:
         nb = t // block
         blocks = (qg.reshape(b, nb, block, *qg.shape[2:]).swapaxes(0, 1),
                   m.reshape(b, nb, block, m.shape[-1]).swapaxes(0, 1))
-        attend = jax.checkpoint(lambda qm: _softmax_attend(qm[0], k, v, qm[1]), prevent_cse=False)
+        attend = jax.checkpoint(lambda qm: _softmax_attend(qm[0], k, v, qm[1], scale), prevent_cse=False)
         out = jax.lax.map(attend, blocks).swapaxes(0, 1)
     return out.reshape(b, t, n, d)
 
@@ -112,15 +112,15 @@ def _splash_kernel(heads: int, t: int, window: int | None, block: int, interpret
 
 
 def splash(q, k, v, segment_ids, *, window: int | None, block: int, interpret: bool = False,
-           mesh: Mesh | None = None, batch_axes=None, head_axes=None):
+           mesh: Mesh | None = None, batch_axes=None, head_axes=None, scale: float | None = None):
     """Splash attention; under a mesh, per device (shard_map) over the batch axes and, when q and kv
     heads split alike, the head axes (rows are never split along the sequence here)."""
-    d = q.shape[-1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     block = largest_block(q.shape[1], block, _LANES)
 
     def local(q, k, v, seg):
         kernel, segments = _splash_kernel(q.shape[2], q.shape[1], window, block, interpret)
-        qt = (q * jnp.asarray(d ** -0.5, q.dtype)).transpose(0, 2, 1, 3)
+        qt = (q * jnp.asarray(scale, q.dtype)).transpose(0, 2, 1, 3)
         kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         out = jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=segments(s, s)))(qt, kt, vt, seg)
         return out.transpose(0, 2, 1, 3).astype(v.dtype)
@@ -132,10 +132,12 @@ def splash(q, k, v, segment_ids, *, window: int | None, block: int, interpret: b
                          check_vma=False)(q, k, v, segment_ids)
 
 
-def cudnn(q, k, v, segment_ids, *, window: int | None, implementation: str | None = "cudnn"):
+def cudnn(q, k, v, segment_ids, *, window: int | None, implementation: str | None = "cudnn",
+          scale: float | None = None):
     """jax.nn.dot_product_attention: causal and the window as the kernel's own masks, segments as a
     [B, 1, T, S] boolean mask.  `implementation="xla"` runs the same call on any platform."""
     same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=same, scale=q.shape[-1] ** -0.5, is_causal=True,
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return jax.nn.dot_product_attention(q, k, v, mask=same, scale=scale, is_causal=True,
                                         local_window_size=None if window is None else (window - 1, 0),
                                         implementation=implementation).astype(v.dtype)

@@ -28,11 +28,14 @@ from paft_jax.models.config import ModelConfig
 Array = jax.Array
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse RoPE frequencies in fp32, computed the way transformers computes them."""
-    dim = cfg.resolved_head_dim
-    inv = np.float32(1.0) / (np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)))
-    rs = cfg.rope_scaling_dict or {}
+def rope_inv_freq(head_dim: int, theta: float | None, scaling: tuple | dict | None = None) -> np.ndarray:
+    """Inverse RoPE frequencies in fp32, computed the way transformers computes them; theta None (a NoPE
+    layer): zeros, so the rotation is the identity (x * 1 + rotated * 0 == x exactly)."""
+    dim = head_dim
+    if theta is None:
+        return np.zeros(dim // 2, np.float32)
+    inv = np.float32(1.0) / (np.float32(theta) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)))
+    rs = dict(scaling or {})
     kind = rs.get("rope_type", "default")
     if kind == "linear":
         inv = inv / np.float32(rs["factor"])
@@ -50,6 +53,7 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
 
 
 def rope_cos_sin(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
+    """cos / sin [B, T, D] of the rotation at `positions` (all-zero frequencies: the identity, NoPE)."""
     freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, D/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
@@ -141,16 +145,24 @@ def _dense(features, axis, names, cfg: ModelConfig, name: str, use_bias=False, b
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm over the last `len(names)` axes, statistics in fp32.  Llama-style norms cast back to the
+    compute dtype and then scale by the weight; Gemma and OLMo scale in fp32 first, and Gemma's weight is
+    an offset from one (zeros at init, scale 1 + w)."""
     cfg: ModelConfig
+    names: tuple = ("norm",)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        w = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                       (x.shape[-1],), self.cfg.jnp_param_dtype)
+        cfg, axes = self.cfg, tuple(range(-len(self.names), 0))
+        init = nn.initializers.zeros if cfg.norm_offset else nn.initializers.ones
+        w = self.param("weight", nn.with_logical_partitioning(init, self.names), x.shape[x.ndim - len(self.names):],
+                       cfg.jnp_param_dtype)
         xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
-        dt = self.cfg.jnp_dtype
-        return _with_delta(self, "weight", w).astype(dt) * y.astype(dt)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=axes, keepdims=True) + cfg.rms_norm_eps)
+        dt, w = cfg.jnp_dtype, _with_delta(self, "weight", w)
+        if cfg.norm_scale_in_fp32:
+            return (y * (w.astype(jnp.float32) + cfg.norm_offset)).astype(dt)
+        return w.astype(dt) * y.astype(dt)
 
 
 class Embed(nn.Module):
@@ -176,18 +188,32 @@ def _implementation(cfg: ModelConfig, sh: _Sharder, seq_len: int, decoding: bool
     return attention.resolve(cfg.attention, sh.platform, seq_len=seq_len, dtype=cfg.jnp_dtype, decoding=decoding)
 
 
+def _pick(table: Array, index: Array) -> Array:
+    """This layer's entry of a per-kind table (a table of one kind needs no gather)."""
+    return table[0] if table.shape[0] == 1 else table[index]
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
     shard: Any = None
 
     @nn.compact
-    def __call__(self, x, cos, sin, attn, layer_cache, cache_index):
+    def __call__(self, x, cos, sin, attn, kind, layer_cache, cache_index):
+        """cos / sin: [R, B, T, D] per RoPE kind; attn: (masks [W, B, T, S] per window kind or None, segment
+        ids); kind: this layer's {"window", "rope"} indices into them."""
         cfg, sh = self.cfg, self.shard
         n, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
         bias = cfg.attention_bias
         q = _dense((n, d), -1, ("embed", "heads", "head_dim"), cfg, "q_proj", bias, ("heads", "head_dim"))(x)
         kk = _dense((k, d), -1, ("embed", "kv_heads", "head_dim"), cfg, "k_proj", bias, ("kv_heads", "head_dim"))(x)
         v = _dense((k, d), -1, ("embed", "kv_heads", "head_dim"), cfg, "v_proj", bias, ("kv_heads", "head_dim"))(x)
+        if cfg.qk_norm == "head":
+            q = RMSNorm(cfg, ("norm",), name="q_norm")(q)
+            kk = RMSNorm(cfg, ("norm",), name="k_norm")(kk)
+        elif cfg.qk_norm == "projection":
+            q = RMSNorm(cfg, ("heads", "head_dim"), name="q_norm")(q)
+            kk = RMSNorm(cfg, ("kv_heads", "head_dim"), name="k_norm")(kk)
+        cos, sin = _pick(cos, kind["rope"]), _pick(sin, kind["rope"])
         q = sh(apply_rope(q, cos, sin), ("act_batch", "act_length", "act_heads", "head_dim"))
         kk = sh(apply_rope(kk, cos, sin), ("act_batch", "act_length", "act_kv_heads", "head_dim"))
         v = sh(v, ("act_batch", "act_length", "act_kv_heads", "head_dim"))
@@ -197,24 +223,37 @@ class Attention(nn.Module):
             vc = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, 1)
             new_cache = {"k": kc, "v": vc}
             kk, v = kc.astype(q.dtype), vc.astype(q.dtype)
-        m, seg = attn
+        masks, seg = attn
+        windows, scale = cfg.layer_kinds().windows, cfg.attention_scale
         impl = _implementation(cfg, sh, q.shape[1], layer_cache is not None)
-        if impl == "splash":
-            batch_axes = head_axes = None
-            if sh.mesh is not None:  # per device over batch and heads (when q and kv heads split alike)
-                qs = sh.spec(("act_batch", "act_length", "act_heads", "head_dim"), q.shape)
-                ks = sh.spec(("act_batch", "act_length", "act_kv_heads", "head_dim"), kk.shape)
-                batch_axes, head_axes = qs[0], (qs[2] if qs[2] == ks[2] else None)
-            out = attention.splash(q, kk, v, seg, window=cfg.sliding_window, block=cfg.attention_block,
-                                   interpret=sh.platform == "cpu", mesh=sh.mesh, batch_axes=batch_axes,
-                                   head_axes=head_axes)
-        elif impl == "cudnn":
-            out = attention.cudnn(q, kk, v, seg, window=cfg.sliding_window)
+        if impl in ("splash", "cudnn"):
+            if impl == "splash":
+                batch_axes = head_axes = None
+                if sh.mesh is not None:  # per device over batch and heads (when q and kv heads split alike)
+                    qs = sh.spec(("act_batch", "act_length", "act_heads", "head_dim"), q.shape)
+                    ks = sh.spec(("act_batch", "act_length", "act_kv_heads", "head_dim"), kk.shape)
+                    batch_axes, head_axes = qs[0], (qs[2] if qs[2] == ks[2] else None)
+
+                def kernel(window, q, kk, v, seg):
+                    return attention.splash(q, kk, v, seg, window=window, scale=scale, block=cfg.attention_block,
+                                            interpret=sh.platform == "cpu", mesh=sh.mesh, batch_axes=batch_axes,
+                                            head_axes=head_axes)
+            else:
+                def kernel(window, q, kk, v, seg):
+                    return attention.cudnn(q, kk, v, seg, window=window, scale=scale)
+            # a kernel's mask is static: one branch per window kind, the layer's kind picks one
+            branches = [lambda *a, w=w: kernel(w, *a) for w in windows]
+            out = branches[0](q, kk, v, seg) if len(branches) == 1 else jax.lax.switch(kind["window"], branches,
+                                                                                      q, kk, v, seg)
         else:
-            out = attention.naive(q, kk, v, m, cfg.attention_block if impl == "chunked" else None)
+            out = attention.naive(q, kk, v, _pick(masks, kind["window"]), cfg.attention_block if impl == "chunked"
+                                  else None, scale=scale)
         out = sh(out, ("act_batch", "act_length", "act_heads", "head_dim"))
         out = _dense(cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), cfg, "o_proj")(out)
         return out, new_cache
+
+
+_ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
 class MLP(nn.Module):
@@ -226,20 +265,38 @@ class MLP(nn.Module):
         cfg = self.cfg
         gate = _dense(cfg.intermediate_size, -1, ("embed", "mlp"), cfg, "gate_proj")(x)
         up = _dense(cfg.intermediate_size, -1, ("embed", "mlp"), cfg, "up_proj")(x)
-        h = self.shard(nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
+        h = self.shard(_ACTIVATIONS[cfg.hidden_act](gate) * up, ("act_batch", "act_length", "act_mlp"))
         return _dense(cfg.hidden_size, -1, ("mlp", "embed"), cfg, "down_proj")(h)
 
 
 class DecoderLayer(nn.Module):
+    """One block; where its norms sit is the family's `cfg.block` (module names are transformers')."""
     cfg: ModelConfig
     shard: Any = None
 
     @nn.compact
-    def __call__(self, x, cos, sin, attn, layer_cache, cache_index):
-        h, new_cache = Attention(self.cfg, self.shard, name="self_attn")(
-            RMSNorm(self.cfg, name="input_layernorm")(x), cos, sin, attn, layer_cache, cache_index)
-        x = x + h
-        x = x + MLP(self.cfg, self.shard, name="mlp")(RMSNorm(self.cfg, name="post_attention_layernorm")(x))
+    def __call__(self, x, cos, sin, attn, kind, layer_cache, cache_index):
+        cfg = self.cfg
+
+        def norm(name):
+            return RMSNorm(cfg, name=name)
+
+        def attend(h):
+            return Attention(cfg, self.shard, name="self_attn")(h, cos, sin, attn, kind, layer_cache, cache_index)
+
+        mlp = MLP(cfg, self.shard, name="mlp")
+        if cfg.block == "pre":
+            h, new_cache = attend(norm("input_layernorm")(x))
+            x = x + h
+            x = x + mlp(norm("post_attention_layernorm")(x))
+        elif cfg.block == "post":
+            h, new_cache = attend(x)
+            x = x + norm("post_attention_layernorm")(h)
+            x = x + norm("post_feedforward_layernorm")(mlp(x))
+        else:  # sandwich
+            h, new_cache = attend(norm("input_layernorm")(x))
+            x = x + norm("post_attention_layernorm")(h)
+            x = x + norm("post_feedforward_layernorm")(mlp(norm("pre_feedforward_layernorm")(x)))
         x = self.shard(x, ("act_batch", "act_length", "act_embed"))
         return x, new_cache
 
@@ -284,12 +341,20 @@ class Decoder(nn.Module):
                                                          cache_index, 1)
             kv_slot = jnp.broadcast_to(jnp.arange(kv_seg.shape[1]), kv_seg.shape)
             layer_caches = cache["layers"]
+        kinds = cfg.layer_kinds()
         kernel = _implementation(cfg, sh, t, cache is not None) in ("splash", "cudnn")
-        m = None if kernel else attention.mask(segment_ids, kv_seg, q_slot, kv_slot, cfg.sliding_window)
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
+        masks = None if kernel else jnp.stack([attention.mask(segment_ids, kv_seg, q_slot, kv_slot, w)
+                                               for w in kinds.windows])
+        tables = [rope_cos_sin(positions, rope_inv_freq(cfg.resolved_head_dim, *(r or (None, None))))
+                  for r in kinds.ropes]
+        cos, sin = jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])
+        layer_kind = {"window": jnp.asarray(kinds.window_of, jnp.int32), "rope": jnp.asarray(kinds.rope_of, jnp.int32)}
 
         embed = Embed(cfg, name="embed_tokens")
-        x = sh(embed(input_ids.astype(jnp.int32)), ("act_batch", "act_length", "act_embed"))
+        x = embed(input_ids.astype(jnp.int32))
+        if cfg.embed_scale is not None:  # Gemma: the scale rounded to the weights' dtype, as transformers does
+            x = x * jnp.asarray(cfg.embed_scale, cfg.jnp_param_dtype).astype(x.dtype)
+        x = sh(x, ("act_batch", "act_length", "act_embed"))
 
         layer = DecoderLayer
         unroll = loops.layer_unroll(cfg.scan_unroll, cfg.num_layers, self.mesh, remat=cfg.remat != "none")
@@ -297,11 +362,11 @@ class Decoder(nn.Module):
             layer = nn.remat(layer, policy=_REMAT[cfg.remat], prevent_cse=unroll > 1)
         # the delta / LoRA collections are stacked like the params: each layer of the scan sees its own slice
         stack = nn.scan(layer, variable_axes={"params": 0, "delta": 0, "lora": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
                         length=cfg.num_layers, unroll=unroll,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x, new_layer_caches = stack(cfg, sh, name="layers")(x, cos, sin, (m, segment_ids), layer_caches,
-                                                             cache_index)
+        x, new_layer_caches = stack(cfg, sh, name="layers")(x, cos, sin, (masks, segment_ids), layer_kind,
+                                                             layer_caches, cache_index)
         x = RMSNorm(cfg, name="norm")(x)
         new_cache = None if cache is None else {"layers": new_layer_caches, "seg": kv_seg}
         if return_hidden:
