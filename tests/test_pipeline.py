@@ -121,6 +121,46 @@ def test_more_steps_may_not_stretch_a_branch_lr_schedule_unasked(paft_run):
     check_rerun(cfg, tcs, run_dir(cfg, tcs))
 
 
+def test_report_wall_times_add_up_the_sessions_of_a_resumed_run(tmp_path):
+    """metrics.jsonl as a run killed mid-training (SIGKILL: its sessions have no end record, and its steps
+    after the checkpoint were cut by the resume) then rerun to the end leaves it: the report's wall times are
+    both sessions', the 840 s between them not counted; done.json describes the last session only."""
+    from paft_jax.pipeline import report
+    from paft_jax.pipeline.base import base_model_config
+    from paft_jax.pipeline.config import branch_configs, load_paft_config
+    from paft_jax.pipeline.run import Plan
+
+    def step(n, end):
+        return {"step": n, "loss": 1.0, "time_start": end - 1.0, "time_end": end}
+
+    def session(start, end=None, step=0):
+        return {"step": step, "event": "session", "start": start, **({"end": end} if end else {})}
+
+    first = {"sft": [session(100.0), step(1, 110.0), step(2, 120.0)],       # killed at 130, after step 3
+             "preference": [session(101.0), step(1, 115.0), step(2, 125.0)]}
+    second = {"sft": [session(1000.0, step=2), {"step": 2, "event": "resumed", "time": 1010.0}, step(3, 1020.0),
+                      step(4, 1030.0), session(1000.0, 1040.0, step=2)],
+              "preference": [session(1001.0, step=2), step(3, 1030.0), step(4, 1045.0),
+                             session(1001.0, 1050.0, step=2)]}
+    for n in ("sft", "preference"):
+        (tmp_path / n).mkdir()
+        (tmp_path / n / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first[n] + second[n]))
+    assert report.sessions(first["sft"] + second["sft"]) == [(100.0, 120.0), (1000.0, 1040.0)]
+    cfg = load_paft_config(CONFIG, [f"output_dir={tmp_path}"])
+    tcs = branch_configs(cfg)
+    plan = Plan("parallel", list(range(8)), [4, 4], [1e12, 1e12], {}, {}, ["sft", "preference"])
+    done = {"sft": {"wall_s": 40.0, "start": 1000.0, "end": 1040.0, "resumed_from": 2},
+            "preference": {"wall_s": 49.0, "start": 1001.0, "end": 1050.0, "resumed_from": 2}}
+    s = report.summarize(cfg, tcs, plan, {"branches": done}, {}, [], base_model_config(tcs["sft"]), 60.0)
+    assert s["branches"]["sft"]["wall_s"] == pytest.approx(20.0 + 40.0)
+    assert s["branches"]["preference"]["wall_s"] == pytest.approx(24.0 + 49.0)
+    assert s["branches"]["sft"]["sessions"] == s["branches"]["preference"]["sessions"] == 2
+    assert s["training_wall_s"] == pytest.approx(25.0 + 50.0)    # either branch in a session: [100, 125] + [1000, 1050]
+    assert s["branch_wall_sum_s"] == pytest.approx(133.0)
+    md = report.markdown({**s, "merge": {}, "leaderboard": None})
+    assert "Training wall time: **75.0 s** (all sessions" in md and "| 60.0 (2) |" in md
+
+
 def test_eval_tasks_score_the_base_the_branches_and_the_merge(paft_run, tmp_path, capsys):
     """eval_tasks added to a finished run: nothing is retrained or merged again, the four models of the paper's
     Table 1 are scored; the SFT row is `launch eval --checkpoint` of the SFT branch, the PAFT row `launch eval`
@@ -245,7 +285,7 @@ def test_sequential_mode_trains_and_exports_the_same_model(tmp_path):
     sft = [json.loads(l) for l in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
     pref = [json.loads(l) for l in (out / "preference" / "metrics.jsonl").read_text().splitlines()]
     # the preference branch starts where SFT ended: its reference is the SFT model, so step 1 is log 2
-    assert pref[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert next(r for r in pref if "loss" in r)["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert max(r["time_end"] for r in sft if "time_end" in r) < min(r["time_start"] for r in pref if "time_start" in r)
     from paft_jax.config import MeshConfig
     from paft_jax.hf.load import load_model
@@ -304,6 +344,10 @@ def test_kill_and_rerun_continues_to_the_same_result(paft_run, tmp_path, fault, 
     assert not list(out.glob(".merged.tmp-*"))
     # the interrupted-then-continued run ends exactly where the uninterrupted one did
     assert_same_tensors(out / "merged", paft_run / "merged")
+    if fault.startswith("sft"):  # the report's SFT wall time is both sessions', not the rerun's alone
+        sft, done = json.loads((out / "report.json").read_text())["branches"]["sft"], json.loads(
+            (out / "sft" / "done.json").read_text())
+        assert sft["sessions"] == 2 and sft["wall_s"] > done["wall_s"]
 
 
 def _free_port():

@@ -71,6 +71,12 @@ def test_more_steps_continue_and_fresh_starts_beside(finished, tmp_path):
     assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3]
     assert [r["step"] for r in recs if "eval_loss" in r] == [2, 3]
     assert json.loads((run / "config.json").read_text())["steps"] == 3
+    # each session recorded its start, then the same with its end: the report adds them up (pipeline/report.py)
+    from paft_jax.pipeline.report import sessions
+    assert [(r["step"], "end" in r) for r in recs if r.get("event") == "session"] == \
+        [(0, False), (0, True), (2, False), (2, True)]
+    (s1, e1), (s2, e2) = sessions(recs)
+    assert s1 < e1 <= s2 < e2
     # --fresh with a changed setting: a new run directory beside, the old one untouched
     assert main(["sft", *TINY, "--fresh", "steps=2", "optim.learning_rate=1e-4", f"output_dir={run}"]) == 0
     fresh = tmp_path / "sft-2"

@@ -24,17 +24,35 @@ def restarts(records: list[dict]) -> list[float]:
     return [r["time"] for r in records if r.get("event") == "resumed"]
 
 
+def sessions(records: list[dict]) -> list[tuple[float, float]]:
+    """(start, end) of each session that trained the branch (a first run, then each resume), from the loop's
+    `event: session` records: written as a session starts and again with its end when it ends; a session
+    killed outright (SIGKILL, a lost machine) has only the first, and ends here with its last step kept."""
+    spans: dict[float, list] = {}  # start -> [end, ended explicitly]
+    current = None
+    for r in records:
+        if r.get("event") == "session":
+            current = spans.setdefault(r["start"], [r["start"], False])
+            if "end" in r:
+                current[:] = [r["end"], True]
+        elif current is not None and not current[1] and "time_end" in r:
+            current[0] = max(current[0], r["time_end"])
+    return [(start, end) for start, (end, _) in spans.items()]
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """Seconds covered by at least one of the intervals."""
+    total, end = 0.0, -float("inf")
+    for s, e in sorted(intervals):
+        if e > end:
+            total += e - max(s, end)
+            end = e
+    return total
+
+
 def overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> dict:
     """How much the two branches' steps ran at the same time: seconds of wall time during which both
     had a step in flight, and for each branch the share of its step time spent overlapping the other."""
-    def union_len(iv):
-        total, end = 0.0, -float("inf")
-        for s, e in sorted(iv):
-            if e > end:
-                total += e - max(s, end)
-                end = e
-        return total
-
     def intersect(x, y):
         out, i, j = [], 0, 0
         x, y = sorted(x), sorted(y)
@@ -48,10 +66,10 @@ def overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> dict:
                 j += 1
         return out
 
-    both = union_len(intersect(a, b))
+    both = union_length(intersect(a, b))
     return {"both_stepping_s": both,
-            "sft_share": both / max(union_len(a), 1e-9) if a else 0.0,
-            "preference_share": both / max(union_len(b), 1e-9) if b else 0.0}
+            "sft_share": both / max(union_length(a), 1e-9) if a else 0.0,
+            "preference_share": both / max(union_length(b), 1e-9) if b else 0.0}
 
 
 def _last(records: list[dict], key: str):
@@ -66,9 +84,12 @@ def _first(records: list[dict], key: str):
 
 def summarize(cfg: PaftConfig, tcs: dict, plan, trained: dict, merge: dict, answers: list[dict], mcfg,
               total_s: float, local: Path | None = None) -> dict:
-    """`local`: where the branches' metrics.jsonl are (a gs:// run's mirror; default: output_dir)."""
+    """`local`: where the branches' metrics.jsonl are (a gs:// run's mirror; default: output_dir).  Wall
+    times add up the sessions of a resumed run (the time between them not counted); a run whose metrics
+    predate session records gets its last session's (done.json)."""
     local = Path(cfg.output_dir) if local is None else Path(local)
     metrics = {n: read_metrics(local / n / "metrics.jsonl") for n in BRANCHES}
+    spans = {n: sessions(metrics[n]) for n in BRANCHES}
     branches = {}
     for n in BRANCHES:
         rec, done = metrics[n], trained["branches"].get(n) or {}
@@ -77,7 +98,8 @@ def summarize(cfg: PaftConfig, tcs: dict, plan, trained: dict, merge: dict, answ
         branches[n] = {
             "objective": tcs[n].objective.kind, "steps": tcs[n].steps, "l1_lambda": tcs[n].objective.l1_lambda,
             "devices": done.get("devices"), "processes": done.get("processes"), "mesh": done.get("mesh"),
-            "wall_s": done.get("wall_s"),
+            "wall_s": sum(e - s for s, e in spans[n]) if spans[n] else done.get("wall_s"),
+            "sessions": len(spans[n]) or (1 if done else 0),
             "start": done.get("start"), "end": done.get("end"), "resumed_from": done.get("resumed_from"),
             "estimated_tflop": est.total / 1e12, "step_tflop": est.step_flops / 1e12,
             "first_loss": _first(rec, "loss"), "last_loss": _last(rec, "loss"),
@@ -98,7 +120,8 @@ def summarize(cfg: PaftConfig, tcs: dict, plan, trained: dict, merge: dict, answ
                      "ideal_devices": split_lib.ideal_counts(plan.works, len(plan.devices)),
                      "predicted_end": split_lib.predicted_end(plan.works, plan.counts)},
         "branches": branches,
-        "training_wall_s": (max(ends) - t0) if starts and ends else None,
+        "training_wall_s": (union_length(spans["sft"] + spans["preference"]) if all(spans.values()) else
+                            (max(ends) - t0) if starts and ends else None),
         "branch_wall_sum_s": sum(branches[n]["wall_s"] or 0 for n in BRANCHES),
         "end_s": {n: (branches[n]["end"] - t0) if t0 and branches[n]["end"] else None for n in BRANCHES},
         "overlap": overlap(a, b),
@@ -142,17 +165,22 @@ def markdown(s: dict) -> str:
         lines.append(f"- Measured end times (s after the first branch started): sft {ends['sft']:.1f}, "
                      f"preference {ends['preference']:.1f}.")
     if s["training_wall_s"] is not None:
-        lines.append(f"- Training wall time: **{s['training_wall_s']:.1f} s**; the branches' own wall times "
-                     f"(set-up, compile, steps, evaluation) sum to {s['branch_wall_sum_s']:.1f} s.")
+        resumed = max((b.get("sessions", 1) for b in br.values()), default=1) > 1
+        lines.append(f"- Training wall time: **{s['training_wall_s']:.1f} s**" +
+                     (" (all sessions: the first run and its resumes, not the time between them)" if resumed
+                      else "") + "; the branches' own wall times (set-up, compile, steps, evaluation) sum to "
+                     f"{s['branch_wall_sum_s']:.1f} s.")
     ov = s["overlap"]
     lines.append(f"- Overlap: both branches had a step in flight for {ov['both_stepping_s']:.1f} s "
                  f"({ov['sft_share']:.0%} of sft's step time, {ov['preference_share']:.0%} of preference's).")
-    lines += ["", "| branch | objective | steps | devices | wall s | mean step s | tokens/s | loss first -> last |"
-              " held-out first -> last |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    lines += ["", "| branch | objective | steps | devices | wall s (sessions) | mean step s | tokens/s | "
+              "loss first -> last | held-out first -> last |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for n, b in br.items():
         ev = _eval_text(b)
         lines.append(f"| {n} | {b['objective']}{' +L1 ' + format(b['l1_lambda'], 'g') if b['l1_lambda'] else ''} "
-                     f"| {b['steps']} | {len(b['devices'] or [])} | {_f(b['wall_s'])} | {_f(b['mean_step_s'], 2)} "
+                     f"| {b['steps']} | {len(b['devices'] or [])} | {_f(b['wall_s'])} ({b.get('sessions', 1)}) "
+                     f"| {_f(b['mean_step_s'], 2)} "
                      f"| {_f(b['tokens_per_second'])} | {_f(b['first_loss'], 4)} -> {_f(b['last_loss'], 4)} | {ev} |")
     m = s.get("merge") or {}
     lines += ["", "## Merge and export", "",

@@ -153,7 +153,8 @@ def train_branches(cfg: PaftConfig, tcs: dict[str, TrainConfig], p: Plan, progre
             t_start = time.time()
             with turns.turn():  # its set-up runs programs too (the delta's init, the reference pass)
                 branch = Branch(tcs[name], base_for, p.meshes[name], p.rules[name])
-            res = run_branch(branch, progress=progress, name=name, stop=stop, bar_position=position)
+            res = run_branch(branch, progress=progress, name=name, stop=stop, bar_position=position,
+                             started=t_start)
             if res.preempted:
                 return
             record = {"branch": name, "steps": tcs[name].steps, "objective": tcs[name].objective.kind,

@@ -151,6 +151,7 @@ def train(cfg: TrainConfig, *, mesh: Mesh | None = None, base: Base | None = Non
           name: str | None = None) -> BranchResult:
     """Run one branch for `cfg.steps` steps; metrics go to `output_dir/metrics.jsonl`.  Holds output_dir's
     run lock (paft_jax/runlock.py) from before the base loads to the end."""
+    started = time.time()
     mesh = mesh or build_mesh(cfg.mesh)
     rules = cfg.mesh.logical_rules()
     cfg.validate(data_parallel=mesh.shape["data"] * mesh.shape["fsdp"])  # before loading anything
@@ -158,13 +159,18 @@ def train(cfg: TrainConfig, *, mesh: Mesh | None = None, base: Base | None = Non
     with runlock.holding(cfg.output_dir, lease_s=cfg.lock_lease_s):  # one writer per output_dir, before the load
         base = base or load_base(cfg, mesh, rules)
         branch = Branch(cfg, base, mesh, rules)
-        return run_branch(branch, progress=progress, name=name)
+        return run_branch(branch, progress=progress, name=name, started=started)
 
 
 def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None, stop=None,
-               bar_position: int = 0) -> BranchResult:
+               bar_position: int = 0, started: float | None = None) -> BranchResult:
     """Train `branch` to `cfg.steps` (resuming from its checkpoints).  `stop`: a shared StopRequest when
-    the caller runs several branches (signal handlers live in the main thread only)."""
+    the caller runs several branches (signal handlers live in the main thread only).  `started`: when this
+    session's set-up began (loading the base, building the branch), default now: metrics.jsonl gets an
+    `event: session` record from then, written as the session starts and again with its end as it ends
+    (whichever way), so that wall time adds up across the sessions of a resumed run (a session killed
+    outright has only the first; pipeline/report.py `sessions`)."""
+    started = time.time() if started is None else started
     cfg = branch.cfg
     from paft_jax.rundir import RunDir
     rd = RunDir.of(cfg.output_dir, cfg.cache_dir)  # a gs:// output_dir is written in a local mirror
@@ -183,8 +189,13 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
         rd.pull("metrics.jsonl")  # a remote run: the history so far is the store's (the mirror may be empty)
         _truncate_metrics(out / "metrics.jsonl", start_step)
     metrics_file = (out / "metrics.jsonl").open("a") if primary else None
+    session = {"step": start_step, "event": "session", "start": started}  # kept as long as its first step is
+    if metrics_file and not finished_before:
+        metrics_file.write(json.dumps(session) + "\n")
     if metrics_file and result.resumed_from is not None and not finished_before:  # the timeline marks the gap
         metrics_file.write(json.dumps({"step": start_step, "event": "resumed", "time": time.time()}) + "\n")
+    if metrics_file:
+        metrics_file.flush()
     tb = _tensorboard(out / "tb", start_step) if primary else None
 
     def sync() -> None:
@@ -289,6 +300,8 @@ def run_branch(branch: Branch, *, progress: bool = True, name: str | None = None
             stop.restore_handlers()
         bar.close()
         if metrics_file:
+            if not finished_before:
+                metrics_file.write(json.dumps({**session, "end": time.time()}) + "\n")
             metrics_file.close()
         if tb is not None:
             tb.close()
