@@ -77,6 +77,30 @@ def test_cli_writes_json_and_png(models, tmp_path, capsys):
     assert "TOTAL" in capsys.readouterr().out
 
 
+def test_plot_labels_every_axis_and_keeps_the_legend_off_the_bars(models):
+    """The legend (2 models x 5 counts) below the axes, clear of the bars and the module names, inside the
+    figure; every axis says what it measures and in which unit."""
+    import matplotlib.pyplot as plt
+    from paft_jax.merge.sparsity import figure
+    base, a, b = models
+    rep = analyze(base, [a, b])
+    fig = figure(rep, names=["sft", "preference"])
+    try:
+        fig.canvas.draw()
+        legends = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+        assert len(legends) == 1 and len(legends[0].get_texts()) == 2 * (2 + len(rep["tolerances"]))
+        box = legends[0].get_window_extent()
+        assert 0 <= box.x0 and 0 <= box.y0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1  # not cut off
+        assert len(fig.axes) == 2
+        for ax in fig.axes:
+            assert "fraction" in ax.get_ylabel() and "module type" in ax.get_xlabel()
+            assert not box.overlaps(ax.get_window_extent())        # the data area
+            for label in ax.get_xticklabels() + [ax.xaxis.label]:  # and what is written under it
+                assert not box.overlaps(label.get_window_extent())
+    finally:
+        plt.close(fig)
+
+
 def test_refuses_mismatched_models(hf_dir):
     with pytest.raises(ValueError, match="architecture"):
         analyze(hf_dir("llama"), [hf_dir("qwen2")])

@@ -208,9 +208,11 @@ def format_table(rep: dict, per_tensor: bool = False) -> str:
     return "\n".join(lines)
 
 
-def plot(rep: dict, path: str | Path, names: list[str] | None = None) -> Path:
-    """PNG: per module type, each model's zero / near-zero fractions, and the sign agreement.  `names`: what
-    to call the models (default: their paths' last parts)."""
+def figure(rep: dict, names: list[str] | None = None):
+    """The sparsity figure of a report (`analyze`): per module type, each model's exact-zero, near-zero and
+    bf16-unchanged fractions, and (two models or more) the first two's sign agreement.  Every axis says what
+    it measures and in which unit; the legend sits below the axes (outside: it never covers a bar).  `names`:
+    what to call the models (default: their paths' last parts)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -219,31 +221,45 @@ def plot(rep: dict, path: str | Path, names: list[str] | None = None) -> Path:
     n_models = len(rep["models"])
     names = list(names or [str(m).rstrip("/").rsplit("/", 1)[-1] or f"model {i}" for i, m in enumerate(rep["models"])])
     two = n_models >= 2
-    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(13 if two else 8, 4.5), squeeze=False)
+    # constrained layout: room for the rotated module names, the axis labels and the legend outside
+    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(13 if two else 8, 5), squeeze=False, layout="constrained")
     ax = axes[0][0]
     x = np.arange(len(kinds))
-    series = [("zero", lambda m: m["zero_frac"])]
-    series += [(f"<={t:g}", lambda m, key=format(t, "g"): m["under_frac"][key]) for t in tols]
-    series += [("bf16 unchanged", lambda m: 1 - m["bf16_visible_frac"])]
+    near = "|d| <= {:g} |w|" if rep["tolerance_kind"] == "relative" else "|d| <= {:g}"
+    series = [("exact zero", lambda m: m["zero_frac"])]
+    series += [(near.format(t), lambda m, key=format(t, "g"): m["under_frac"][key]) for t in tols]
+    series += [("bf16 weight unchanged", lambda m: 1 - m["bf16_visible_frac"])]
     width = 0.8 / (n_models * len(series))
+    bars = {}
     for i in range(n_models):
         for j, (label, value) in enumerate(series):
             vals = [value(rep["modules"][k]["models"][i]) for k in kinds]
-            ax.bar(x + (i * len(series) + j) * width - 0.4, vals, width, label=f"{names[i]} {label}")
+            bars[i, j] = ax.bar(x + (i * len(series) + j) * width - 0.4, vals, width, label=f"{names[i]}: {label}")
     ax.set_xticks(x, kinds, rotation=45, ha="right")
-    ax.set_ylabel("fraction of delta elements")
-    ax.set_title(f"delta sparsity (tolerances {rep['tolerance_kind']})")
+    ax.set_xlabel("module type (tensors grouped by name)")
+    ax.set_ylabel("fraction of the delta's entries (0-1)")
+    ax.set_title(f"delta sparsity (d = model - base, w = base weight; tolerances {rep['tolerance_kind']})")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=6, ncol=2)
+    # one column per kind of count, one row per model (a legend fills column by column)
+    order = [(i, j) for j in range(len(series)) for i in range(n_models)]
+    fig.legend([bars[o] for o in order], [bars[o].get_label() for o in order], loc="outside lower center",
+               ncol=len(series), fontsize=7, frameon=False)
     if two:
         ax = axes[0][1]
         ax.bar(x, [rep["modules"][k].get("sign_agreement") or 0 for k in kinds], 0.6)
         ax.axhline(0.5, color="gray", lw=0.8, ls="--")
         ax.set_xticks(x, kinds, rotation=45, ha="right")
+        ax.set_xlabel("module type (tensors grouped by name)")
         ax.set_ylim(0, 1)
-        ax.set_ylabel("sign agreement where both != 0")
-        ax.set_title(f"{names[0]} vs {names[1]}")
-    fig.tight_layout()
+        ax.set_ylabel("same sign, where both deltas != 0 (fraction, 0-1)")
+        ax.set_title(f"sign agreement of {names[0]} and {names[1]} (dashed: chance)")
+    return fig
+
+
+def plot(rep: dict, path: str | Path, names: list[str] | None = None) -> Path:
+    """`figure` as a PNG at `path`."""
+    import matplotlib.pyplot as plt
+    fig = figure(rep, names)
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
