@@ -149,6 +149,29 @@ def test_splash_attention_compiles_for_a_tpu_topology(tmp_path):
     assert kernels["attention=auto data.seq_len=576 eval_data.seq_len=576"] == {"train_step": 0, "eval_step": 0}
 
 
+@pytest.mark.skipif(not _libtpu(), reason="libtpu not installed (pip install -e '.[tpu]')")
+def test_compile_for_a_topology_prints_no_libtpu_start_up_errors(tmp_path):
+    """Without TPU_ACCELERATOR_TYPE / TPU_WORKER_HOSTNAMES (and no metadata server) libtpu's start-up printed
+    "Failed to find host bounds for accelerator type" and "unexpected worker hostname 'WARNING: could not
+    determine TPU worker hostnames...'" on every `compile --topology`; topology.py sets them first."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    # a fresh process, as a user runs it: none of the variables an earlier compile in this process set
+    env = {k: v for k, v in os.environ.items() if k not in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES",
+                                                            "TPU_WORKER_ID", "TPU_SKIP_MDS_QUERY")}
+    proc = subprocess.run([sys.executable, "-m", "paft_jax.launch", "compile", "--config", "configs/tiny_sft.yaml",
+                           "--topology", "v4-16", "--no-progress", "--programs", "train_step"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train_step" in proc.stdout
+    for line in ("unexpected worker hostname", "could not determine", "Failed to find host bounds",
+                 "Source Location Trace"):
+        assert line not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_compile_of_a_program_no_branch_runs_is_refused():
     """--programs reference_logps with ref_cache: false compiled nothing and exited 0 with an empty table."""
     from paft_jax.launch import main

@@ -73,12 +73,22 @@ def parse_accelerator(accel: str) -> Topology:
         per_host = (2, 2, 1) if chips >= 4 else dims
     else:  # v5e / v6e: up to 8 chips on one host; larger slices have 4 chips a host
         per_host = (*dims, 1) if chips <= 8 else (2, 2, 1)
-    return Topology(accel, f"{prefix}:{'x'.join(map(str, dims))}", chip_config, chips, per_host, hbm)
+    return Topology(f"{gen}-{number}", f"{prefix}:{'x'.join(map(str, dims))}", chip_config, chips, per_host, hbm)
 
 
 def topology_devices(topo: Topology) -> list:
-    """The slice's devices (one per chip), described by libtpu; no TPU needs to be attached."""
+    """The slice's devices (one per chip), described by libtpu; no TPU needs to be attached.
+
+    libtpu's start-up reads the accelerator type and the workers' hostnames from the metadata server, or
+    from TPU_ACCELERATOR_TYPE / TPU_WORKER_HOSTNAMES.  With neither (a machine without TPUs) it takes its own
+    "WARNING: could not determine ..." text as their values and prints two errors on stderr, "Failed to find
+    host bounds for accelerator type" and "unexpected worker hostname" (a source location trace with it),
+    then describes the topology it is given all the same: a deviceless compile contacts no worker.  So they
+    are set here to what is true of this process (the slice it describes; one worker, itself), unless the
+    user has set them."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server to ask on a CPU machine
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", topo.accelerator)
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chip is used: several compiles may run at once
     try:
         import libtpu  # noqa: F401
