@@ -44,6 +44,7 @@ VARIANTS = {
                               "sliding_window": 4, "max_window_layers": 2, "tie_word_embeddings": True}),
     "gemma3": ("Gemma3TextConfig", {
         "num_hidden_layers": 4, "head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 24,
+        "final_logit_softcapping": 3.0,
         "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
         "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),

@@ -43,6 +43,7 @@ _MULTIMODAL = {"gemma3n": "Gemma 3n (audio/vision/text, per-layer embeddings)",
                "smolvlm": "SmolVLM (a vision-language model)"}
 _QK_NORM = {"qwen3": "head", "gemma3": "head", "olmo2": "projection", "olmo3": "projection"}
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+_NO_HEAD_DIM = ("olmo2", "olmo3", "smollm3")  # families whose config has no head_dim key
 _LAYER_TYPED = ("qwen2", "qwen3", "gemma3", "olmo3", "smollm3")  # families whose config lists layer_types
 
 
@@ -88,7 +89,8 @@ def model_config_from_hf(data: dict, where: str = "config.json", **overrides: An
     (Gemma 3 4B-27B) is read as that text model.
     """
     mt = data.get("model_type")
-    if mt in TEXT_MODEL_OF:
+    text_only = mt in TEXT_MODEL_OF
+    if text_only:
         text = data.get("text_config")
         if not isinstance(text, dict):
             raise ValueError(f"{where}: model_type={mt!r} without a text_config; cannot find its language model")
@@ -111,9 +113,8 @@ def model_config_from_hf(data: dict, where: str = "config.json", **overrides: An
                f"{'gelu_pytorch_tanh' if family == 'gemma3' else 'silu'})")
     if getattr(hf, "mlp_bias", False):
         refuse("mlp_bias=true is not implemented")
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if getattr(hf, key, None) is not None:
-            refuse(f"{key}={getattr(hf, key)} is not implemented")
+    # Gemma 3 stores attn_logit_softcapping but never applies it; final_logit_softcapping only in its CausalLM
+    softcap = getattr(hf, "final_logit_softcapping", None) if family == "gemma3" and not text_only else None
     if getattr(hf, "use_bidirectional_attention", False):
         refuse("use_bidirectional_attention=true is not implemented (paft_jax trains causal decoders)")
     if family not in ("llama", "qwen2") and getattr(hf, "attention_bias", False):
@@ -160,6 +161,7 @@ def model_config_from_hf(data: dict, where: str = "config.json", **overrides: An
         sliding_window=sliding, layer_types=tuple(layer_types) or None, no_rope_layers=no_rope,
         qk_norm=_QK_NORM.get(family), hidden_act=_ACTIVATIONS[act],
         query_pre_attn_scalar=float(hf.query_pre_attn_scalar) if family == "gemma3" else None,
+        final_logit_softcapping=float(softcap) if softcap is not None else None,
         bos_token_id=hf.bos_token_id, eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         pad_token_id=hf.pad_token_id,
     )
@@ -186,6 +188,12 @@ def hf_config_dict(cfg: ModelConfig, source: dict | None = None, dtype: str | No
         eos_token_id=list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,
         pad_token_id=cfg.pad_token_id,
     )
+    if fam in _NO_HEAD_DIM:  # head_dim is always hidden_size // num_heads there
+        if cfg.head_dim is not None:
+            raise ValueError(f"a {mt} config cannot carry head_dim={cfg.head_dim} (always hidden_size // num_heads)")
+        kw.pop("head_dim")
+    if cfg.final_logit_softcapping is not None and fam != "gemma3":
+        raise ValueError(f"a {mt} config cannot carry final_logit_softcapping")
     if fam == "gemma3":
         kw["hidden_activation"] = "gelu_pytorch_tanh"
     else:
@@ -223,6 +231,7 @@ def hf_config_dict(cfg: ModelConfig, source: dict | None = None, dtype: str | No
     if fam in ("gemma3", "olmo3"):
         kw.update(sliding_window=cfg.sliding_window or 4096, layer_types=layer_types)
     if fam == "gemma3":
+        kw["final_logit_softcapping"] = cfg.final_logit_softcapping
         scalar = cfg.query_pre_attn_scalar or cfg.resolved_head_dim
         kw["query_pre_attn_scalar"] = int(scalar) if float(scalar).is_integer() else scalar  # an int in transformers
     if fam == "smollm3":

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from paft_jax.hf.config import model_config_from_hf, read_config_json
+from paft_jax.hf.config import TEXT_MODEL_OF, model_config_from_hf, read_config_json
 from paft_jax.hf.layout import entries, get_path, hf_shape, iter_hf_tensors, to_ours, unpermute_gguf_rope
 from paft_jax.hf.st_io import SafetensorsFile
 from paft_jax.mesh import named_sharding
@@ -79,6 +79,44 @@ class SafetensorsSource:
     def native_dtype(self):
         c = collections.Counter(self.where[t].dtype(t) for t in self.where)
         return c.most_common(1)[0][0] if c else np.dtype(np.float32)
+
+
+class TextModelSource:
+    """The language model of a multimodal checkpoint (Gemma 3 4B-27B), under the names of its text-only
+    CausalLM: `language_model.model.*` (how transformers saves it) or `model.language_model.*` (its
+    in-memory names) become `model.*`; the vision tower and projector are left out, and counted."""
+    PREFIXES = (("model.language_model.model.", "model."), ("language_model.model.model.", "model."),
+                ("model.language_model.", "model."), ("language_model.model.", "model."),
+                ("language_model.lm_head.", "lm_head."))
+
+    def __init__(self, source):
+        self.source, self.to_source, self.skipped = source, {}, []
+        self.dir = getattr(source, "dir", None)
+        for name in sorted(source.names()):
+            for old, new in self.PREFIXES:
+                if name.startswith(old):
+                    self.to_source[new + name[len(old):]] = name
+                    break
+            else:
+                if name == "lm_head.weight":
+                    self.to_source[name] = name
+                else:
+                    self.skipped.append(name)
+
+    def names(self):
+        return set(self.to_source)
+
+    def file_of(self, name):
+        return self.source.file_of(self.to_source[name])
+
+    def shape(self, name):
+        return self.source.shape(self.to_source[name])
+
+    def get(self, name):
+        return self.source.get(self.to_source[name])
+
+    def native_dtype(self):
+        return self.source.native_dtype()
 
 
 class TorchBinSource:
@@ -248,6 +286,11 @@ def load_model(path: str | Path, *, mesh: Mesh | None = None, rules: tuple = (),
     else:
         raise FileNotFoundError(f"{directory}: no *.safetensors, model.safetensors.index.json or GGUF weights")
 
+    if hf_dict.get("model_type") in TEXT_MODEL_OF:
+        source = TextModelSource(source)
+        notes.append(f"{hf_dict['model_type']}: its language model loaded text-only ({len(source.skipped)} vision "
+                     "and projector tensors left out)")
+        log.info("%s", notes[-1])
     if param_dtype == "auto":
         param_dtype = dtype_name(source.native_dtype())
         if param_dtype not in ("float32", "bfloat16", "float16"):

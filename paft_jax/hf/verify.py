@@ -43,8 +43,9 @@ def flax_logits(params: Any, cfg: ModelConfig, ids: np.ndarray, mask: np.ndarray
 def hf_logits(model_dir: str | Path, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     import torch
     from transformers import AutoModelForCausalLM
+    # eager attention: transformers' reference path (sdpa differs from it by up to ~1e-5 in fp32)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=False,
-                                                 local_files_only=True)
+                                                 local_files_only=True, attn_implementation="eager")
     model.eval()
     pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
     with torch.no_grad():

@@ -176,7 +176,7 @@ def _write_side_files(tmp: Path, spec: MergeSpec, base: TensorSource, models: li
                       recipe_text: str | None) -> None:
     import json
     from paft_jax.models.config import dtype_name
-    bdir = getattr(base, "dir", None)
+    bdir = getattr(base, "files_dir", None) or getattr(base, "dir", None)
     cfg = dict(base.config or {})
     if cfg:
         for key in ("torch_dtype", "dtype"):

@@ -45,7 +45,9 @@ class HFDirSource:
 
     is_delta = False
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, files_dir: str | Path | None = None):
+        """`files_dir`: where the tokenizer and generation config a merge copies next to its output are
+        (default: the model directory itself)."""
         from paft_jax import storage
         self.label = str(path)
         if storage.is_url(path):  # fetched whole (refused if incomplete); removed when this source goes
@@ -60,6 +62,7 @@ class HFDirSource:
         if not (list(self.dir.glob("*.safetensors")) or (self.dir / "model.safetensors.index.json").exists()):
             raise FileNotFoundError(f"{self.dir}: no *.safetensors weights (the merge reads safetensors only)")
         self._st = SafetensorsSource(self.dir)
+        self.files_dir = Path(files_dir) if files_dir is not None else self.dir
         cfg = self.dir / "config.json"
         try:
             self.config = json.loads(cfg.read_text()) if cfg.exists() else None
@@ -173,11 +176,24 @@ def _rope_as_v5(cfg: dict) -> dict:
     return cfg
 
 
+def _with_defaults(cfg: dict) -> dict:
+    """The config as transformers' own class for its model_type reads it (absent keys at their defaults),
+    so that a key written by one saver and left out by another as a default does not count as a difference;
+    unchanged when transformers does not know the model_type or cannot parse the config."""
+    import transformers
+    try:
+        cls = transformers.CONFIG_MAPPING[cfg.get("model_type")]
+        full = cls.from_dict(dict(cfg)).to_dict()
+    except Exception:  # noqa: BLE001 - unknown type or a config transformers refuses: compare as written
+        return cfg
+    return {**full, **{k: v for k, v in cfg.items() if k not in full}}
+
+
 def config_differences(base: dict, other: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """(dotted key, base value, other value) for every computation-relevant config key whose value differs
     (nested mappings such as rope_parameters or text_config compared key by key; a missing key differs)."""
     if not prefix:
-        base, other = _rope_as_v5(base), _rope_as_v5(other)
+        base, other = _with_defaults(_rope_as_v5(base)), _with_defaults(_rope_as_v5(other))
     out = []
     for key in sorted(set(base) | set(other)):
         if key in CONFIG_KEYS_IGNORED:

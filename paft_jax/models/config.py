@@ -92,6 +92,7 @@ class ModelConfig:
     qk_norm: str | None = None  # one of QK_NORMS
     hidden_act: str = "silu"  # the gated MLP's activation, one of ACTIVATIONS
     query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 (Gemma 3); None: head_dim
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap) (Gemma 3's CausalLM)
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -154,6 +155,8 @@ class ModelConfig:
             errors.append(f"qk_norm={self.qk_norm!r} is not one of {QK_NORMS}")
         if self.hidden_act not in ACTIVATIONS:
             errors.append(f"hidden_act={self.hidden_act!r} is not one of {ACTIVATIONS}")
+        if self.final_logit_softcapping is not None and self.final_logit_softcapping <= 0:
+            errors.append(f"final_logit_softcapping must be positive, got {self.final_logit_softcapping}")
         if self.query_pre_attn_scalar is not None and self.query_pre_attn_scalar <= 0:
             errors.append(f"query_pre_attn_scalar must be positive, got {self.query_pre_attn_scalar}")
         for name in ("param_dtype", "dtype"):

@@ -375,7 +375,11 @@ class Decoder(nn.Module):
             logits = embed.attend(x)
         else:
             logits = _dense(cfg.vocab_size, -1, ("embed", "vocab"), cfg, "lm_head")(x)
-        logits = sh(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+        logits = logits.astype(jnp.float32)
+        if cfg.final_logit_softcapping is not None:
+            cap = jnp.float32(cfg.final_logit_softcapping)
+            logits = jnp.tanh(logits / cap) * cap
+        logits = sh(logits, ("act_batch", "act_length", "act_vocab"))
         return logits, new_cache
 
 

@@ -66,30 +66,42 @@ class StackedSource:
         return (np.asarray(w, np.float32) + self.delta.get(name)).astype(w.dtype)
 
 
+def _write_side_files(side: Path, tokenizer, generation: dict | Path | None) -> None:
+    """The tokenizer and generation config for an export, written once into `side` (atomically)."""
+    if side.exists():
+        return
+    tmp = side.parent / f".{side.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    if isinstance(generation, Path):
+        if generation.exists():
+            shutil.copy2(generation, tmp / generation.name)
+    elif generation:
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    os.replace(tmp, side)
+
+
 def base_source(tc: TrainConfig, bases: dict[str, Base], out: Path):
     """The merge's base: an HF directory is streamed from disk; anything else (GGUF, random) is the loaded
     base (loaded now on one device if this process trained nothing, e.g. on a rerun).  `out`: a local
     directory (the run's, or its mirror) for the base's tokenizer files."""
     from paft_jax.merge.params_source import ParamsSource
     from paft_jax.merge.sources import HFDirSource
+    side = out / "base_files"  # tokenizer + generation config, copied into the export
     if tc.model != "random" and Path(tc.model).is_dir() and any(Path(tc.model).glob("*.safetensors")):
-        return HFDirSource(tc.model)
+        if tc.tokenizer is None:  # the directory's own tokenizer files
+            return HFDirSource(tc.model)
+        # the run's tokenizer is not the directory's: the export carries the one the branches trained with
+        _write_side_files(side, resolve_tokenizer(tc.tokenizer, None), Path(tc.model) / "generation_config.json")
+        return HFDirSource(tc.model, files_dir=side)
     base = next((b for b in bases.values() if all(
         leaf.is_fully_addressable for leaf in jax.tree_util.tree_leaves(b.params))), None)
     if base is None:  # nothing loaded here, or only a base spread over other processes too
         from paft_jax.config import MeshConfig
         one = MeshConfig(data=1, fsdp=1, tensor=1)
         base = load_base(tc, build_mesh(one, jax.local_devices()[:1]), one.logical_rules())
-    side = out / "base_files"  # tokenizer + generation config, copied into the export
-    if not side.exists():
-        tmp = out / f".base_files.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        if base.tokenizer is not None:
-            base.tokenizer.save_pretrained(str(tmp))
-        from paft_jax.hf.export import generation_config_for
-        gen = generation_config_for(base.cfg, base.generation_config)
-        if gen:
-            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        os.replace(tmp, side)
+    from paft_jax.hf.export import generation_config_for
+    _write_side_files(side, base.tokenizer, generation_config_for(base.cfg, base.generation_config))
     return ParamsSource(base.params, base.cfg, base.source, hf_config=base.hf_config, side_dir=side)
