@@ -93,23 +93,40 @@ def _batch():
             "segment_ids": jnp.asarray(seg), "positions": jnp.asarray(pos, jnp.int32)}
 
 
-def test_model_with_splash_on_a_mesh_equals_naive():
+# Gemma 3-like layer kinds: sliding layers (window 48, their own RoPE base) between global ones (linear RoPE)
+MIXED = CFG.replace(family="gemma3", num_layers=4, sliding_window=48, qk_norm="head", hidden_act="gelu_tanh",
+                    layer_types=("sliding_attention", "full_attention", "sliding_attention", "full_attention"),
+                    rope_theta=1e6, rope_scaling={"rope_type": "linear", "factor": 2.0}, sliding_rope_theta=1e4,
+                    query_pre_attn_scalar=24.0)
+
+
+@pytest.mark.parametrize("cfg,impls", [(CFG, ("splash",)), (MIXED, ("splash", "chunked"))], ids=["uniform", "mixed"])
+def test_model_with_splash_on_a_mesh_equals_naive(cfg, impls):
     """The decoder with attention=splash (per device under shard_map: batch over data, heads over tensor) on
-    8 simulated devices against the naive decoder on one: token log-probs and parameter gradients."""
-    base = init_params(CFG, jax.random.key(0))
+    8 simulated devices against the naive decoder on one: token log-probs and parameter gradients.  With
+    mixed layer kinds, each layer's splash kernel has its own mask (one lax.switch branch per window), and
+    the chunked path matches too."""
+    base = init_params(cfg, jax.random.key(0))
     b = _batch()
     real = np.asarray(b["segment_ids"]) != 0
     mesh = build_mesh(MeshConfig(data=2, fsdp=1, tensor=2), jax.devices()[:4])
     results = {}
-    for impl, m in (("naive", None), ("splash", mesh)):
-        logp = make_logp_fn(CFG.replace(attention=impl, attention_block=128), m, DEFAULT_LOGICAL_RULES if m else (),
-                            chunk=0)
+    for impl in ("naive",) + impls:
+        m = mesh if impl == "splash" else None
+        logp = make_logp_fn(cfg.replace(attention=impl, attention_block=128 if impl == "splash" else 64), m,
+                            DEFAULT_LOGICAL_RULES if m else (), chunk=0)
         f = jax.jit(lambda p, logp=logp: (logp({"params": p}, b)[0] * real).sum())
         lp = jax.jit(lambda p, logp=logp: logp({"params": p}, b)[0])(base)
         results[impl] = (np.asarray(lp)[real], jax.grad(f)(base))
-    np.testing.assert_allclose(results["splash"][0], results["naive"][0], rtol=1e-5, atol=1e-5)
-    for a, r in zip(jax.tree_util.tree_leaves(results["splash"][1]), jax.tree_util.tree_leaves(results["naive"][1])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-5 * float(jnp.abs(r).max()))
+    for impl in impls:
+        np.testing.assert_allclose(results[impl][0], results["naive"][0], rtol=1e-5, atol=1e-5)
+        for a, r in zip(jax.tree_util.tree_leaves(results[impl][1]), jax.tree_util.tree_leaves(results["naive"][1])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-5 * float(jnp.abs(r).max()))
+    if cfg is MIXED:  # the kinds matter at this length: all layers global gives other log-probs
+        alike = make_logp_fn(cfg.replace(layer_types=None, sliding_window=None, sliding_rope_theta=None), None, (),
+                             chunk=0)
+        lp = np.asarray(jax.jit(lambda p: alike({"params": p}, b)[0])(base))[real]
+        assert np.abs(lp - results["naive"][0]).max() > 1e-3
 
 
 def test_resolve_picks_by_platform_and_refuses_what_a_kernel_cannot_do():

@@ -35,8 +35,8 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     hd = cfg.head_dim or cfg.hidden_size // cfg.num_heads
-    window = min(seq_len, cfg.sliding_window or seq_len)
-    attention = 4 * cfg.num_layers * cfg.num_heads * hd * window  # q.k^T and p.v
+    keys = sum(min(seq_len, cfg.layer_window(i) or seq_len) for i in range(cfg.num_layers))  # per layer's window
+    attention = 4 * cfg.num_heads * hd * keys  # q.k^T and p.v
     return 2.0 * matmul_params(cfg) + attention
 
 
