@@ -135,3 +135,29 @@ def test_paft_runs_each_family(tmp_path, variant):
     exported = json.loads((out / "merged" / "config.json").read_text())
     assert exported["model_type"] == json.loads((base / "config.json").read_text())["model_type"]
     assert json.loads(run.stdout.strip().splitlines()[-1])["merged"]
+
+
+def test_gguf_of_a_newer_family_is_refused_naming_why(tmp_path):
+    """transformers' GGUF reader (through which the config is read) loses Qwen3's head_dim and Gemma 3's RoPE
+    scaling: a GGUF of those families is refused rather than imported with a wrong config."""
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "qwen3.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen3")
+    w.add_context_length(128)
+    w.add_embedding_length(32)
+    w.add_block_count(1)
+    w.add_feed_forward_length(48)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_key_length(128)
+    w.add_value_length(128)
+    w.add_rope_freq_base(1e6)
+    w.add_vocab_size(64)
+    w.add_tensor("token_embd.weight", np.zeros((64, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="GGUF import of qwen3 is not implemented.*use the safetensors checkpoint"):
+        load_model(path, with_tokenizer=False)

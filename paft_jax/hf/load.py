@@ -27,7 +27,8 @@ from paft_jax.mesh import named_sharding
 from paft_jax.models.config import ModelConfig, dtype_name, to_dtype
 
 log = logging.getLogger(__name__)
-_IGNORED = ("rotary_emb.inv_freq",)  # buffers some old exports carry; recomputed from the config
+_IGNORED = ("rotary_emb.inv_freq",)
+GGUF_FAMILIES = ("llama", "mistral", "qwen2")  # GGUF import: the Llama-style families  # buffers some old exports carry; recomputed from the config
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,6 +273,11 @@ def load_model(path: str | Path, *, mesh: Mesh | None = None, rules: tuple = (),
     hf_dict, cfg = read_model_config(path, dtype=dtype, **cfg_overrides)
 
     if gguf_file is not None:
+        if cfg.family not in GGUF_FAMILIES:
+            raise ValueError(f"{gguf_file}: GGUF import of {cfg.family} is not implemented (transformers' GGUF "
+                             "reader, which paft_jax's reads the config through, loses settings of the newer "
+                             "families, e.g. Qwen3's head_dim and Gemma 3's RoPE scaling); use the safetensors "
+                             f"checkpoint (GGUF: {', '.join(GGUF_FAMILIES)})")
         source: Any = GGUFSource(gguf_file, cfg, hf_dict.get("model_type"))
         if "output.weight" in source.unmapped and cfg.tie_word_embeddings:
             raise ValueError(f"{gguf_file}: has output.weight but the config says tied embeddings")
