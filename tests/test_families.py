@@ -118,23 +118,32 @@ def test_unsupported_model_type_is_one_line_at_the_cli(tmp_path):
     assert len(lines) == 1 and "qwen4" in lines[0] and "qwen3" in lines[0], run.stderr
 
 
+# per family, what else its PAFT run exercises: a LoRA preference branch, the merge on the mesh
+PAFT_VARIATIONS = {"qwen3": ["preference.delta.kind=lora"], "gemma3": ["merge.on_mesh=true"], "olmo2": [],
+                   "olmo3": ["merge.on_mesh=true"], "smollm3": ["preference.delta.kind=lora", "merge.on_mesh=true"]}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", FAMILIES)
 def test_paft_runs_each_family(tmp_path, variant):
-    """The whole pipeline (both branches, L1, TIES merge, verified export, answers) on a tiny random model
-    of the family, the mixed layer kinds included."""
+    """The whole pipeline (both branches, L1 on the SFT delta, TIES merge streamed or on the mesh, a dense or
+    LoRA preference delta, verified export, answers, ARC-Challenge scored for the base, branches and merge)
+    on a tiny random model of the family, the mixed layer kinds included."""
     model = make_hf_model(variant, vocab_size=400, max_position_embeddings=576)
     base = tmp_path / "base"
     model.save_pretrained(base)
     out = tmp_path / "run"
     run = subprocess.run([sys.executable, "-m", "paft_jax.launch", "paft", "--config", "configs/paft_tiny.yaml",
                           f"model={base}", f"output_dir={out}", "sft.steps=2", "preference.steps=2",
-                          "sft.checkpoint.save_every=2", "preference.checkpoint.save_every=2", "max_new_tokens=4"],
+                          "sft.checkpoint.save_every=2", "preference.checkpoint.save_every=2", "max_new_tokens=4",
+                          "eval_tasks=[arc_challenge]", "eval_limit=2", *PAFT_VARIATIONS[variant]],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     exported = json.loads((out / "merged" / "config.json").read_text())
     assert exported["model_type"] == json.loads((base / "config.json").read_text())["model_type"]
-    assert json.loads(run.stdout.strip().splitlines()[-1])["merged"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["answers"] and report["answers"][0]["answer"] is not None
+    print(json.dumps(report.get("leaderboard") or report.get("eval"), indent=1)[:2000])
 
 
 def test_gguf_of_a_newer_family_is_refused_naming_why(tmp_path):
@@ -161,3 +170,15 @@ def test_gguf_of_a_newer_family_is_refused_naming_why(tmp_path):
     w.close()
     with pytest.raises(ValueError, match="GGUF import of qwen3 is not implemented.*use the safetensors checkpoint"):
         load_model(path, with_tokenizer=False)
+
+
+@pytest.mark.parametrize("name", ["paft_qwen3_8b", "paft_gemma3_12b"])
+def test_the_new_bases_paft_configs_load_and_their_branches_validate(name):
+    """The shipped configs parse; each branch config validates (the TPU compile of them is in
+    benchmarks/results/compile/, far too slow for a test)."""
+    from paft_jax.pipeline.config import branch_configs, load_paft_config
+    cfg = load_paft_config(f"configs/{name}.yaml")
+    tcs = branch_configs(cfg)
+    assert set(tcs) == {"sft", "preference"}
+    for tc in tcs.values():
+        assert tc.mesh.fsdp == 4 and tc.attention == "splash"
