@@ -143,7 +143,10 @@ def test_paft_runs_each_family(tmp_path, variant):
     assert exported["model_type"] == json.loads((base / "config.json").read_text())["model_type"]
     report = json.loads((out / "report.json").read_text())
     assert report["answers"] and report["answers"][0]["answer"] is not None
-    print(json.dumps(report.get("leaderboard") or report.get("eval"), indent=1)[:2000])
+    board = report["leaderboard"]
+    assert board["documents"] == {"arc_challenge": 2}
+    assert {"base", "sft", "preference", "paft"} <= set(board["models"])
+    assert all(0 <= m["task/arc_challenge/acc"] <= 1 for m in board["models"].values())
 
 
 def test_gguf_of_a_newer_family_is_refused_naming_why(tmp_path):
