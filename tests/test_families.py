@@ -185,3 +185,28 @@ def test_the_new_bases_paft_configs_load_and_their_branches_validate(name):
     assert set(tcs) == {"sft", "preference"}
     for tc in tcs.values():
         assert tc.mesh.fsdp == 4 and tc.attention == "splash"
+
+
+def test_a_multimodal_gemma3_base_merges_as_its_language_model(tmp_path):
+    """A Gemma3ForConditionalGeneration directory as the merge's base: its language model's tensors under the
+    text names, the text config, and an output that transformers loads as Gemma3ForCausalLM."""
+    import jax
+    from paft_jax.hf.export import export_hf
+    from paft_jax.merge.engine import merge_to_hf
+    from paft_jax.merge.recipe import MergeSpec
+    from paft_jax.merge.sources import HFDirSource
+    mm = tmp_path / "mm"
+    _tiny_gemma3_multimodal().save_pretrained(mm)
+    lm = load_model(mm, with_tokenizer=False)
+    tuned = tmp_path / "tuned"  # a fine-tuned text model of the same base
+    export_hf(jax.tree_util.tree_map(lambda x: x * 1.01, lm.params), lm.cfg, tuned, hf_config=lm.hf_config)
+    base = HFDirSource(mm)
+    assert "model.layers.0.self_attn.q_norm.weight" in base.names() and base.config["model_type"] == "gemma3_text"
+    assert not any("vision" in n for n in base.names())
+    out = tmp_path / "merged"
+    merge_to_hf(MergeSpec("task_arithmetic", 1, {}, [{"weight": 0.5}]), base, [tuned], out, verify=True)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Gemma3ForCausalLM"]
+    merged = load_model(out, with_tokenizer=False)
+    want = jax.tree_util.tree_map(lambda x: x * 1.005, lm.params)
+    for a, b in zip(jax.tree_util.tree_leaves(merged.params), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -19,7 +19,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from paft_jax.hf.load import SafetensorsSource
+from paft_jax.hf.config import TEXT_MODEL_OF
+from paft_jax.hf.load import SafetensorsSource, TextModelSource
 
 
 class TensorSource(Protocol):
@@ -68,25 +69,36 @@ class HFDirSource:
             self.config = json.loads(cfg.read_text()) if cfg.exists() else None
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg}: not valid JSON ({e})") from None
-        self._names = sorted(self._st.names(), key=_natural)
+        # a multimodal checkpoint (Gemma 3 4B-27B) takes part as its language model: text names, text config
+        self._file_name: dict[str, str] = {}
+        if (self.config or {}).get("model_type") in TEXT_MODEL_OF:
+            from paft_jax.hf.config import hf_config_dict, model_config_from_hf
+            self._file_name = TextModelSource(self._st).to_source
+            self.config = hf_config_dict(model_config_from_hf(self.config, str(cfg)), self.config)
+        self._names = sorted(self._file_name or self._st.names(), key=_natural)
+
+    def _in_file(self, name: str) -> str:
+        return self._file_name.get(name, name)
 
     def names(self) -> list[str]:
         return list(self._names)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._st.shape(name))
+        return tuple(self._st.shape(self._in_file(name)))
 
     def dtype(self, name: str) -> np.dtype:
+        name = self._in_file(name)
         return self._st.where[name].dtype(name)
 
     def get(self, name: str) -> np.ndarray:
-        return self._st.get(name)
+        return self._st.get(self._in_file(name))
 
     def file_of(self, name: str) -> str:
-        return self._st.file_of(name)
+        return self._st.file_of(self._in_file(name))
 
     def flat(self, name: str) -> "FlatReader":
         """The tensor as a flat array whose slices are read from the file on demand."""
+        name = self._in_file(name)
         f = self._st.where[name]
         start, end = f.header[name]["data_offsets"]
         n = int(np.prod(f.shape(name), dtype=np.int64))
