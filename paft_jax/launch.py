@@ -67,9 +67,15 @@ def cmd_export(args) -> int:
         raise ValueError("give exactly one of --model or --checkpoint")
     # before anything loads: --out may not overlap the model or run it reads, and --overwrite replaces
     # only a previous export (a run directory beside or below --out is never removed)
+    if args.format == "peft" and args.checkpoint is None:
+        raise ValueError("--format peft writes a trained LoRA branch as an adapter: give --checkpoint RUN")
+    if args.format == "peft" and args.dtype not in (None, "float32"):
+        raise ValueError("--dtype applies to --format hf; an adapter's factors are written in float32")
     source = args.model if args.checkpoint is None else args.checkpoint
     inputs = [] if source == "smollm2" else [source]
     out = publish.check_destination(args.out, inputs, overwrite=args.overwrite)
+    if args.format == "peft":
+        return _export_peft(args, out)
     lm = _load(args) if args.checkpoint is None else _load_checkpoint(args)
     report = _export_verified(lm, out, dtype=args.dtype or lm.cfg.param_dtype, max_shard_size=args.max_shard_size,
                               base_model=args.base_model or lm.source, how=f"paft_jax export of {lm.source}",
@@ -77,6 +83,53 @@ def cmd_export(args) -> int:
                               keep_on_mismatch=args.keep_on_mismatch)
     if report is not None:
         print(report)
+    return 0
+
+
+def _export_peft(args, out) -> int:
+    """A LoRA branch as a PEFT adapter (published atomically), checked by loading it with peft onto its base
+    and comparing the logits with the Flax model's (base + the branch's delta)."""
+    import jax
+    from paft_jax import publish
+    from paft_jax.hf.peft import adapter_logits, write_adapter
+    from paft_jax.hf.verify import ExportMismatchError, compare, flax_logits, probe_batch, torch_available
+    from paft_jax.train.restore import DeltaReader
+    reader = DeltaReader(args.checkpoint)
+    try:
+        dcfg, tc, step = reader.cfg.delta, reader.cfg, reader.step
+        if dcfg.kind != "lora":
+            raise ValueError(f"{args.checkpoint}: this branch trained a {dcfg.kind} delta (delta.kind={dcfg.kind}), "
+                             "not LoRA factors; --format peft writes LoRA adapters: export the merged model with "
+                             "--format hf")
+        base_dir = Path(args.base_model or tc.model)
+        if not ((base_dir / "config.json").exists() and any(base_dir.glob("*.safetensors"))):
+            raise ValueError(f"--format peft: an adapter is loaded onto an HF model directory, and this branch's base "
+                             f"is {tc.model!r}; give --base-model DIR, an HF export of that same base (e.g. from "
+                             "`launch export --model`)")
+        factors = jax.device_get(reader.state())
+    finally:
+        reader.close()
+    verify = args.verify and torch_available()
+    if verify:
+        lm = _load_checkpoint(args)
+        ids, mask = probe_batch(lm.cfg.vocab_size)
+        ref = flax_logits(lm.params, lm.cfg, ids, mask)
+        mcfg = lm.cfg
+        del lm
+    else:
+        mcfg = reader.mcfg
+    with publish.staged(out, overwrite=args.overwrite, writer=jax.process_index() == 0) as built:
+        targets = write_adapter(built, factors, mcfg, dcfg.lora_rank, dcfg.lora_alpha, str(base_dir),
+                                how=f"paft_jax LoRA branch {args.checkpoint} (step {step}, {tc.objective.kind})")
+        if verify:
+            report = compare(adapter_logits(base_dir, built, ids, mask), ref, mask, args.atol)
+            if report.max_abs_diff > args.atol:
+                raise ExportMismatchError(f"peft's logits with the adapter differ from the branch's by "
+                                          f"{report.max_abs_diff:.3g} > --atol {args.atol}: nothing published")
+    import json
+    print(json.dumps({"adapter": str(out), "base": str(base_dir), "step": step, "r": dcfg.lora_rank,
+                      "lora_alpha": dcfg.lora_alpha, "target_modules": targets,
+                      "verify_max_abs_diff": report.max_abs_diff if verify else None}))
     return 0
 
 
@@ -259,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export a trained branch instead of --model: a run directory, its checkpoints/ directory, "
                         "or one step directory (base from the saved config + the delta, LoRA folded in)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--format", default="hf", choices=["hf", "peft"],
+                   help="hf: the whole model (default); peft: a LoRA branch (--checkpoint) as a PEFT adapter "
+                        "(adapter_config.json + adapter_model.safetensors) for its base, checked with peft")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the exported weights (default: the params' dtype)")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 500MB (default 2GB)")

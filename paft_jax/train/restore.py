@@ -130,11 +130,15 @@ class DeltaReader:
 
     def all(self) -> Any:
         """The whole dense delta, in one restore."""
+        return delta_lib.materialize(self.state(), self.cfg.delta, self.shapes)
+
+    def state(self) -> Any:
+        """The delta as trained, in one restore: the dense delta, or the LoRA factors (unscaled)."""
         def whole():
             got = self._ckpt.restore_delta(self.step, abstract_like(self._abs, self._sh))
             return got if got is not None else _restore_whole(self._ckpt, self.cfg, self.step, self.shapes,
                                                               self._abs, self._sh, self.mesh)
-        return delta_lib.materialize(self._read(whole), self.cfg.delta, self.shapes)
+        return self._read(whole)
 
     def _read(self, fn):
         try:

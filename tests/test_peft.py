@@ -1,0 +1,82 @@
+"""LoRA branches leave as PEFT adapters: `launch export --format peft`, loaded by peft itself onto the base."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import make_hf_model, padded_batch
+
+pytest.importorskip("peft")
+
+
+def _launch(*argv, timeout=600):
+    return subprocess.run([sys.executable, "-m", "paft_jax.launch", *argv], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A tiny Qwen3 (q/k norms, mixed layer kinds) as an HF directory, and a 3-step LoRA SFT branch on it."""
+    root = tmp_path_factory.mktemp("peft")
+    base = root / "base"
+    make_hf_model("qwen3", vocab_size=400, max_position_embeddings=576).save_pretrained(base)
+    run = root / "run"
+    p = _launch("sft", "--config", "configs/tiny_sft.yaml", f"model={base}", f"output_dir={run}",
+                "steps=3", "eval_data=null", "delta.kind=lora", "delta.lora_rank=4", "delta.lora_alpha=16",
+                "optim.learning_rate=3e-2", "--no-progress")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return base, run
+
+
+def test_lora_branch_exports_as_a_peft_adapter_that_peft_loads(lora_run, tmp_path):
+    from safetensors.numpy import load_file
+    from paft_jax.hf.load import load_model
+    from paft_jax.hf.peft import adapter_logits
+    from paft_jax.hf.verify import compare, hf_logits
+    base, run = lora_run
+    out = tmp_path / "adapter"
+    p = _launch("export", "--checkpoint", str(run), "--out", str(out), "--format", "peft")
+    assert p.returncode == 0, p.stderr[-3000:]
+    info = json.loads(p.stdout.strip().splitlines()[-1])
+    assert info["verify_max_abs_diff"] <= 1e-4
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["task_type"], cfg["bias"], cfg["r"], cfg["lora_alpha"]) == (
+        "LORA", "CAUSAL_LM", "none", 4, 16.0)
+    assert cfg["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj"])
+    assert cfg["base_model_name_or_path"] == str(base)
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    a = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    b = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    assert a.shape == (4, 64) and b.shape == (4 * 16, 4)  # [r, in], [out, r]; qwen3 q: 4 heads x head_dim 16
+    assert len(tensors) == 2 * 7 * 4 and np.abs(b).max() > 0  # B trained away from its zero init
+    # peft's model, and peft's merge_and_unload(), against the merged export of the same checkpoint
+    merged = tmp_path / "merged"
+    p = _launch("export", "--checkpoint", str(run), "--out", str(merged))
+    assert p.returncode == 0, p.stderr[-3000:]
+    ids, mask = padded_batch(400)
+    ref = hf_logits(merged, ids, mask)
+    for merge in (False, True):
+        assert compare(ref, adapter_logits(base, out, ids, mask, merge=merge), mask, 1e-4).max_abs_diff <= 1e-4
+    lm = load_model(base, with_tokenizer=False)  # and the adapter really changes the base's logits
+    assert np.abs(hf_logits(base, ids, mask) - ref)[mask.astype(bool)].max() > 1e-3
+    del lm
+
+
+def test_peft_format_refusals_are_one_line(lora_run, tmp_path):
+    base, run = lora_run
+    dense = tmp_path / "dense"
+    p = _launch("sft", "--config", "configs/tiny_sft.yaml", f"output_dir={dense}", "steps=2", "eval_data=null",
+                "--no-progress")
+    assert p.returncode == 0, p.stderr[-2000:]
+    for argv, message in [
+        (["--checkpoint", str(dense)], "trained a dense delta (delta.kind=dense), not LoRA factors"),
+        (["--model", str(base)], "give --checkpoint RUN"),
+        (["--checkpoint", str(run), "--dtype", "bfloat16"], "adapter's factors are written in float32"),
+    ]:
+        p = _launch("export", *argv, "--out", str(tmp_path / "x"), "--format", "peft")
+        lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+        assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr[-2000:]
+        assert not (tmp_path / "x").exists()
