@@ -149,30 +149,133 @@ def test_paft_runs_each_family(tmp_path, variant):
     assert all(0 <= m["task/arc_challenge/acc"] <= 1 for m in board["models"].values())
 
 
-def test_gguf_of_a_newer_family_is_refused_naming_why(tmp_path):
-    """transformers' GGUF reader (through which the config is read) loses Qwen3's head_dim and Gemma 3's RoPE
-    scaling: a GGUF of those families is refused rather than imported with a wrong config."""
-    gguf = pytest.importorskip("gguf")
-    path = tmp_path / "qwen3.gguf"
-    w = gguf.GGUFWriter(str(path), "qwen3")
-    w.add_context_length(128)
-    w.add_embedding_length(32)
-    w.add_block_count(1)
-    w.add_feed_forward_length(48)
-    w.add_head_count(4)
-    w.add_head_count_kv(2)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_key_length(128)
-    w.add_value_length(128)
-    w.add_rope_freq_base(1e6)
-    w.add_vocab_size(64)
-    w.add_tensor("token_embd.weight", np.zeros((64, 32), np.float32))
+def _write_gguf(model, path, arch, *, head_dim=None, window=0, pattern=None):
+    """A GGUF of a transformers model as llama.cpp's convert_hf_to_gguf.py writes one: fp32 tensors under
+    llama.cpp's names, Gemma's norm weights stored as 1 + w, the metadata keys llama.cpp reads."""
+    import gguf
+    c = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if head_dim is not None:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)
+    w.add_rope_freq_base(rope["rope_theta"])
+    if rope.get("rope_type", "default") != "default":
+        assert rope["rope_type"] == "linear"
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+    if window:
+        w.add_sliding_window(window)
+    if pattern is not None:
+        w.add_sliding_window_pattern(pattern)
+    if getattr(c, "final_logit_softcapping", None):
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"t{i}" for i in range(c.vocab_size)])
+    w.add_token_scores([0.0] * c.vocab_size)
+    w.add_token_types([1] * c.vocab_size)
+    w.add_bos_token_id(c.bos_token_id)
+    w.add_eos_token_id(c.eos_token_id)
+    w.add_pad_token_id(c.pad_token_id)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), c.num_hidden_layers)
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        a = v.float().numpy()
+        if arch == "gemma3" and k.endswith("norm.weight"):
+            a = a + np.float32(1.0)
+        w.add_tensor(names.get_name(k.rsplit(".", 1)[0]) + ".weight", a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ValueError, match="GGUF import of qwen3 is not implemented.*use the safetensors checkpoint"):
-        load_model(path, with_tokenizer=False)
+    return path
+
+
+def _torch_logits(model, ids, mask):
+    import torch
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.from_numpy(
+            mask.astype(np.int64)), position_ids=torch.from_numpy(pos.astype(np.int64))).logits.float().numpy()
+
+
+# (variant, llama.cpp arch, make_hf_model overrides, _write_gguf kwargs, whether transformers' GGUF loader reads it)
+GGUF_CASES = {
+    # head_dim 32 != hidden 64 / 4 heads: transformers' reader would take head_dim 128
+    "qwen3_head_dim": ("qwen3", "qwen3", dict(head_dim=32, use_sliding_window=False, tie_word_embeddings=False),
+                       dict(head_dim=32), False),
+    # head_dim 128, the one transformers' reader gets right: read by both
+    "qwen3_128": ("qwen3", "qwen3", dict(head_dim=128, use_sliding_window=False), dict(head_dim=128), True),
+    # linear RoPE x8 on the global layers, window 4 < the rows, sliding/global alternating (pattern 2)
+    "gemma3_scaled": ("gemma3", "gemma3", dict(query_pre_attn_scalar=16, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+        dict(head_dim=16, window=4, pattern=2), False),
+    # llama.cpp's default pattern of 6 (layer 5 global), no scaling, no softcap, head_dim = query_pre_attn_scalar =
+    # 256 (transformers' reader keeps its default 256): transformers reads it too
+    "gemma3_6": ("gemma3", "gemma3", dict(num_hidden_layers=6, head_dim=256, query_pre_attn_scalar=256,
+                                          final_logit_softcapping=None,
+                                          layer_types=None, sliding_window_pattern=6,
+                                          rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                                           "sliding_attention": {"rope_type": "default",
+                                                                                 "rope_theta": 10000.0}}),
+                 dict(head_dim=256, window=4), True),
+    "olmo2": ("olmo2", "olmo2", dict(tie_word_embeddings=False), {}, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GGUF_CASES))
+def test_gguf_of_a_newer_family_equals_the_transformers_model(tmp_path, case):
+    """A GGUF written as llama.cpp writes one imports with its config read from the GGUF metadata (head_dim,
+    Gemma 3's RoPE scaling, sliding pattern and window): logits equal the source transformers model's, and
+    transformers' own GGUF loader's where it can read the file."""
+    pytest.importorskip("gguf")
+    import torch
+    import transformers
+    variant, arch, over, kw, by_transformers = GGUF_CASES[case]
+    model = make_hf_model(variant, attn_implementation="eager", **over)
+    path = _write_gguf(model, tmp_path / f"{case}.gguf", arch, **kw)
+    lm = load_model(path, with_tokenizer=False)
+    assert lm.cfg.family == variant
+    assert lm.cfg.resolved_head_dim == model.config.head_dim if variant != "olmo2" else True
+    if variant == "gemma3":
+        assert [t == "sliding_attention" for t in (lm.cfg.layer_types or [])] == [
+            t == "sliding_attention" for t in model.config.layer_types]
+        assert lm.cfg.query_pre_attn_scalar == model.config.query_pre_attn_scalar
+        assert lm.cfg.sliding_rope_theta == 10000.0
+    if case == "gemma3_scaled":  # the scaling transformers' GGUF reader drops
+        assert dict(lm.cfg.rope_scaling) == {"rope_type": "linear", "factor": 8.0} and lm.cfg.sliding_window == 4
+    ids, mask = padded_batch(model.config.vocab_size)
+    ours = flax_logits(lm.params, lm.cfg, ids, mask)
+    diff = compare(_torch_logits(model, ids, mask), ours, mask, 1e-5).max_abs_diff
+    print(f"{case}: max |ours - transformers source| = {diff:.3g}")
+    assert diff <= 1e-5
+    if by_transformers:
+        g = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+        diff_g = compare(_torch_logits(g, ids, mask), ours, mask, 1e-5).max_abs_diff
+        print(f"{case}: max |ours - transformers GGUF load| = {diff_g:.3g}")
+        assert diff_g <= 1e-5
+
+
+def test_gguf_of_smollm3_and_olmo3_is_refused_naming_why(tmp_path):
+    """llama.cpp's smollm3 metadata does not say which layers are NoPE, and an OLMo 3 GGUF (arch olmo2 with a
+    sliding window) is not imported: both refused rather than imported with a wrong config."""
+    pytest.importorskip("gguf")
+    smol = _write_gguf(make_hf_model("smollm3", use_sliding_window=False), tmp_path / "smollm3.gguf", "smollm3")
+    with pytest.raises(ValueError, match="GGUF import of smollm3 is not implemented.*NoPE.*use the safetensors"):
+        load_model(smol, with_tokenizer=False)
+    olmo3 = _write_gguf(make_hf_model("olmo2"), tmp_path / "olmo3.gguf", "olmo2", window=4)
+    with pytest.raises(ValueError, match="is an OLMo 3.*use the safetensors checkpoint"):
+        load_model(olmo3, with_tokenizer=False)
 
 
 @pytest.mark.parametrize("name", ["paft_qwen3_8b", "paft_gemma3_12b"])
@@ -210,3 +313,14 @@ def test_a_multimodal_gemma3_base_merges_as_its_language_model(tmp_path):
     want = jax.tree_util.tree_map(lambda x: x * 1.005, lm.params)
     for a, b in zip(jax.tree_util.tree_leaves(merged.params), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_model_config_survives_the_checkpoint_metadata_json():
+    """A branch checkpoint stores its ModelConfig as JSON (tuples become lists): read back, it is equal and
+    hashable (jit takes it as a static argument), the per-layer kinds included."""
+    import dataclasses
+    from paft_jax.models.shapes import named_shape
+    from paft_jax.train.restore import model_config_from_meta
+    cfg = named_shape("gemma3-4b").replace(sliding_rope_scaling={"rope_type": "linear", "factor": 2.0})
+    back = model_config_from_meta({"model_config": json.loads(json.dumps(dataclasses.asdict(cfg)))})
+    assert back == cfg and hash(back) == hash(cfg) and back.layer_kinds() == cfg.layer_kinds()

@@ -110,9 +110,12 @@ class ModelConfig:
         for name in ("layer_types", "no_rope_layers"):  # lists from YAML / JSON: frozen fields hold tuples
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
-        for name in ("rope_scaling", "sliding_rope_scaling"):
-            if isinstance(getattr(self, name), dict):
-                object.__setattr__(self, name, tuple(sorted(getattr(self, name).items())))
+        for name in ("rope_scaling", "sliding_rope_scaling"):  # a dict, or JSON's lists of pairs: sorted pairs
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, tuple(sorted(value.items())))
+            elif isinstance(value, list):
+                object.__setattr__(self, name, tuple(tuple(kv) for kv in value))
         errors = []
         if self.family not in FAMILIES:
             errors.append(f"family={self.family!r} is not one of {FAMILIES}")
