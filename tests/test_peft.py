@@ -80,3 +80,80 @@ def test_peft_format_refusals_are_one_line(lora_run, tmp_path):
         lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
         assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr[-2000:]
         assert not (tmp_path / "x").exists()
+
+
+def _peft_adapter(base_dir, out, variant, r=8, seed=0, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"), **lora):
+    """An adapter made by peft itself, its B factors random (peft starts them at zero)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), **lora))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(str(out))
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(base_dir)
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen3", "gemma3", "olmo2", "smollm3"])
+def test_peft_adapter_merged_by_task_arithmetic_equals_merge_and_unload(tmp_path, variant):
+    """`launch merge --method task_arithmetic --base B --model B+ADAPTER --weight 1`: the base plus the
+    adapter's delta, formed tensor by tensor, equals peft's own merge_and_unload()."""
+    from paft_jax.hf.peft import adapter_logits
+    from paft_jax.hf.verify import compare, hf_logits
+    base = tmp_path / "base"
+    make_hf_model(variant).save_pretrained(base)
+    adapter = _peft_adapter(base, tmp_path / "adapter", variant)
+    out = tmp_path / "merged"
+    p = _launch("merge", "--method", "task_arithmetic", "--base", str(base), "--model", f"{base}+{adapter}",
+                "--weight", "1", "--out", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    ids, mask = padded_batch(128)
+    want = adapter_logits(base, adapter, ids, mask, merge=True)
+    assert compare(want, hf_logits(out, ids, mask), mask, 1e-4).max_abs_diff <= 1e-4
+    assert np.abs(hf_logits(base, ids, mask) - want)[mask.astype(bool)].max() > 1e-3  # the adapter matters
+
+
+def test_peft_adapter_ties_with_a_dense_model(tmp_path):
+    """TIES of an adapter's delta (materialized per tensor for the masks) with a dense fine-tune."""
+    import torch
+    base = tmp_path / "base"
+    make_hf_model("qwen3").save_pretrained(base)
+    tuned = tmp_path / "tuned"
+    model = make_hf_model("qwen3")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(tuned)
+    adapter = _peft_adapter(base, tmp_path / "adapter", "qwen3", targets=("q_proj", "v_proj"))
+    out = tmp_path / "ties"
+    p = _launch("merge", "--method", "ties", "--base", str(base), "--model", f"{base}+{adapter}", "--model",
+                str(tuned), "--weight", "1", "--density", "0.5", "--out", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (out / "config.json").exists()
+
+
+def test_adapter_inputs_that_do_not_fit_are_refused_in_one_line(tmp_path):
+    base = tmp_path / "base"
+    make_hf_model("qwen3").save_pretrained(base)
+    other = tmp_path / "other"  # another shape: hidden 96
+    make_hf_model("qwen3", hidden_size=96).save_pretrained(other)
+    wrong_base = _peft_adapter(other, tmp_path / "wrong_base", "qwen3")
+    dora = _peft_adapter(base, tmp_path / "dora", "qwen3", use_dora=True)
+    named = _peft_adapter(base, tmp_path / "named", "qwen3")
+    cfg = json.loads((named / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "someone/another-model"
+    (named / "adapter_config.json").write_text(json.dumps(cfg))
+    for adapter, message in [(wrong_base, "is not the base"), (dora, "use_dora=true"),
+                             (named, "an adapter for 'someone/another-model', but the merge's base is")]:
+        p = _launch("merge", "--method", "task_arithmetic", "--base", str(base), "--model", f"{base}+{adapter}",
+                    "--weight", "1", "--out", str(tmp_path / "x"))
+        lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+        assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr[-2000:]

@@ -147,6 +147,14 @@ def is_checkpoint(path: str | Path) -> bool:
 
 
 def open_source(path: str | Path) -> TensorSource:
+    """A merge input: an HF model directory, a paft_jax branch checkpoint (its delta), or BASE+ADAPTER (a PEFT
+    LoRA adapter's delta on BASE, mergekit's syntax)."""
+    from paft_jax.merge.adapter import AdapterSource, check_base, split_spec
+    pair = split_spec(path)
+    if pair is not None:
+        src = AdapterSource(open_source(pair[0]), pair[1])
+        check_base(src, pair[0])
+        return src
     if is_checkpoint(path):
         from paft_jax.train.restore import CheckpointSource
         return CheckpointSource(path)
