@@ -157,3 +157,17 @@ def test_adapter_inputs_that_do_not_fit_are_refused_in_one_line(tmp_path):
                     "--weight", "1", "--out", str(tmp_path / "x"))
         lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
         assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr[-2000:]
+
+
+def test_sparsity_states_an_adapters_rank(tmp_path):
+    """`launch sparsity --model BASE+ADAPTER` measures the adapter's materialized delta and says its rank."""
+    base = tmp_path / "base"
+    make_hf_model("llama").save_pretrained(base)
+    adapter = _peft_adapter(base, tmp_path / "adapter", "llama", r=4, targets=("q_proj", "v_proj"))
+    p = _launch("sparsity", "--base", str(base), "--model", f"{base}+{adapter}", "--json", str(tmp_path / "s.json"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "LoRA rank 4 on q_proj, v_proj" in p.stdout
+    rep = json.loads((tmp_path / "s.json").read_text())
+    assert rep["inputs"] == [{"delta": "lora", "rank": 4, "targets": ["q_proj", "v_proj"]}]
+    assert rep["modules"]["up_proj"]["models"][0]["zero_frac"] == 1.0  # untouched: a zero delta
+    assert rep["modules"]["q_proj"]["models"][0]["zero_frac"] < 0.01

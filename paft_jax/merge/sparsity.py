@@ -149,13 +149,30 @@ class SparsityStats:
         self._modules[kind] = _add(self._modules.get(kind), s)
         self._total = _add(self._total, s)
 
-    def report(self, base: str, models: Sequence[str]) -> dict:
+    def report(self, base: str, models: Sequence[str], inputs: Sequence[dict] | None = None) -> dict:
+        """`inputs`: per model, what its delta is (`describe`), so a LoRA branch or adapter states its rank."""
         if self._total is None:
             raise ValueError(f"sparsity: no floating-point tensors in {base}")
-        return {"base": base, "models": list(models), "tolerances": list(self.tols),
+        return {"base": base, "models": list(models), "inputs": list(inputs or [{} for _ in models]),
+                "tolerances": list(self.tols),
                 "tolerance_kind": "relative" if self.relative else "absolute",
                 "tensors": self.tensors, "modules": {k: _finish(v, self.tols) for k, v in self._modules.items()},
                 "total": _finish(self._total, self.tols)}
+
+
+def describe(src) -> dict:
+    """What a merge input's delta is: {"delta": "lora", "rank", "targets"} for a PEFT adapter or a LoRA branch
+    (its materialized delta is what the statistics measure), {"delta": "dense"} for a dense branch, {} for a
+    whole model."""
+    rank = getattr(src, "rank", None)
+    if rank is not None:  # BASE+ADAPTER
+        return {"delta": "lora", "rank": int(rank), "targets": list(src.targets)}
+    dcfg = getattr(src, "delta", None)  # a branch checkpoint (merge input) or its TrainConfig
+    if dcfg is not None:  # a branch checkpoint
+        if dcfg.kind == "lora":
+            return {"delta": "lora", "rank": dcfg.lora_rank, "targets": list(dcfg.lora_targets)}
+        return {"delta": "dense"}
+    return {}
 
 
 def analyze(base: str | Path | TensorSource, models: Sequence[str | Path | TensorSource],
@@ -174,7 +191,7 @@ def analyze(base: str | Path | TensorSource, models: Sequence[str | Path | Tenso
         stats.add(name, b, [np.asarray(m.get(name)).astype(np.float32) if m.is_delta
                             else np.asarray(m.get(name)).astype(np.float32) - b for m in msrc])
     stats.tensors = {n: stats.tensors[n] for n in bsrc.names() if n in stats.tensors}  # the base's order
-    return stats.report(bsrc.label, [m.label for m in msrc])
+    return stats.report(bsrc.label, [m.label for m in msrc], [describe(m) for m in msrc])
 
 
 def format_table(rep: dict, per_tensor: bool = False) -> str:
@@ -185,7 +202,10 @@ def format_table(rep: dict, per_tensor: bool = False) -> str:
     if len(rep["models"]) >= 2:
         head += f" {'both!=0':>8} {'sign=':>6}"
     lines = [f"deltas from {rep['base']} (tolerances {rel}):"]
-    lines += [f"  model {i}: {m}" for i, m in enumerate(rep["models"])]
+    for i, (m, d) in enumerate(zip(rep["models"], rep.get("inputs") or [{}] * len(rep["models"]))):
+        what = (f" (LoRA rank {d['rank']} on {', '.join(d['targets'])}: its materialized delta)"
+                if d.get("delta") == "lora" else " (dense delta)" if d.get("delta") == "dense" else "")
+        lines.append(f"  model {i}: {m}{what}")
     lines.append(head)
 
     def rows(label, r):

@@ -45,7 +45,7 @@ def merge_and_export_on_mesh(*, spec, recipe_text: str, inputs: list[str], branc
     from paft_jax.hf.layout import entries, get_path, hf_shape, iter_hf_tensors
     from paft_jax.merge.engine import merge_array, verify_merged
     from paft_jax.merge.methods import to_host
-    from paft_jax.merge.sparsity import SparsityStats
+    from paft_jax.merge.sparsity import SparsityStats, describe
     from paft_jax.merge.tree import to_hf_rows
     from paft_jax.models.config import to_dtype
     from paft_jax.train.restore import DeltaReader, merged_params
@@ -111,7 +111,8 @@ def merge_and_export_on_mesh(*, spec, recipe_text: str, inputs: list[str], branc
         held_leaf.clear()
         for r in readers.values():
             r.close()
-    sparsity = stats.report(base.source, list(branches.values()))
+    sparsity = stats.report(base.source, list(branches.values()),
+                            [describe(readers[p].cfg) for p in branches.values()])
     sparsity.pop("tensors")
     return {"merge_seconds": built.get("merge_seconds", time.time() - t0), "tensors": len(specs),
             "bytes": built.get("bytes"), "verify": built.get("verify"), "sparsity": sparsity,

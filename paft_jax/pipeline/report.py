@@ -197,8 +197,10 @@ def markdown(s: dict) -> str:
                   " | ".join(f"abs(d) <= {t:g} x abs(base)" if sp["tolerance_kind"] == "relative"
                              else f"abs(d) <= {t:g}" for t in sp["tolerances"]) + " | changes the bf16 weight |",
                   "| --- | ---: | " + " | ".join("---:" for _ in sp["tolerances"]) + " | ---: |"]
+        inputs = sp.get("inputs") or [{} for _ in BRANCHES]
         for i, n in enumerate(BRANCHES):
-            t = sp["total"]["models"][i]
+            t, d = sp["total"]["models"][i], inputs[i]
+            n = f"{n} (LoRA rank {d['rank']}, materialized)" if d.get("delta") == "lora" else n
             lines.append(f"| {n} | {t['zero_frac']:.1%} | " +
                          " | ".join(f"{t['under_frac'][format(x, 'g')]:.1%}" for x in sp["tolerances"]) +
                          f" | {t['bf16_visible_frac']:.1%} |")

@@ -291,7 +291,7 @@ def merge_and_export(cfg: PaftConfig, tcs: dict[str, TrainConfig], bases: dict[s
             raise ValueError(f"merge: cannot place inputs {recipe.models}")
         say(f"merge: {recipe.spec.method} of {[Path(m).name for m in recipe.models]} into the base -> {merged} "
             "(streamed on one device)")
-        from paft_jax.merge.sparsity import SparsityStats, analyze
+        from paft_jax.merge.sparsity import SparsityStats, analyze, describe
         # parallel mode: the deltas' sparsity as the merge reads them (no second restore, no second base load)
         stats = SparsityStats() if cfg.mode != "sequential" else None
         t0 = time.time()
@@ -300,7 +300,7 @@ def merge_and_export(cfg: PaftConfig, tcs: dict[str, TrainConfig], bases: dict[s
                           stats=stats)
         rep = res.verify
         if stats is not None:
-            sparsity = stats.report(base_src.label, [m.label for m in models])
+            sparsity = stats.report(base_src.label, [m.label for m in models], [describe(m) for m in models])
         else:  # the merge's only input is the preference delta: SFT's is read once more, leaf by leaf
             sparsity = analyze(base_src.base, list(ckpts.values()))
         sparsity.pop("tensors")

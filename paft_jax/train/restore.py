@@ -204,6 +204,7 @@ class CheckpointSource:
         self.label = str(path)
         self._reader = DeltaReader(path)
         self.step, mcfg = self._reader.step, self._reader.mcfg
+        self.delta = self._reader.cfg.delta  # what the branch trained (merge.sparsity.describe)
         self.config = hf_config_dict(mcfg)
         self._get, self._shapes = {}, {}
         for entry, layer, name in iter_hf_tensors(mcfg):
