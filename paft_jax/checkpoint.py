@@ -102,6 +102,7 @@ class BranchCheckpointer:
         self._mp = mp
         self._in_flight: int | None = None   # step of the async save not yet waited for
         self._failed: CheckpointError | None = None
+        self._failed_step: int | None = None
         self._slow = slow_save_hook()
         self._verified: set[int] = set()     # steps whose checksums matched in this process
 
@@ -179,6 +180,10 @@ class BranchCheckpointer:
         if self._failed is not None:  # already reported; Orbax would re-raise the same failure
             with contextlib.suppress(Exception):
                 self.manager.close()
+            # Orbax reports a save's first failed write while its other writes may still be running, and those
+            # can put files back into the temporary directory removed then: remove it again once closed
+            if self._failed_step is not None and jax.process_index() == self.primary:
+                _remove_partial(self.directory, self._failed_step)
             return
         try:
             self.wait()
@@ -192,6 +197,7 @@ class BranchCheckpointer:
         """The error for a failed save; removes the step's partial (temporary) files to free the space."""
         if self._failed is not None:
             return self._failed
+        self._failed_step = step
         if step is not None and jax.process_index() == self.primary:
             _remove_partial(self.directory, step)
         done = [s for s in self.manager.all_steps() if s != step]
