@@ -30,9 +30,17 @@ def token_logps(logits: Array, targets: Array) -> Array:
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+def softcap(logits: Array, cap: float | None) -> Array:
+    """cap * tanh(logits / cap) (Gemma's final logit soft-capping); the logits unchanged when cap is None."""
+    if cap is None:
+        return logits
+    cap = jnp.asarray(cap, logits.dtype)
+    return jnp.tanh(logits / cap) * cap
+
+
 def token_logps_chunked(hidden: Array, kernel: Array, targets: Array, chunk_size: int = 8192,
                         with_hits: bool = False, vocab_major: bool = False,
-                        unroll: bool = False) -> Array | tuple[Array, Array]:
+                        unroll: bool = False, cap: float | None = None) -> Array | tuple[Array, Array]:
     """log p(targets) from final hidden states [B, T, E] and the output kernel [E, V], vocab in chunks.
 
     A running (max, sum-exp) over vocab chunks replaces one [B, T, V] fp32 log-softmax: peak memory is
@@ -41,6 +49,7 @@ def token_logps_chunked(hidden: Array, kernel: Array, targets: Array, chunk_size
     `with_hits` also returns whether each target is the argmax (token accuracy, ties count as hits).
     `vocab_major`: the kernel is [V, E] (a tied embedding), sliced into chunks without a transpose.
     `unroll`: the loop over chunks unrolled (same values; paft_jax.models.loops says when).
+    `cap`: the model's final logit soft-capping (`softcap`), applied to each chunk's logits.
     """
     v, e = kernel.shape if vocab_major else kernel.shape[::-1]
     n = -(-v // chunk_size)
@@ -61,7 +70,7 @@ def token_logps_chunked(hidden: Array, kernel: Array, targets: Array, chunk_size
     def body(carry, xs):
         m, s, picked = carry
         wc, start = xs
-        logits = jnp.einsum(spec, hidden, wc.astype(hidden.dtype), preferred_element_type=acc)
+        logits = softcap(jnp.einsum(spec, hidden, wc.astype(hidden.dtype), preferred_element_type=acc), cap)
         valid = (start + jnp.arange(chunk_size)) < v               # padded vocab columns never count
         logits = jnp.where(valid, logits, -jnp.inf)
         m_new = jnp.maximum(m, logits.max(-1))

@@ -324,3 +324,28 @@ def test_model_config_survives_the_checkpoint_metadata_json():
     cfg = named_shape("gemma3-4b").replace(sliding_rope_scaling={"rope_type": "linear", "factor": 2.0})
     back = model_config_from_meta({"model_config": json.loads(json.dumps(dataclasses.asdict(cfg)))})
     assert back == cfg and hash(back) == hash(cfg) and back.layer_kinds() == cfg.layer_kinds()
+
+
+@pytest.mark.parametrize("chunk", [0, 48])
+def test_training_log_probs_apply_the_final_logit_softcap(chunk):
+    """The train step and the evaluations compute log-probs from the final hidden states (vocab in chunks or
+    whole), not from the decoder's logits: Gemma's final_logit_softcapping must apply there too."""
+    import jax
+    import jax.numpy as jnp
+    from paft_jax.losses import token_logps
+    from paft_jax.models.config import ModelConfig
+    from paft_jax.models.decoder import Decoder, init_params
+    from paft_jax.train.step_fn import make_logp_fn
+    cfg = ModelConfig(family="gemma3", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
+                      num_heads=4, num_kv_heads=2, tie_word_embeddings=True, qk_norm="head", hidden_act="gelu_tanh",
+                      final_logit_softcapping=2.0)
+    params = jax.tree_util.tree_map(lambda x: x * 8, init_params(cfg, jax.random.key(0)))  # logits past the cap
+    ids, mask = padded_batch(cfg.vocab_size)
+    batch = {"input_ids": jnp.asarray(ids), "targets": jnp.asarray(np.roll(ids, -1, 1)),
+             "segment_ids": jnp.asarray(mask), "positions": jnp.asarray(np.clip(np.cumsum(mask, 1) - 1, 0, None))}
+    logits, _ = Decoder(cfg).apply({"params": params}, batch["input_ids"], positions=batch["positions"],
+                                   segment_ids=batch["segment_ids"])
+    assert float(jnp.abs(logits).max()) <= 2.0
+    want = np.asarray(token_logps(logits, batch["targets"]))
+    got = np.asarray(make_logp_fn(cfg, None, (), chunk)({"params": params}, batch)[0])
+    np.testing.assert_allclose(got[mask.astype(bool)], want[mask.astype(bool)], rtol=1e-5, atol=1e-5)

@@ -135,11 +135,14 @@ def _score_fn(cfg, mesh, rules, chunk: int = 8192):
                                 return_hidden=True)
         kernel, tied = head_kernel(cfg, variables)
         c = min(chunk, cfg.vocab_size)
-        lp, hit = losses.token_logps_chunked(hidden, kernel, b["targets"], c, with_hits=True, vocab_major=tied)
+        cap = cfg.final_logit_softcapping
+        lp, hit = losses.token_logps_chunked(hidden, kernel, b["targets"], c, with_hits=True, vocab_major=tied,
+                                             cap=cap)
         last = jnp.take_along_axis(hidden, b["last_pos"][..., None], axis=1)        # [B, S, E]
         g = b["alt_targets"].shape[-1]
         last = jnp.broadcast_to(last[:, :, None], (*last.shape[:2], g, last.shape[-1]))
-        alp, ahit = losses.token_logps_chunked(last, kernel, b["alt_targets"], c, with_hits=True, vocab_major=tied)
+        alp, ahit = losses.token_logps_chunked(last, kernel, b["alt_targets"], c, with_hits=True, vocab_major=tied,
+                                               cap=cap)
         return lp, hit, alp, ahit
     return f
 

@@ -8,7 +8,7 @@ from typing import Any
 from paft_jax.models.config import ModelConfig, dtype_name
 
 
-def _hf_config_class(model_type: str):
+def hf_config_class(model_type: str):
     import transformers
     return transformers.CONFIG_MAPPING[model_type]
 
@@ -100,7 +100,7 @@ def model_config_from_hf(data: dict, where: str = "config.json", **overrides: An
         raise ValueError(unsupported_model_type(mt, where))
     family = FAMILY_OF[mt]
     try:
-        hf = _hf_config_class(mt).from_dict(dict(data))
+        hf = hf_config_class(mt).from_dict(dict(data))
     except Exception as e:  # noqa: BLE001 - transformers raises many types for bad configs
         raise ValueError(f"{where}: transformers could not parse this {mt} config: {e}") from e
 
@@ -246,7 +246,7 @@ def hf_config_dict(cfg: ModelConfig, source: dict | None = None, dtype: str | No
               "vision_config"):
         src.pop(k, None)
     src.update(kw)
-    hf = _hf_config_class(mt)(**src)
+    hf = hf_config_class(mt)(**src)
     hf.architectures = [ARCHITECTURES[fam]]
     hf.dtype = dtype or dtype_name(cfg.jnp_param_dtype)
     out = hf.to_dict()

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from paft_jax.losses import softcap
 from paft_jax.mesh import fit_spec, logical_to_spec
 from paft_jax.models import attention, loops
 from paft_jax.models.config import ModelConfig
@@ -375,11 +376,8 @@ class Decoder(nn.Module):
             logits = embed.attend(x)
         else:
             logits = _dense(cfg.vocab_size, -1, ("embed", "vocab"), cfg, "lm_head")(x)
-        logits = logits.astype(jnp.float32)
-        if cfg.final_logit_softcapping is not None:
-            cap = jnp.float32(cfg.final_logit_softcapping)
-            logits = jnp.tanh(logits / cap) * cap
-        logits = sh(logits, ("act_batch", "act_length", "act_vocab"))
+        logits = sh(softcap(logits.astype(jnp.float32), cfg.final_logit_softcapping),
+                    ("act_batch", "act_length", "act_vocab"))
         return logits, new_cache
 
 

@@ -67,13 +67,15 @@ def make_logp_fn(cfg: ModelConfig, mesh: Mesh | None, rules: tuple, chunk: int |
                                 segment_ids=batch["segment_ids"], return_hidden=True)
         kernel, tied = head_kernel(cfg, variables)
         if chunk <= 0:  # full [B, T, V] fp32 logits: no recompute in the backward pass, more memory
-            logits = jnp.einsum("bte,ve->btv" if tied else "bte,ev->btv", hidden, kernel.astype(hidden.dtype),
-                                preferred_element_type=jnp.float32)
+            logits = losses.softcap(jnp.einsum("bte,ve->btv" if tied else "bte,ev->btv", hidden,
+                                               kernel.astype(hidden.dtype), preferred_element_type=jnp.float32),
+                                    cfg.final_logit_softcapping)
             lp = losses.token_logps(logits, batch["targets"])
             hits = jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0] >= logits.max(-1)
             return lp, jax.lax.stop_gradient(hits)
         return losses.token_logps_chunked(hidden, kernel, batch["targets"], min(chunk, cfg.vocab_size),
-                                          with_hits=True, vocab_major=tied, unroll=unroll)
+                                          with_hits=True, vocab_major=tied, unroll=unroll,
+                                          cap=cfg.final_logit_softcapping)
     return logp_fn
 
 
