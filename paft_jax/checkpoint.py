@@ -180,10 +180,11 @@ class BranchCheckpointer:
         if self._failed is not None:  # already reported; Orbax would re-raise the same failure
             with contextlib.suppress(Exception):
                 self.manager.close()
-            # Orbax reports a save's first failed write while its other writes may still be running, and those
-            # can put files back into the temporary directory removed then: remove it again once closed
+            # Orbax reports a save's first failed write while its other writes may still be running (its gather
+            # does not cancel them), and tensorstore recreates the temporary directory removed then as they
+            # finish: remove it until it stays gone
             if self._failed_step is not None and jax.process_index() == self.primary:
-                _remove_partial(self.directory, self._failed_step)
+                _remove_partial_until_quiet(self.directory, self._failed_step)
             return
         try:
             self.wait()
@@ -349,6 +350,24 @@ def _remove_partial(directory: str, step: int) -> None:
             p.rmtree()
     except Exception as e:  # noqa: BLE001  (best effort: the error being reported matters more)
         log.warning("could not remove the partial checkpoint of step %d in %s: %s", step, directory, e)
+
+
+def _remove_partial_until_quiet(directory: str, step: int, quiet_s: float = 1.0, limit_s: float = 30.0) -> None:
+    """`_remove_partial` again and again until no write of the failed save brings the directory back for
+    `quiet_s` (at most `limit_s`: then what is left is logged)."""
+    from etils import epath
+    ocp = _ocp()
+    root, t0 = epath.Path(directory), time.monotonic()
+    while True:
+        _remove_partial(directory, step)
+        time.sleep(quiet_s)
+        left = list(root.glob(f"{step}{ocp.utils.TMP_DIR_SUFFIX}*"))
+        if not left:
+            return
+        if time.monotonic() - t0 > limit_s:
+            log.warning("the partial checkpoint of step %d keeps reappearing in %s (a write of the failed save "
+                        "still running?): %s", step, directory, [str(p) for p in left])
+            return
 
 
 def slow_save_hook() -> tuple[int, float] | None:
