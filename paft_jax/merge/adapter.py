@@ -62,7 +62,7 @@ class AdapterSource:
         from safetensors import safe_open
         self.base, self.dir = base, Path(adapter)
         self.label = f"{base.label}+{adapter}"
-        cfg = read_adapter_config(self.dir)
+        self.adapter_config = cfg = read_adapter_config(self.dir)
         r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
         self.scaling = alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
         self.config = base.config
@@ -115,8 +115,7 @@ class AdapterSource:
 def check_base(adapter: AdapterSource, base_path: str) -> None:
     """The adapter's `base_model_name_or_path` names the recipe's base (the same path, or the same last
     component, e.g. Qwen/Qwen3-8B for /models/Qwen3-8B); refused otherwise, naming both."""
-    cfg = read_adapter_config(adapter.dir)
-    named = str(cfg.get("base_model_name_or_path") or "")
+    named = str(adapter.adapter_config.get("base_model_name_or_path") or "")
     if not named:
         return
     if named.rstrip("/") == str(base_path).rstrip("/") or Path(named).name == Path(str(base_path).rstrip("/")).name:
