@@ -52,6 +52,14 @@ VARIANTS = {
     "olmo3": ("Olmo3Config", {"num_hidden_layers": 4, "sliding_window": 4}),
     "smollm3": ("SmolLM3Config", {"num_hidden_layers": 4, "no_rope_layers": [1, 0, 1, 0], "use_sliding_window": True,
                                   "sliding_window": 4}),
+    # YaRN, with a base and original context small enough that its ramp spans 5 of the 8 frequencies: Qwen3's
+    # long-context setting (default attention factor), and OLMo 3 7B's (on the full layers only, explicit factor)
+    "qwen3_yarn": ("Qwen3Config", {"num_hidden_layers": 2, "head_dim": 16, "rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 100.0, "factor": 4.0, "original_max_position_embeddings": 64}}),
+    "olmo3_yarn": ("Olmo3Config", {"num_hidden_layers": 4, "sliding_window": 4, "rope_parameters": {
+        "full_attention": {"rope_type": "yarn", "rope_theta": 100.0, "factor": 8.0, "original_max_position_embeddings": 64,
+                           "attention_factor": 1.2, "beta_fast": 32.0, "beta_slow": 1.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}}),
 }
 _MODEL_CLASSES = {"Gemma3TextConfig": "Gemma3ForCausalLM"}
 

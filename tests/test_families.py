@@ -149,10 +149,19 @@ def test_paft_runs_each_family(tmp_path, variant):
     assert all(0 <= m["task/arc_challenge/acc"] <= 1 for m in board["models"].values())
 
 
-def _write_gguf(model, path, arch, *, head_dim=None, window=0, pattern=None):
-    """A GGUF of a transformers model as llama.cpp's convert_hf_to_gguf.py writes one: fp32 tensors under
-    llama.cpp's names, Gemma's norm weights stored as 1 + w, the metadata keys llama.cpp reads."""
+def _permute_qk(w, n_head):
+    """llama.cpp's convert_hf_to_gguf permutation of q/k rows for its interleaved RoPE (Llama-style archs)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf(model, path, arch, *, head_dim=None, window=0, pattern=None, swa_base=None, quant=None):
+    """A GGUF of a transformers model as llama.cpp's convert_hf_to_gguf.py writes one: tensors under llama.cpp's
+    names, Gemma's norm weights stored as 1 + w, q/k permuted for smollm3, the metadata keys llama.cpp reads.
+
+    With `quant` (a GGMLQuantizationType name), matrices are stored quantized and the model's own weights are set
+    to what the file dequantizes to, so the model stays the reference for the file."""
     import gguf
+    import torch
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(c.max_position_embeddings)
@@ -167,6 +176,8 @@ def _write_gguf(model, path, arch, *, head_dim=None, window=0, pattern=None):
         w.add_value_length(head_dim)
     rope = c.rope_parameters.get("full_attention", c.rope_parameters)
     w.add_rope_freq_base(rope["rope_theta"])
+    if swa_base is not None:
+        w.add_rope_freq_base_swa(swa_base)
     if rope.get("rope_type", "default") != "default":
         assert rope["rope_type"] == "linear"
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -185,13 +196,28 @@ def _write_gguf(model, path, arch, *, head_dim=None, window=0, pattern=None):
     w.add_eos_token_id(c.eos_token_id)
     w.add_pad_token_id(c.pad_token_id)
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), c.num_hidden_layers)
+    qtype = getattr(gguf.GGMLQuantizationType, quant) if quant else None
+    params = dict(model.named_parameters())
     for k, v in model.state_dict().items():
         if k == "lm_head.weight" and c.tie_word_embeddings:
             continue
         a = v.float().numpy()
+        n_head = {"q_proj": c.num_attention_heads, "k_proj": c.num_key_value_heads}.get(k.split(".")[-2])
+        if arch == "smollm3" and n_head:
+            a = _permute_qk(a, n_head)
         if arch == "gemma3" and k.endswith("norm.weight"):
             a = a + np.float32(1.0)
-        w.add_tensor(names.get_name(k.rsplit(".", 1)[0]) + ".weight", a)
+        name = names.get_name(k.rsplit(".", 1)[0]) + ".weight"
+        if qtype is not None and a.ndim == 2:  # llama.cpp keeps 1-D tensors (norms) in F32
+            stored = gguf.quants.quantize(a, qtype)
+            w.add_tensor(name, stored, raw_shape=stored.shape, raw_dtype=qtype)
+            back = gguf.quants.dequantize(stored, qtype).reshape(a.shape)
+            if arch == "smollm3" and n_head:  # the inverse of _permute_qk
+                back = back.reshape(n_head, back.shape[0] // n_head // 2, 2, -1).swapaxes(1, 2).reshape(a.shape)
+            with torch.no_grad():
+                params[k].copy_(torch.from_numpy(np.ascontiguousarray(back)))
+        else:
+            w.add_tensor(name, a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -229,6 +255,20 @@ GGUF_CASES = {
                                                                                  "rope_theta": 10000.0}}),
                  dict(head_dim=256, window=4), True),
     "olmo2": ("olmo2", "olmo2", dict(tie_word_embeddings=False), {}, False),
+    # llama.cpp stores OLMo 3 as arch olmo2 with a sliding window: its default pattern of 4 (layers 3 and 7 full),
+    # linear RoPE x2 on the full layers only, the sliding layers' own base (rope.freq_base_swa)
+    "olmo3": ("olmo3", "olmo2", dict(num_hidden_layers=8, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}), dict(window=4, swa_base=1e4), False),
+    # q/k permuted as for Llama; NoPE on layers 3 and 7 (llama.cpp's every 4th, which the file does not record)
+    "smollm3": ("smollm3", "smollm3", dict(num_hidden_layers=8, use_sliding_window=False,
+                                           no_rope_layers=[1, 1, 1, 0, 1, 1, 1, 0]), {}, False),
+    # quantized files (block quants along the rows; norms stay F32, as llama.cpp writes them)
+    "qwen3_q8_0": ("qwen3", "qwen3", dict(head_dim=32, use_sliding_window=False), dict(head_dim=32, quant="Q8_0"),
+                   False),
+    "gemma3_q4_0": ("gemma3", "gemma3", dict(query_pre_attn_scalar=16), dict(head_dim=16, window=4, pattern=2, quant="Q4_0"), False),
+    "smollm3_q5_1": ("smollm3", "smollm3", dict(use_sliding_window=False, no_rope_layers=[1, 1, 1, 0]),
+                     dict(quant="Q5_1"), False),
 }
 
 
@@ -245,7 +285,7 @@ def test_gguf_of_a_newer_family_equals_the_transformers_model(tmp_path, case):
     path = _write_gguf(model, tmp_path / f"{case}.gguf", arch, **kw)
     lm = load_model(path, with_tokenizer=False)
     assert lm.cfg.family == variant
-    assert lm.cfg.resolved_head_dim == model.config.head_dim if variant != "olmo2" else True
+    assert lm.cfg.resolved_head_dim == getattr(model.config, "head_dim", 16)
     if variant == "gemma3":
         assert [t == "sliding_attention" for t in (lm.cfg.layer_types or [])] == [
             t == "sliding_attention" for t in model.config.layer_types]
@@ -253,6 +293,13 @@ def test_gguf_of_a_newer_family_equals_the_transformers_model(tmp_path, case):
         assert lm.cfg.sliding_rope_theta == 10000.0
     if case == "gemma3_scaled":  # the scaling transformers' GGUF reader drops
         assert dict(lm.cfg.rope_scaling) == {"rope_type": "linear", "factor": 8.0} and lm.cfg.sliding_window == 4
+    if variant == "olmo3":
+        assert lm.cfg.layer_types == tuple(model.config.layer_types) and lm.cfg.sliding_window == 4
+        assert dict(lm.cfg.rope_scaling) == {"rope_type": "linear", "factor": 2.0}
+        assert (lm.cfg.rope_theta, lm.cfg.sliding_rope_theta, lm.cfg.sliding_rope_scaling) == (5e5, 1e4, None)
+    if variant == "smollm3":
+        assert [i not in lm.cfg.no_rope_layers for i in range(lm.cfg.num_layers)] == model.config.no_rope_layers
+        assert any("NoPE on every 4th layer" in n for n in lm.notes)
     ids, mask = padded_batch(model.config.vocab_size)
     ours = flax_logits(lm.params, lm.cfg, ids, mask)
     diff = compare(_torch_logits(model, ids, mask), ours, mask, 1e-5).max_abs_diff
@@ -266,16 +313,17 @@ def test_gguf_of_a_newer_family_equals_the_transformers_model(tmp_path, case):
         assert diff_g <= 1e-5
 
 
-def test_gguf_of_smollm3_and_olmo3_is_refused_naming_why(tmp_path):
-    """llama.cpp's smollm3 metadata does not say which layers are NoPE, and an OLMo 3 GGUF (arch olmo2 with a
-    sliding window) is not imported: both refused rather than imported with a wrong config."""
+def test_gguf_whose_metadata_contradicts_the_family_is_refused_naming_the_key(tmp_path):
+    """An OLMo 2/3 or SmolLM3 GGUF whose key_length is not hidden/heads (their configs cannot say head_dim), and a
+    sliding pattern of the wrong length: one-line errors naming the key, nothing loaded."""
     pytest.importorskip("gguf")
-    smol = _write_gguf(make_hf_model("smollm3", use_sliding_window=False), tmp_path / "smollm3.gguf", "smollm3")
-    with pytest.raises(ValueError, match="GGUF import of smollm3 is not implemented.*NoPE.*use the safetensors"):
-        load_model(smol, with_tokenizer=False)
-    olmo3 = _write_gguf(make_hf_model("olmo2"), tmp_path / "olmo3.gguf", "olmo2", window=4)
-    with pytest.raises(ValueError, match="is an OLMo 3.*use the safetensors checkpoint"):
-        load_model(olmo3, with_tokenizer=False)
+    odd = _write_gguf(make_hf_model("olmo2"), tmp_path / "olmo2.gguf", "olmo2", head_dim=32)
+    with pytest.raises(ValueError, match="olmo2 has head_dim = hidden_size // num_heads .16., but the GGUF's "
+                                         "attention.key_length is 32"):
+        load_model(odd, with_tokenizer=False)
+    bad = _write_gguf(make_hf_model("olmo3"), tmp_path / "olmo3.gguf", "olmo2", window=4, pattern=[True, False])
+    with pytest.raises(ValueError, match="sliding_window_pattern has 2 entries for 4 layers"):
+        load_model(bad, with_tokenizer=False)
 
 
 @pytest.mark.parametrize("name", ["paft_qwen3_8b", "paft_gemma3_12b"])

@@ -75,16 +75,19 @@ def test_config_refuses_unknown_keys_and_bad_types(tmp_path):
     assert (cfg.data, cfg.tensor, cfg.rules) == (2, 2, {"embed": None})
     with pytest.raises(ValueError, match="num_heads=6 is not a multiple of num_kv_heads=4"):
         ModelConfig(num_heads=6, num_kv_heads=4, hidden_size=48)
-    with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
-        ModelConfig(rope_scaling=(("rope_type", "yarn"),))
+    with pytest.raises(ValueError, match="rope_scaling type 'longrope'"):
+        ModelConfig(rope_scaling=(("rope_type", "longrope"),))
+    with pytest.raises(ValueError, match=r"rope_scaling of type 'yarn' needs \['original_max_position_embeddings'\]"):
+        ModelConfig(rope_scaling=(("factor", 4.0), ("rope_type", "yarn")))
 
 
 def test_unsupported_rope_is_refused_with_file_name():
     from paft_jax.hf.config import model_config_from_hf
     d = {"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
          "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-         "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}}
-    with pytest.raises(ValueError, match=r"cfg\.json: rope type 'yarn' is not implemented"):
+         "rope_scaling": {"rope_type": "longrope", "factor": 4.0, "original_max_position_embeddings": 32,
+                          "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}}
+    with pytest.raises(ValueError, match=r"cfg\.json: rope type 'longrope' is not implemented"):
         model_config_from_hf(d, "cfg.json")
 
 

@@ -18,7 +18,7 @@ def test_logits_match_transformers(hf_dir, variant):
 
 
 def test_variants_are_really_different(hf_dir):
-    """Guards the parity tests: sliding window and llama3 rope scaling change the logits here."""
+    """Guards the parity tests: sliding window, llama3 and yarn rope scaling change the logits here."""
     ids, mask = padded_batch(128, length=20)
     sw = load_model(hf_dir("mistral_sliding"), with_tokenizer=False)
     full = flax_logits(sw.params, sw.cfg.replace(sliding_window=None), ids, mask)
@@ -29,6 +29,11 @@ def test_variants_are_really_different(hf_dir):
     assert np.abs(flax_logits(l3.params, l3.cfg, ids, mask) - plain).max() > 1e-4
     q = load_model(hf_dir("qwen2"), with_tokenizer=False)
     assert q.cfg.attention_bias and "bias" in q.params["layers"]["self_attn"]["q_proj"]
+    for variant in ("qwen3_yarn", "olmo3_yarn"):  # YaRN's ramp and attention factor (OLMo 3: full layers only)
+        y = load_model(hf_dir(variant), with_tokenizer=False)
+        assert y.cfg.rope_scaling_dict["rope_type"] == "yarn"
+        plain = flax_logits(y.params, y.cfg.replace(rope_scaling=None), ids, mask)
+        assert np.abs(flax_logits(y.params, y.cfg, ids, mask) - plain).max() > 1e-2, variant
 
 
 @pytest.mark.parametrize("variant", ["qwen2_mixed", "qwen3", "gemma3", "olmo3", "smollm3"])

@@ -71,8 +71,16 @@ def _rope(params: dict, refuse) -> tuple[float, dict | None]:
             "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
     if rope_type == "linear":
         return theta, {"rope_type": "linear", "factor": rope["factor"]}
+    if rope_type == "yarn":
+        if rope.get("mscale") or rope.get("mscale_all_dim"):
+            refuse("yarn RoPE with mscale / mscale_all_dim (DeepSeek's variant) is not implemented")
+        if rope.get("factor") is None or rope.get("original_max_position_embeddings") is None:
+            refuse("yarn RoPE needs factor and original_max_position_embeddings")
+        return theta, {"rope_type": "yarn", **{k: rope[k] for k in (
+            "factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "truncate")
+            if rope.get(k) is not None}}
     if rope_type != "default":
-        refuse(f"rope type {rope_type!r} is not implemented (supported: default, linear, llama3)")
+        refuse(f"rope type {rope_type!r} is not implemented (supported: default, linear, llama3, yarn)")
     return theta, None
 
 

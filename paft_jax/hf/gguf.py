@@ -1,9 +1,10 @@
 """GGUF files (llama.cpp) as model sources: their config as an HF config dict, their tensors under HF names.
 
-The Llama-style families' configs are read by transformers' GGUF reader.  For Qwen3, Gemma 3 and OLMo 2 that
-reader loses settings (Qwen3's head_dim, Gemma 3's RoPE scaling and query_pre_attn_scalar) or lacks the
-family (OLMo 2), so their config is read here from the metadata, with llama.cpp's conventions: what llama.cpp
-itself runs the file with.
+The Llama-style families' configs are read by transformers' GGUF reader.  For Qwen3, Gemma 3, OLMo 2/3 and
+SmolLM3 that reader loses settings (Qwen3's head_dim, Gemma 3's RoPE scaling and query_pre_attn_scalar) or lacks
+the family, so their config is read here from the metadata, with llama.cpp's conventions: what llama.cpp itself
+runs the file with.  Where llama.cpp assumes what the file does not record (SmolLM3's NoPE layers), the
+assumption is stated in the load notes (`GGUF_ASSUMED`).
 """
 from __future__ import annotations
 
@@ -17,14 +18,18 @@ from paft_jax.hf.layout import iter_hf_tensors, unpermute_gguf_rope
 from paft_jax.models.config import ModelConfig
 
 # GGUF import: the Llama-style families (config through transformers' GGUF reader) and the newer ones whose
-# config paft_jax reads from the GGUF metadata itself (transformers' reader loses Qwen3's head_dim, Gemma 3's RoPE
-# scaling and query_pre_attn_scalar, and does not know olmo2)
-GGUF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "olmo2")
-GGUF_OWN_CONFIG = {"qwen3": "qwen3", "gemma3": "gemma3_text", "olmo2": "olmo2"}  # llama.cpp arch -> model_type
-GGUF_REFUSED = {
-    "smollm3": "llama.cpp's smollm3 GGUF metadata does not carry which layers are NoPE (llama.cpp assumes every "
-               "4th layer), so the model's no_rope_layers cannot be read from the file",
+# config paft_jax reads from the GGUF metadata itself.  llama.cpp stores OLMo 3 as arch olmo2 with a sliding
+# window, so an olmo2 file becomes model_type olmo3 when its metadata has one.
+GGUF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "olmo2", "olmo3", "smollm3")
+GGUF_OWN_CONFIG = {"qwen3": "qwen3", "gemma3": "gemma3_text", "olmo2": "olmo2",
+                   "smollm3": "smollm3"}  # llama.cpp arch -> model_type
+# what a family's GGUF does not record and llama.cpp assumes; said in the load notes
+GGUF_ASSUMED = {
+    "smollm3": "NoPE on every 4th layer (3, 7, 11, ...), as llama.cpp runs a smollm3 GGUF: the file does not "
+               "record which layers skip RoPE (SmolLM3-3B's published config has exactly this pattern)",
 }
+# llama.cpp permutes q/k rows of the families it runs with interleaved ("NORM") RoPE
+_PERMUTED_QK = ("llama", "mistral", "smollm3")
 
 
 class GGUFSource:
@@ -69,7 +74,7 @@ class GGUFSource:
             w = gguf.quants.dequantize(data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
         if self.cfg.family == "gemma3" and name.endswith("norm.weight"):
             w = w - np.float32(1.0)  # llama.cpp stores Gemma's RMSNorm weights as 1 + w (every norm, q/k included)
-        if self.arch in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias",
+        if self.arch in _PERMUTED_QK and name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias",
                                                                "k_proj.bias")):
             n = self.cfg.num_heads if ".q_proj." in name else self.cfg.num_kv_heads
             w = unpermute_gguf_rope(w, n)
@@ -83,8 +88,8 @@ _MISSING = object()
 
 
 def gguf_config_dict(path: Path, reader: Any = None) -> dict:
-    """An HF-style config dict (transformers v5 rope_parameters) of a qwen3 / gemma3 / olmo2 GGUF, read from its
-    metadata with llama.cpp's conventions (what llama.cpp itself runs the file with)."""
+    """An HF-style config dict (transformers v5 rope_parameters) of a qwen3 / gemma3 / olmo2 / olmo3 / smollm3
+    GGUF, read from its metadata with llama.cpp's conventions (what llama.cpp itself runs the file with)."""
     import gguf
     if reader is None:
         try:
@@ -129,10 +134,11 @@ def gguf_config_dict(path: Path, reader: Any = None) -> dict:
             vocab = int(embd[0].shape[-1])
     rope: dict = {"rope_type": "default", "rope_theta": float(get("{arch}.rope.freq_base", 10000.0))}
     scaling = get("{arch}.rope.scaling.type", "none")
+    if scaling == "yarn":  # llama.cpp's yarn keys (attn_factor, ext_factor) are not transformers' parameters
+        raise ValueError(f"{path}: yarn RoPE in a GGUF is not implemented (llama.cpp's yarn settings are not mapped "
+                         "to transformers'); use the safetensors checkpoint, whose yarn RoPE is")
     if scaling not in ("none", ""):
         rope.update(rope_type=scaling, factor=float(get("{arch}.rope.scaling.factor")))
-        if scaling == "yarn":
-            rope["original_max_position_embeddings"] = int(get("{arch}.rope.scaling.original_context_length"))
     names = {t.name for t in reader.tensors}
     d: dict = dict(
         model_type=GGUF_OWN_CONFIG[arch], vocab_size=int(vocab), hidden_size=hidden,
@@ -150,24 +156,25 @@ def gguf_config_dict(path: Path, reader: Any = None) -> dict:
         if window:
             raise ValueError(f"{path}: a qwen3 GGUF with a sliding window is not implemented (llama.cpp runs Qwen3 "
                              "with full attention)")
-    elif arch == "olmo2":
-        d["hidden_act"] = "silu"
-        if window:
-            raise ValueError(f"{path}: an olmo2 GGUF with a sliding window ({window}) is an OLMo 3 (llama.cpp stores it "
-                             "as arch olmo2); its GGUF import is not implemented, use the safetensors checkpoint")
-        if head_dim != hidden // heads:
-            raise ValueError(f"{path}: OLMo 2 has head_dim = hidden_size // num_heads, but key_length={head_dim}")
+    elif arch == "smollm3":  # llama.cpp: no window, NoPE where (layer + 1) % 4 == 0 (GGUF_ASSUMED)
+        _require_plain_head_dim(path, arch, head_dim, hidden, heads)
         del d["head_dim"]
+        d.update(hidden_act="silu", use_sliding_window=False, sliding_window=None,
+                 no_rope_layers=[int((i + 1) % 4 != 0) for i in range(layers)])
+    elif arch == "olmo2":
+        _require_plain_head_dim(path, arch, head_dim, hidden, heads)
+        del d["head_dim"]
+        d["hidden_act"] = "silu"
+        if window:  # OLMo 3, as llama.cpp's olmo2 loader runs it: pattern (default 4), unscaled RoPE when sliding
+            swa = _sliding_layers(path, get("{arch}.attention.sliding_window_pattern", 4), layers)
+            sliding_rope = {"rope_type": "default",
+                            "rope_theta": float(get("{arch}.rope.freq_base_swa", rope["rope_theta"]))}
+            d.update(model_type="olmo3", sliding_window=window,
+                     layer_types=["sliding_attention" if s else "full_attention" for s in swa],
+                     rope_parameters={"full_attention": rope, "sliding_attention": sliding_rope})
     else:  # gemma3, as llama.cpp's llama-model.cpp runs it
         d["hidden_activation"] = "gelu_pytorch_tanh"
-        pattern = get("{arch}.attention.sliding_window_pattern", 6)  # llama.cpp: fixed 6 for gemma3
-        if isinstance(pattern, list):  # per layer, true = sliding
-            if len(pattern) != layers:
-                raise ValueError(f"{path}: sliding_window_pattern has {len(pattern)} entries for {layers} layers")
-            swa = [bool(x) for x in pattern]
-        else:  # llama.cpp's set_swa_pattern(n): layer i slides iff i % n < n - 1
-            n = int(pattern)
-            swa = [n == 0 or i % n < n - 1 for i in range(layers)]
+        swa = _sliding_layers(path, get("{arch}.attention.sliding_window_pattern", 6), layers)  # llama.cpp: 6
         swa = [s and window > 0 for s in swa]
         d.update(sliding_window=window or 4096,
                  layer_types=["sliding_attention" if s else "full_attention" for s in swa],
@@ -179,6 +186,23 @@ def gguf_config_dict(path: Path, reader: Any = None) -> dict:
     return d
 
 
+def _sliding_layers(path: Path, pattern: Any, layers: int) -> list[bool]:
+    """Which layers slide, from llama.cpp's sliding_window_pattern: per layer (true = sliding), or a period n
+    (its set_swa_pattern(n): layer i slides iff i % n < n - 1; 0 means every layer)."""
+    if isinstance(pattern, list):
+        if len(pattern) != layers:
+            raise ValueError(f"{path}: sliding_window_pattern has {len(pattern)} entries for {layers} layers")
+        return [bool(x) for x in pattern]
+    n = int(pattern)
+    return [n == 0 or i % n < n - 1 for i in range(layers)]
+
+
+def _require_plain_head_dim(path: Path, arch: str, head_dim: int, hidden: int, heads: int) -> None:
+    if head_dim != hidden // heads:  # these families' HF configs have no head_dim key
+        raise ValueError(f"{path}: {arch} has head_dim = hidden_size // num_heads ({hidden // heads}), but the "
+                         f"GGUF's attention.key_length is {head_dim}")
+
+
 def gguf_arch(path: Path, reader: Any) -> str:
     f = reader.get_field("general.architecture")
     if f is None:
@@ -187,16 +211,13 @@ def gguf_arch(path: Path, reader: Any) -> str:
 
 
 def gguf_hf_config(gguf_file: Path) -> dict:
-    """The HF config dict of a GGUF file (a family llama.cpp stores without what paft_jax needs is refused)."""
+    """The HF config dict of a GGUF file."""
     import gguf
     try:
         reader = gguf.GGUFReader(str(gguf_file))
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{gguf_file}: not a readable GGUF file: {e}") from None
     arch = gguf_arch(gguf_file, reader)
-    if arch in GGUF_REFUSED:
-        raise ValueError(f"{gguf_file}: GGUF import of {arch} is not implemented: {GGUF_REFUSED[arch]}; use the "
-                         f"safetensors checkpoint (GGUF: {', '.join(GGUF_FAMILIES)})")
     if arch in GGUF_OWN_CONFIG:
         raw = gguf_config_dict(gguf_file, reader)
         return hf_config_class(raw["model_type"]).from_dict(raw).to_dict()

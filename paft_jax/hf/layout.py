@@ -104,6 +104,6 @@ def get_path(tree, path):
 
 
 def unpermute_gguf_rope(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp permutes q/k rows of Llama/Mistral for its interleaved RoPE; undo it (rows = heads*dim)."""
+    """llama.cpp permutes q/k rows of Llama-style archs for its interleaved RoPE; undo it (rows = heads*dim)."""
     dim = w.shape[0] // n_head // 2
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from paft_jax.hf.config import TEXT_MODEL_OF, model_config_from_hf, read_config_json
-from paft_jax.hf.gguf import GGUF_FAMILIES, GGUFSource, gguf_hf_config
+from paft_jax.hf.gguf import GGUF_ASSUMED, GGUF_FAMILIES, GGUFSource, gguf_hf_config
 from paft_jax.hf.layout import entries, get_path, hf_shape, iter_hf_tensors, to_ours
 from paft_jax.hf.st_io import SafetensorsFile
 from paft_jax.mesh import named_sharding
@@ -223,6 +223,9 @@ def load_model(path: str | Path, *, mesh: Mesh | None = None, rules: tuple = (),
         source: Any = GGUFSource(gguf_file, cfg, hf_dict.get("model_type"))
         if "output.weight" in source.unmapped and cfg.tie_word_embeddings:
             raise ValueError(f"{gguf_file}: has output.weight but the config says tied embeddings")
+        if cfg.family in GGUF_ASSUMED:
+            notes.append(f"{gguf_file.name}: {GGUF_ASSUMED[cfg.family]}")
+            log.info("%s", notes[-1])
     elif list(directory.glob("*.safetensors")) or (directory / "model.safetensors.index.json").exists():
         source = SafetensorsSource(directory)
     elif list(directory.glob("pytorch_model*.bin")):

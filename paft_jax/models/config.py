@@ -24,7 +24,9 @@ BLOCKS = {"llama": "pre", "mistral": "pre", "qwen2": "pre", "qwen3": "pre", "smo
 QK_NORMS = (None, "head", "projection")  # per head over head_dim (Qwen3, Gemma 3) | over all heads (OLMo)
 ACTIVATIONS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+_ROPE_KEYS = {"linear": ("factor",), "yarn": ("factor", "original_max_position_embeddings"),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION = ("auto", "naive", "chunked", "splash", "cudnn")
 
@@ -132,6 +134,9 @@ class ModelConfig:
             rs = dict(getattr(self, name) or {})
             if rs and rs.get("rope_type", "default") not in ROPE_TYPES:
                 errors.append(f"{name} type {rs.get('rope_type')!r} is not supported (supported: {ROPE_TYPES})")
+            missing = [k for k in _ROPE_KEYS.get(rs.get("rope_type"), ()) if rs.get(k) is None]
+            if missing:
+                errors.append(f"{name} of type {rs['rope_type']!r} needs {missing}")
         if self.remat not in REMAT_POLICIES:
             errors.append(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
         bad_unroll = loops.check("scan_unroll", self.scan_unroll, 1)

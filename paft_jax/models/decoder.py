@@ -13,6 +13,8 @@ resolved per platform in `paft_jax.models.attention`.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import flax.linen as nn
@@ -50,14 +52,54 @@ def rope_inv_freq(head_dim: int, theta: float | None, scaling: tuple | dict | No
         smoothed = ((1 - smooth) * scaled / np.float32(factor) + smooth * scaled).astype(np.float32)
         medium = ~(wavelen < hi_wavelen) & ~(wavelen > lo_wavelen)
         inv = np.where(medium, smoothed, scaled)
+    elif kind == "yarn":
+        inv = _yarn_inv_freq(dim, float(theta), rs)
     return inv.astype(np.float32)
 
 
-def rope_cos_sin(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
-    """cos / sin [B, T, D] of the rotation at `positions` (all-zero frequencies: the identity, NoPE)."""
+def _yarn_inv_freq(dim: int, base: float, rs: dict) -> np.ndarray:
+    """YaRN (arXiv 2309.00071): per frequency, a ramp between the original (extrapolated) frequency and the one
+    interpolated by `factor`, over the dimensions between beta_fast and beta_slow rotations in the original
+    context; transformers' computation, in fp32."""
+    factor, old = float(rs["factor"]), float(rs["original_max_position_embeddings"])
+    beta_fast, beta_slow = float(rs.get("beta_fast") or 32), float(rs.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(old / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    extrapolation = (np.float32(1) - ramp).astype(np.float32)
+    pos_freqs = np.float32(base) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))
+    return ((np.float32(1) / (np.float32(factor) * pos_freqs)) * (np.float32(1) - extrapolation)
+            + (np.float32(1) / pos_freqs) * extrapolation).astype(np.float32)
+
+
+def rope_attention_scale(scaling: tuple | dict | None) -> float:
+    """The factor YaRN applies to cos and sin (its `attention_factor`, by default 0.1 ln(factor) + 1); 1 for
+    every other RoPE."""
+    rs = dict(scaling or {})
+    if rs.get("rope_type") != "yarn":
+        return 1.0
+    if rs.get("attention_factor") is not None:
+        return float(rs["attention_factor"])
+    factor = float(rs["factor"])
+    return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+
+
+def rope_cos_sin(positions: Array, inv_freq: np.ndarray, scale: float = 1.0) -> tuple[Array, Array]:
+    """cos / sin [B, T, D] of the rotation at `positions` (all-zero frequencies: the identity, NoPE), times
+    `scale` (YaRN's attention factor)."""
     freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, D/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    if scale == 1.0:
+        return jnp.cos(emb), jnp.sin(emb)
+    return jnp.cos(emb) * jnp.float32(scale), jnp.sin(emb) * jnp.float32(scale)
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
@@ -346,8 +388,8 @@ class Decoder(nn.Module):
         kernel = _implementation(cfg, sh, t, cache is not None) in ("splash", "cudnn")
         masks = None if kernel else jnp.stack([attention.mask(segment_ids, kv_seg, q_slot, kv_slot, w)
                                                for w in kinds.windows])
-        tables = [rope_cos_sin(positions, rope_inv_freq(cfg.resolved_head_dim, *(r or (None, None))))
-                  for r in kinds.ropes]
+        tables = [rope_cos_sin(positions, rope_inv_freq(cfg.resolved_head_dim, *(r or (None, None))),
+                               rope_attention_scale(r[1] if r else None)) for r in kinds.ropes]
         cos, sin = jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])
         layer_kind = {"window": jnp.asarray(kinds.window_of, jnp.int32), "rope": jnp.asarray(kinds.rope_of, jnp.int32)}
 
