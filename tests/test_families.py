@@ -397,3 +397,27 @@ def test_training_log_probs_apply_the_final_logit_softcap(chunk):
     want = np.asarray(token_logps(logits, batch["targets"]))
     got = np.asarray(make_logp_fn(cfg, None, (), chunk)({"params": params}, batch)[0])
     np.testing.assert_allclose(got[mask.astype(bool)], want[mask.astype(bool)], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["qwen3-8b", "qwen3-14b", "gemma3-4b", "gemma3-12b", "olmo2-7b", "olmo3-7b",
+                                  "smollm3-3b", "llama3-8b", "mistral-7b", "qwen2-7b"])
+def test_named_shapes_are_the_architecture_transformers_builds_from_their_config(name):
+    """A named shape (what `compile --model-shape` compiles) exported as an HF config builds, in transformers
+    (on the meta device: no memory), a model with exactly the parameter count of ours; the config round trip
+    keeps every per-layer kind (windows, RoPE kinds incl. YaRN, NoPE)."""
+    import jax
+    import torch
+    import transformers
+    from paft_jax.hf.config import hf_config_class
+    from paft_jax.models.decoder import init_params
+    from paft_jax.models.shapes import named_shape
+    cfg = named_shape(name)
+    ours = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(
+        jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))))
+    d = hf_config_dict(cfg)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config_class(d["model_type"]).from_dict(d))
+    theirs = sum(p.numel() for p in model.parameters())
+    print(f"{name}: {ours / 1e9:.3f}B parameters")
+    assert ours == theirs
+    assert model_config_from_hf(d).layer_kinds() == cfg.layer_kinds()

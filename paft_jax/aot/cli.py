@@ -189,7 +189,7 @@ def register(sub) -> None:
     p.add_argument("--model-shape", default=None,
                    help="named model shape when the model directory is not on this machine: llama3-8b, "
                         "llama3.1-8b, llama3.2-1b, mistral-7b, qwen2-7b, qwen3-8b, qwen3-14b, gemma3-4b, gemma3-12b, "
-                        "olmo2-7b, smollm3-3b, smollm2-135m")
+                        "olmo2-7b, olmo3-7b, smollm3-3b, smollm2-135m")
     p.add_argument("--branch", default=None, choices=["sft", "preference"],
                    help="a PAFT config's branch alone, on the whole topology (each branch on a slice of its own)")
     p.add_argument("--programs", default=None, help=f"comma list of programs to compile (default all: "
