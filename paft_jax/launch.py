@@ -69,6 +69,8 @@ def cmd_export(args) -> int:
     # only a previous export (a run directory beside or below --out is never removed)
     if args.format == "peft" and args.checkpoint is None:
         raise ValueError("--format peft writes a trained LoRA branch as an adapter: give --checkpoint RUN")
+    if args.lora_rank is not None and args.format != "peft":
+        raise ValueError("--lora-rank extracts a PEFT adapter: use it with --format peft")
     if args.format == "peft" and args.dtype not in (None, "float32"):
         raise ValueError("--dtype applies to --format hf; an adapter's factors are written in float32")
     source = args.model if args.checkpoint is None else args.checkpoint
@@ -88,49 +90,78 @@ def cmd_export(args) -> int:
 
 def _export_peft(args, out) -> int:
     """A LoRA branch as a PEFT adapter (published atomically), checked by loading it with peft onto its base
-    and comparing the logits with the Flax model's (base + the branch's delta)."""
+    and comparing the logits with the Flax model's (base + the adapter's delta).  A dense branch with
+    --lora-rank R: the adapter holds the rank-R truncated SVD of each targeted kernel's delta."""
     import jax
     from paft_jax import publish
-    from paft_jax.hf.peft import adapter_logits, write_adapter
+    from paft_jax.hf.peft import adapter_logits, lora_from_dense, write_adapter
     from paft_jax.hf.verify import ExportMismatchError, compare, flax_logits, probe_batch, torch_available
     from paft_jax.train.restore import DeltaReader
     reader = DeltaReader(args.checkpoint)
+    extraction = None
     try:
-        dcfg, tc, step = reader.cfg.delta, reader.cfg, reader.step
-        if dcfg.kind != "lora":
+        dcfg, tc, step, mcfg = reader.cfg.delta, reader.cfg, reader.step, reader.mcfg
+        if dcfg.kind != "lora" and args.lora_rank is None:
             raise ValueError(f"{args.checkpoint}: this branch trained a {dcfg.kind} delta (delta.kind={dcfg.kind}), "
-                             "not LoRA factors; --format peft writes LoRA adapters: export the merged model with "
-                             "--format hf")
+                             "not LoRA factors; give --lora-rank R to extract a rank-R adapter by truncated SVD, or "
+                             "export the merged model with --format hf")
+        if dcfg.kind == "lora" and args.lora_rank not in (None, dcfg.lora_rank):
+            raise ValueError(f"{args.checkpoint}: a LoRA branch (rank {dcfg.lora_rank}) exports its trained factors; "
+                             "--lora-rank is for extracting an adapter from a dense branch")
         base_dir = Path(args.base_model or tc.model)
         if not ((base_dir / "config.json").exists() and any(base_dir.glob("*.safetensors"))):
             raise ValueError(f"--format peft: an adapter is loaded onto an HF model directory, and this branch's base "
                              f"is {tc.model!r}; give --base-model DIR, an HF export of that same base (e.g. from "
                              "`launch export --model`)")
-        factors = jax.device_get(reader.state())
+        if dcfg.kind == "lora":
+            factors, rank, alpha = jax.device_get(reader.state()), dcfg.lora_rank, dcfg.lora_alpha
+        else:
+            factors, extraction = lora_from_dense(reader, args.lora_rank, progress=sys.stderr.isatty())
+            rank, alpha = args.lora_rank, float(args.lora_rank)
     finally:
         reader.close()
     verify = args.verify and torch_available()
+    dense_diff = None
     if verify:
-        lm = _load_checkpoint(args)
-        ids, mask = probe_batch(lm.cfg.vocab_size)
-        ref = flax_logits(lm.params, lm.cfg, ids, mask)
-        mcfg = lm.cfg
-        del lm
-    else:
-        mcfg = reader.mcfg
+        ids, mask = probe_batch(mcfg.vocab_size)
+        ref, dense_diff = _adapter_reference(args, factors, rank, alpha, ids, mask, extracted=extraction is not None)
+    how = (f"paft_jax LoRA branch {args.checkpoint} (step {step}, {tc.objective.kind})" if extraction is None else
+           f"rank-{rank} truncated SVD of the dense {tc.objective.kind} branch {args.checkpoint} (step {step})")
     with publish.staged(out, overwrite=args.overwrite, writer=jax.process_index() == 0) as built:
-        targets = write_adapter(built, factors, mcfg, dcfg.lora_rank, dcfg.lora_alpha, str(base_dir),
-                                how=f"paft_jax LoRA branch {args.checkpoint} (step {step}, {tc.objective.kind})")
+        targets = write_adapter(built, factors, mcfg, rank, alpha, str(base_dir), how=how)
         if verify:
             report = compare(adapter_logits(base_dir, built, ids, mask), ref, mask, args.atol)
             if report.max_abs_diff > args.atol:
                 raise ExportMismatchError(f"peft's logits with the adapter differ from the branch's by "
                                           f"{report.max_abs_diff:.3g} > --atol {args.atol}: nothing published")
     import json
-    print(json.dumps({"adapter": str(out), "base": str(base_dir), "step": step, "r": dcfg.lora_rank,
-                      "lora_alpha": dcfg.lora_alpha, "target_modules": targets,
-                      "verify_max_abs_diff": report.max_abs_diff if verify else None}))
+    info = {"adapter": str(out), "base": str(base_dir), "step": step, "r": rank, "lora_alpha": alpha,
+            "target_modules": targets, "verify_max_abs_diff": report.max_abs_diff if verify else None}
+    if extraction is not None:
+        info.update(extraction, logits_vs_dense_branch_max_abs_diff=dense_diff)
+    print(json.dumps(info))
     return 0
+
+
+def _adapter_reference(args, factors, rank: int, alpha: float, ids, mask, *, extracted: bool):
+    """Flax logits of base + the adapter's delta (what peft must reproduce); for an extracted adapter also
+    how far they are from the dense branch's own (the cost of the truncation, reported)."""
+    import numpy as np
+    from paft_jax.hf.verify import flax_logits
+    from paft_jax.train.delta import DeltaConfig, materialize
+    from paft_jax.train.restore import merged_params, restore_branch
+    mesh, rules = _mesh(args.mesh)
+    _, base, _, delta = restore_branch(args.checkpoint, mesh, rules)
+    cfg = base.cfg.replace(remat="none")
+    dense = None
+    if extracted:
+        dense = flax_logits(merged_params(base.params, delta), cfg, ids, mask)
+        targets = sorted(m for modules in factors["layers"].values() for m in modules)
+        delta = materialize(factors, DeltaConfig(kind="lora", lora_rank=rank, lora_alpha=alpha, lora_targets=targets),
+                            base.params)
+    ref = flax_logits(merged_params(base.params, delta), cfg, ids, mask)
+    diff = None if dense is None else float(np.abs(ref - dense)[np.asarray(mask, bool)].max())
+    return ref, diff
 
 
 def _is_run_dir(path: str) -> bool:
@@ -315,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="hf", choices=["hf", "peft"],
                    help="hf: the whole model (default); peft: a LoRA branch (--checkpoint) as a PEFT adapter "
                         "(adapter_config.json + adapter_model.safetensors) for its base, checked with peft")
+    p.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                   help="with --format peft and a dense branch: extract a rank-R adapter by truncated SVD of each "
+                        "targeted kernel's delta; reports the relative Frobenius error per module and the share of "
+                        "the delta an adapter cannot hold (embeddings, norms, biases)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the exported weights (default: the params' dtype)")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 500MB (default 2GB)")

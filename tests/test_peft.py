@@ -171,3 +171,57 @@ def test_sparsity_states_an_adapters_rank(tmp_path):
     assert rep["inputs"] == [{"delta": "lora", "rank": 4, "targets": ["q_proj", "v_proj"]}]
     assert rep["modules"]["up_proj"]["models"][0]["zero_frac"] == 1.0  # untouched: a zero delta
     assert rep["modules"]["q_proj"]["models"][0]["zero_frac"] < 0.01
+
+
+def test_dense_branch_exports_a_rank_r_adapter_by_truncated_svd(tmp_path):
+    """`--lora-rank R` on a dense branch: peft loads the adapter and reproduces base + the rank-R SVD of each
+    targeted kernel's delta; the reported relative errors are those of the SVD (checked here against numpy on
+    the exported factors), shrink as R grows and vanish at full rank (k/v: 32 = 2 heads x 16), and the delta an
+    adapter cannot hold (embeddings, norms) is reported as dropped."""
+    from safetensors.numpy import load_file
+    base = tmp_path / "base"
+    make_hf_model("llama", vocab_size=400, max_position_embeddings=576).save_pretrained(base)
+    run = tmp_path / "run"
+    p = _launch("sft", "--config", "configs/tiny_sft.yaml", f"model={base}", f"output_dir={run}", "steps=3",
+                "eval_data=null", "optim.learning_rate=1e-2", "--no-progress")
+    assert p.returncode == 0, p.stderr[-3000:]
+    infos = {}
+    for r in (2, 8, 32):
+        out = tmp_path / f"r{r}"
+        p = _launch("export", "--checkpoint", str(run), "--out", str(out), "--format", "peft", "--lora-rank", str(r))
+        assert p.returncode == 0, p.stderr[-3000:]
+        infos[r] = info = json.loads(p.stdout.strip().splitlines()[-1])
+        assert info["verify_max_abs_diff"] <= 1e-4 and (info["r"], info["lora_alpha"]) == (r, float(r))
+        print(r, info["relative_error"], info["logits_vs_dense_branch_max_abs_diff"])
+    err = {r: infos[r]["relative_error"] for r in infos}
+    assert set(err[2]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert all(err[2][m] > err[8][m] > 0 for m in err[2]) and err[32]["k_proj"] < 1e-5 and err[32]["v_proj"] < 1e-5
+    assert all(err[32][m] < err[8][m] for m in err[2])
+    assert infos[32]["logits_vs_dense_branch_max_abs_diff"] < infos[2]["logits_vs_dense_branch_max_abs_diff"]
+    assert {"embed_tokens/embedding", "norm/weight"} <= set(infos[2]["dropped"])
+    # the reported error is the factors' own: ||delta - B A||_F / ||delta||_F, with delta from the merged export
+    merged = tmp_path / "merged"
+    assert _launch("export", "--checkpoint", str(run), "--out", str(merged)).returncode == 0
+    tuned, orig = load_file(str(merged / "model.safetensors")), load_file(str(base / "model.safetensors"))
+    ab = load_file(str(tmp_path / "r2" / "adapter_model.safetensors"))
+    res = tot = 0.0
+    for i in range(2):
+        name = f"model.layers.{i}.mlp.up_proj.weight"
+        delta = tuned[name].astype(np.float64) - orig[name]
+        stem = f"base_model.model.model.layers.{i}.mlp.up_proj"
+        approx = ab[f"{stem}.lora_B.weight"].astype(np.float64) @ ab[f"{stem}.lora_A.weight"]
+        res, tot = res + ((delta - approx) ** 2).sum(), tot + (delta ** 2).sum()
+    assert np.sqrt(res / tot) == pytest.approx(err[2]["up_proj"], rel=1e-3)
+
+
+def test_lora_rank_refusals_are_one_line(lora_run, tmp_path):
+    base, run = lora_run
+    for argv, message in [
+        (["--checkpoint", str(run), "--lora-rank", "2"], "a LoRA branch (rank 4) exports its trained factors"),
+        (["--checkpoint", str(run), "--format", "hf", "--lora-rank", "2"], "use it with --format peft"),
+    ]:
+        fmt = [] if "--format" in argv else ["--format", "peft"]
+        p = _launch("export", *argv, *fmt, "--out", str(tmp_path / "x"))
+        lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+        assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr[-2000:]
+        assert not (tmp_path / "x").exists()

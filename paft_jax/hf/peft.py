@@ -5,6 +5,9 @@ Our factors are stored unscaled, per layer stacked along a leading axis, with a 
 axes split out (q_proj: A [L, embed, r], B [L, r, heads, head_dim]); PEFT keeps per layer and module
 `lora_A.weight` [r, in] and `lora_B.weight` [out, r] and scales by `lora_alpha / r`, as we do.  So the
 adapter is a transpose and reshape of the factors (bit-exact) with our rank and alpha.
+
+A dense branch has no factors: `lora_from_dense` extracts them by truncated SVD of each targeted kernel's
+delta (what mergekit's LoRA extraction does), and says how much of the delta the adapter leaves out.
 """
 from __future__ import annotations
 
@@ -36,6 +39,43 @@ def adapter_tensors(factors: Any, cfg: ModelConfig) -> dict[str, np.ndarray]:
                 out[f"{stem}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, r).T)
                 out[f"{stem}.lora_B.weight"] = np.ascontiguousarray(b[i].reshape(r, -1).T)
     return out
+
+
+def lora_from_dense(reader: Any, rank: int, progress: bool = True) -> tuple[dict, dict]:
+    """LoRA factors of rank `rank` (alpha = rank: scale 1) for every kernel LoRA can target, from a dense
+    branch's delta read leaf by leaf (`reader`: a DeltaReader), and the report of what they leave out:
+    - `relative_error[module]`: ||delta - A B||_F / ||delta||_F over the module's layers;
+    - `dropped[path]`: each delta leaf an adapter cannot hold (embeddings, norms, biases, the LM head), as its
+      share of the whole delta's squared Frobenius norm."""
+    import jax
+    from tqdm.auto import tqdm
+
+    from paft_jax.train.delta import LORA_MODULES, low_rank, path_str
+    flat = {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(reader.shapes)[0]}
+    factors: dict = {}
+    errors: dict[str, list[float]] = {}
+    sq: dict[str, float] = {}
+    for path in tqdm(sorted(flat), desc=f"rank-{rank} SVD", unit="tensor", disable=not progress):
+        leaf = reader.leaf(tuple(path.split("/")))
+        module = path.split("/")[-2] if path.endswith("/kernel") else None
+        if path.startswith("layers/") and module in LORA_MODULES:
+            lr = low_rank(leaf, LORA_MODULES[module], rank)
+            parent = path.split("/")[1]
+            factors.setdefault("layers", {}).setdefault(parent, {})[module] = {"lora_a": lr.lora_a, "lora_b": lr.lora_b}
+            errors[module] = [float(lr.residual_sq.sum()), float(lr.total_sq.sum())]
+            sq[path] = float(lr.total_sq.sum())
+        else:
+            x = np.asarray(jax.device_get(leaf), np.float64)
+            sq[path] = float((x * x).sum())
+        del leaf
+    total = sum(sq.values()) or 1.0
+    kept = {f"layers/{PARENTS[m]}/{m}/kernel" for m in errors}
+    report = {
+        "rank": rank,
+        "relative_error": {m: float(np.sqrt(r / t)) if t > 0 else 0.0 for m, (r, t) in sorted(errors.items())},
+        "dropped": {p: v / total for p, v in sorted(sq.items()) if p not in kept and v > 0},
+    }
+    return factors, report
 
 
 def adapter_config(rank: int, alpha: float, targets: list[str], base_model: str) -> dict:

@@ -177,3 +177,42 @@ def lora_variables(delta: Any, dcfg: DeltaConfig) -> Any:
     scale = dcfg.lora_alpha / dcfg.lora_rank
     return jax.tree_util.tree_map_with_path(
         lambda p, x: x * scale if str(getattr(p[-1], "key", p[-1])) == "lora_b" else x, delta)
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A stacked kernel delta [L, *in, *out] as rank-r factors A [L, *in, r] @ B [L, r, *out] (the best rank-r
+    approximation of each layer's matrix, Eckart-Young), with what the truncation leaves out: the squared
+    Frobenius norms of the residual and of the delta, per layer."""
+    lora_a: np.ndarray
+    lora_b: np.ndarray
+    residual_sq: np.ndarray
+    total_sq: np.ndarray
+
+    @property
+    def relative_error(self) -> float:
+        """||delta - A @ B||_F / ||delta||_F over all layers (0 for a zero delta)."""
+        total = float(self.total_sq.sum())
+        return float(np.sqrt(self.residual_sq.sum() / total)) if total > 0 else 0.0
+
+
+def low_rank(kernel: Any, n_in: int, rank: int) -> LowRank:
+    """Truncated SVD, layer by layer, of a dense kernel delta [L, *in, *out] (`n_in` input dimensions after
+    the layer axis): singular values split as sqrt(s) into both factors, so A @ B has scale 1 (lora_alpha = r).
+    Runs where `kernel` lives (the device for a restored leaf), one layer's matrix at a time."""
+    shape = tuple(kernel.shape)
+    ins, outs = shape[1:1 + n_in], shape[1 + n_in:]
+    m, n = int(np.prod(ins)), int(np.prod(outs))
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"--lora-rank {rank} is outside 1..{min(m, n)} for a [{m} x {n}] projection")
+    svd = jax.jit(lambda w: jnp.linalg.svd(w, full_matrices=False))
+    a, b, res, tot = [], [], [], []
+    for i in range(shape[0]):
+        u, s, vt = svd(jnp.asarray(kernel[i], jnp.float32).reshape(m, n))
+        u, s, vt = np.asarray(u), np.asarray(s, np.float64), np.asarray(vt)
+        root = np.sqrt(s[:rank]).astype(np.float32)
+        a.append((u[:, :rank] * root).reshape(*ins, rank))
+        b.append((root[:, None] * vt[:rank]).reshape(rank, *outs))
+        res.append(float((s[rank:] ** 2).sum()))
+        tot.append(float((s ** 2).sum()))
+    return LowRank(np.stack(a), np.stack(b), np.asarray(res), np.asarray(tot))
