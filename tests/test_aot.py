@@ -1,11 +1,12 @@
 """Compiling from shapes alone: the 8B step traces on CPU, a reduced config compiles for a TPU topology,
 the compile command refuses what does not fit; the batch layout the compiler is given is the loader's."""
 import json
+import re
 
 import numpy as np
 import pytest
 
-from paft_jax.aot.topology import parse_accelerator
+from paft_jax.aot.topology import USABLE_HBM, parse_accelerator
 from paft_jax.config import MeshConfig
 from paft_jax.mesh import build_mesh
 from paft_jax.models.shapes import named_shape
@@ -90,18 +91,24 @@ def test_reduced_config_compiles_for_a_tpu_topology(tmp_path, capsys):
     assert main(["compile", "--config", "configs/tiny_dpo.yaml", "--topology", "v4-8", "--no-progress",
                  "--json", str(out), "ref_cache=true"]) == 0
     table = capsys.readouterr().out
-    assert "train_step" in table and "reference_logps" in table and "32.0" in table and "kernels" in table
-    rows = json.loads(out.read_text())["programs"]
+    assert "train_step" in table and "reference_logps" in table and "kernels" in table
+    assert "usable GiB  nominal GiB  headroom" in table  # headroom is against the first
+    assert all(re.search(r" 30\.75\s+32\.00\s+\d+\.\d%\s+yes ", line) for line in table.splitlines()[2:])
+    res = json.loads(out.read_text())
+    assert (res["hbm"], res["usable_hbm"]) == (32 * 2 ** 30, USABLE_HBM["v4"])
+    rows = res["programs"]
     assert {r["program"] for r in rows} >= {"train_step", "eval_step", "reference_logps (train)"}
     for r in rows:
-        assert r["devices"] == 4 and r["hbm"] == 32 * 2 ** 30 and 0 < r["peak"] < r["hbm"]
-        assert r["peak"] == r["argument"] + r["output"] - r["alias"] + r["temp"]
+        assert r["devices"] == 4 and r["hbm"] == 32 * 2 ** 30 and r["usable_hbm"] == USABLE_HBM["v4"]
+        assert 0 < r["peak"] < r["usable_hbm"] and r["peak"] == r["argument"] + r["output"] - r["alias"] + r["temp"]
+        assert r["headroom"] == pytest.approx(1 - r["peak"] / r["usable_hbm"])
+        assert r["headroom_nominal"] == pytest.approx(1 - r["peak"] / r["hbm"])
 
 
 @pytest.mark.skipif(not _libtpu(), reason="libtpu not installed (pip install -e '.[tpu]')")
 def test_compile_refuses_a_program_that_does_not_fit(tmp_path):
     """Refused by the compiler (a tiny model whose batch needs ~1 TiB of attention scores per chip), and by the
-    headroom check after a successful compile: each names the program, the bytes needed and the chip's HBM.
+    headroom check after a successful compile: each names the program, the bytes needed and the chip's usable HBM.
     (attention=naive: splash, auto's choice on TPU, never holds those scores.)"""
     from paft_jax.launch import main
     with pytest.raises(ValueError, match=r"sft/train_step does not fit: the compiler ran out of memory \(.*"
@@ -110,7 +117,8 @@ def test_compile_refuses_a_program_that_does_not_fit(tmp_path):
               "--programs", "train_step", "mesh.fsdp=1", "data.batch_size=256", "data.seq_len=8192",
               "attention=naive"])
     with pytest.raises(ValueError, match=r"sft/train_step does not fit: it needs [\d.]+ GiB per chip "
-                                         r"\([\d,]+ bytes\) and the chip has 16.0 GiB HBM less the 100% headroom"):
+                                         r"\([\d,]+ bytes\) and the chip has 15.75 GiB of usable HBM "
+                                         r"\(16.0 GiB nominal\) less the 100% headroom"):
         main(["compile", "--config", "configs/tiny_sft.yaml", "--topology", "v5litepod-1", "--no-progress",
               "--programs", "train_step", "mesh.fsdp=1", "--min-headroom", "0.999999"])
 

@@ -1,5 +1,6 @@
 """`launch compile`: compile every device program of a run ahead of time, for a TPU slice described by its
-accelerator type (no TPU needed) or for the attached devices, and print the per-chip memory of each.
+accelerator type (no TPU needed) or for the attached devices, and print the per-chip memory of each, with
+its headroom against the chip's usable HBM (what the TPU compiler lets a program use; report.py says why).
 
 A PAFT config is compiled branch by branch on the sub-meshes its split gives (whole hosts); a branch
 config on its own mesh.  Shapes come from the model directory's config.json when it is on this machine,
@@ -59,8 +60,9 @@ def model_shape(tc, named: str | None, on_cpu: bool):
     return mcfg.replace(dtype=compute, param_dtype=param, remat=tc.remat, scan_unroll=tc.scan_unroll)
 
 
-def plan_branches(args) -> tuple[list[tuple[str, object, object]], object, int | None, str]:
-    """[(branch name, TrainConfig, mesh)], the model shape, the chip's HBM bytes, and a description."""
+def plan_branches(args) -> tuple[list[tuple[str, object, object]], object, tuple[int | None, int | None], str]:
+    """[(branch name, TrainConfig, mesh)], the model shape, the chip's (nominal, usable) HBM bytes, and a
+    description."""
     import jax
     from paft_jax.aot.topology import device_hbm, parse_accelerator, topology_devices
     from paft_jax.mesh import build_mesh
@@ -83,9 +85,10 @@ def plan_branches(args) -> tuple[list[tuple[str, object, object]], object, int |
     for tc in tcs.values():
         tc.validate()
     if topo is not None:
-        devices, granularity, hbm = topology_devices(topo), topo.devices_per_host, topo.hbm_bytes
+        devices, granularity = topology_devices(topo), topo.devices_per_host
+        hbm = topo.hbm_bytes, topo.usable_hbm_bytes
         where = (f"{topo.accelerator} ({topo.name}, {topo.chips} chips on {topo.hosts} hosts, "
-                 f"{hbm / 2 ** 30:.0f} GiB HBM per chip)")
+                 f"{hbm[1] / 2 ** 30:.2f} GiB of {hbm[0] / 2 ** 30:.0f} GiB HBM usable per chip)")
     else:
         devices = jax.devices()
         granularity = jax.local_device_count() if jax.process_count() > 1 else 1
@@ -112,7 +115,7 @@ def plan_branches(args) -> tuple[list[tuple[str, object, object]], object, int |
 
 def cmd_compile(args) -> int:
     from tqdm.auto import tqdm
-    from paft_jax.aot.report import GIB, compile_memory, table
+    from paft_jax.aot.report import GIB, compile_memory, short_of_headroom, table
     from paft_jax.train.programs import abstract_programs
     wanted = set(args.programs.split(",")) if args.programs else set(PROGRAMS)
     bad = wanted - set(PROGRAMS)
@@ -135,7 +138,7 @@ def cmd_compile(args) -> int:
     rows, refused = [], []
     for name, prog, fn, a, mesh in tqdm(jobs, desc="compiling", unit="program", disable=not args.progress):
         try:
-            rows.append(compile_memory(name, prog, fn, a, mesh, hbm))
+            rows.append(compile_memory(name, prog, fn, a, mesh, *hbm))
         except Exception as e:  # noqa: BLE001 - only the compiler's verdicts on the config are results
             if "RESOURCE_EXHAUSTED" in str(e):
                 refused.append(f"{name}/{prog} does not fit: the compiler ran out of memory ("
@@ -157,7 +160,7 @@ def cmd_compile(args) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({
             "config": args.config, "branch": args.branch, "overrides": args.overrides, "topology": args.topology,
-            "where": where,
+            "where": where, "hbm": hbm[0], "usable_hbm": hbm[1],
             "model": {"family": mcfg.family, "params": mcfg.num_params(), "param_dtype": mcfg.param_dtype,
                       "dtype": mcfg.dtype, "remat": mcfg.remat,
                       "scan_unroll": unroll},
@@ -165,13 +168,9 @@ def cmd_compile(args) -> int:
             indent=2) + "\n")
     if refused:
         raise ValueError(refused[0] + (f" ({len(refused)} programs refused)" if len(refused) > 1 else ""))
-    short = [r for r in rows if r.headroom is not None and r.headroom < args.min_headroom]
+    short = short_of_headroom(rows, args.min_headroom)
     if short:
-        r = min(short, key=lambda r: r.headroom)
-        raise ValueError(f"{r.branch}/{r.program} does not fit: it needs {r.peak / GIB:.2f} GiB per chip "
-                         f"({r.peak:,} bytes) and the chip has {r.hbm / GIB:.1f} GiB HBM"
-                         + (f" less the {args.min_headroom:.0%} headroom asked for" if args.min_headroom else "")
-                         + (f" ({len(short)} programs short)" if len(short) > 1 else ""))
+        raise ValueError(short)
     return 0
 
 
@@ -195,7 +194,8 @@ def register(sub) -> None:
     p.add_argument("--programs", default=None, help=f"comma list of programs to compile (default all: "
                                                     f"{','.join(PROGRAMS)})")
     p.add_argument("--min-headroom", type=float, default=0.0,
-                   help="fraction of HBM that must stay free per chip (e.g. 0.1); default 0")
+                   help="fraction of the chip's usable HBM (what the compiler lets a program use, e.g. 30.75 of "
+                        "v4's 32 GiB) that must stay free per chip (e.g. 0.1); default 0")
     p.add_argument("--json", default=None, help="also write the table as JSON to this file")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides (e.g. sft.grad_accum=16)")

@@ -2,8 +2,10 @@
 compile for on a machine without TPUs (libtpu describes the topology; nothing runs).
 
 Chip counts, shapes and hosts follow Cloud TPU's published slice shapes: v4 and v5p name TensorCores
-(two per chip, one megacore device each), v5e and v6e name chips.  HBM per chip is what each generation
-has: v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e 32 GiB.
+(two per chip, one megacore device each), v5e and v6e name chips.  HBM per chip comes in two figures: the
+nominal one, what each generation is sold with (v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e 32 GiB), and the
+usable one, the largest per-chip peak libtpu's compiler accepts (USABLE_HBM), which is what a program has to
+fit in.
 """
 from __future__ import annotations
 
@@ -22,6 +24,21 @@ GENERATIONS = {
     "v5e": ("v5e", "default", 16 * GIB, 1),
     "v6e": ("v6e", "default", 32 * GIB, 1),
 }
+# usable HBM by libtpu's topology prefix: the largest per-chip peak (argument + output - alias + temp, as
+# report.py counts it) that libtpu 0.0.42.1's compiler accepts, in bytes.  Measured by benchmarks/usable_hbm.py
+# (bisecting a probe program between a compile that fits and one refused, 64 KiB steps, two slice sizes per
+# generation: the smaller figure); raw output benchmarks/results/compile/usable_hbm.txt.  libtpu's refusals
+# round them to 30.75G, 15.75G, 95.74G and 31.25G.  The deviceless client has no live figure to read: its
+# devices refuse memory_stats() and carry no HBM attribute.  v5p's is above its nominal 95 GiB (Google's spec
+# sheet says "95 GB"; the compiler sees 95.74 GiB).
+USABLE_HBM = {
+    "v4": 33_013_530_112,    # 30.75 GiB
+    "v5e": 16_908_975_616,   # 15.75 GiB
+    "v5p": 102_803_079_136,  # 95.74 GiB
+    "v6e": 33_549_877_216,   # 31.25 GiB
+}
+# a TPU device's device_kind (as libtpu 0.0.42.1 names the topologies' devices) -> its generation
+DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5": "v5p", "TPU v6 lite": "v6e"}
 _3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8), 256: (4, 8, 8),
        512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16)}
 _2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
@@ -34,7 +51,8 @@ class Topology:
     chip_config: str
     chips: int
     chips_per_host: tuple[int, int, int]
-    hbm_bytes: int
+    hbm_bytes: int             # nominal HBM per chip
+    usable_hbm_bytes: int      # what the compiler lets a program use per chip (USABLE_HBM)
 
     @property
     def hosts(self) -> int:
@@ -73,7 +91,8 @@ def parse_accelerator(accel: str) -> Topology:
         per_host = (2, 2, 1) if chips >= 4 else dims
     else:  # v5e / v6e: up to 8 chips on one host; larger slices have 4 chips a host
         per_host = (*dims, 1) if chips <= 8 else (2, 2, 1)
-    return Topology(f"{gen}-{number}", f"{prefix}:{'x'.join(map(str, dims))}", chip_config, chips, per_host, hbm)
+    return Topology(f"{gen}-{number}", f"{prefix}:{'x'.join(map(str, dims))}", chip_config, chips, per_host, hbm,
+                    USABLE_HBM[prefix])
 
 
 def topology_devices(topo: Topology) -> list:
@@ -104,10 +123,16 @@ def topology_devices(topo: Topology) -> list:
     return devices
 
 
-def device_hbm(device) -> int | None:
-    """HBM bytes of an attached device (its allocator's limit), or None where the platform says nothing."""
+def device_hbm(device) -> tuple[int | None, int | None]:
+    """(nominal, usable) HBM bytes of an attached device, None where unknown.
+
+    Usable is read live where the device reports it (the allocator's limit in memory_stats()), else for a
+    TPU chip the generation's measured figure (USABLE_HBM); nominal is the generation's figure for a TPU
+    chip, and None elsewhere (a GPU's limit is the only figure it has)."""
+    gen = DEVICE_KINDS.get(device.device_kind)
+    nominal = next((hbm for prefix, _, hbm, _ in GENERATIONS.values() if prefix == gen), None)
     try:
         stats = device.memory_stats() or {}
     except Exception:  # noqa: BLE001 - CPU devices and some plugins do not report
-        return None
-    return stats.get("bytes_limit")
+        stats = {}
+    return nominal, stats.get("bytes_limit") or USABLE_HBM.get(gen)
