@@ -152,7 +152,7 @@ def test_adapter_inputs_that_do_not_fit_are_refused_in_one_line(tmp_path):
     cfg["base_model_name_or_path"] = "someone/another-model"
     (named / "adapter_config.json").write_text(json.dumps(cfg))
     for adapter, message in [(wrong_base, "is not the base"), (dora, "use_dora=true"),
-                             (named, "an adapter for 'someone/another-model', but the merge's base is")]:
+                             (named, "an adapter for 'someone/another-model', but the base here is")]:
         p = _launch("merge", "--method", "task_arithmetic", "--base", str(base), "--model", f"{base}+{adapter}",
                     "--weight", "1", "--out", str(tmp_path / "x"))
         lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
@@ -225,3 +225,64 @@ def test_lora_rank_refusals_are_one_line(lora_run, tmp_path):
         lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
         assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr[-2000:]
         assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("on_mesh", ["false", "true"])
+def test_paft_run_whose_sft_branch_is_an_outside_adapter(tmp_path, on_mesh):
+    """`sft.from_adapter: DIR`: a peft-made adapter is the SFT branch (imported, not trained), the preference
+    branch trains on every device, TIES merges both, the leaderboard scores all four rows.  The imported branch
+    is the adapter exactly (its `export --checkpoint` equals peft's merge_and_unload()), and a rerun imports
+    and merges nothing again.  The adapter targets 3 of the 7 projections: the others read as zero deltas in
+    both merges (streamed and on the mesh)."""
+    from paft_jax.hf.peft import adapter_logits
+    from paft_jax.hf.verify import compare, hf_logits
+    base = tmp_path / "base"
+    make_hf_model("qwen3", vocab_size=400, max_position_embeddings=576).save_pretrained(base)
+    adapter = _peft_adapter(base, tmp_path / "adapter", "qwen3", r=4, targets=("q_proj", "v_proj", "down_proj"))
+    out = tmp_path / "run"
+    argv = ("paft", "--config", "configs/paft_tiny.yaml", f"model={base}", f"output_dir={out}",
+            f"sft.from_adapter={adapter}", "preference.steps=2", "preference.checkpoint.save_every=2",
+            "max_new_tokens=4", "eval_tasks=[arc_challenge]", "eval_limit=2", f"merge.on_mesh={on_mesh}")
+    p = _launch(*argv, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "sft: imported the LoRA adapter" in p.stderr and "rank 4, down_proj, q_proj, v_proj" in p.stderr
+    done = json.loads((out / "sft" / "done.json").read_text())
+    assert done["from_adapter"] == str(adapter) and done["steps"] == 0 and done["r"] == 4
+    assert not (out / "sft" / "metrics.jsonl").exists()  # nothing trained
+    report = json.loads((out / "report.json").read_text())
+    assert report["branches"]["sft"]["from_adapter"] == str(adapter) and report["branches"]["preference"]["steps"] == 2
+    assert {"base", "sft", "preference", "paft"} <= set(report["leaderboard"]["models"])
+    assert "imported, not trained here" in (out / "report.md").read_text()
+    exported = tmp_path / "sft_model"
+    p2 = _launch("export", "--checkpoint", str(out / "sft"), "--out", str(exported))
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    ids, mask = padded_batch(400)
+    want = adapter_logits(base, adapter, ids, mask, merge=True)
+    assert compare(want, hf_logits(exported, ids, mask), mask, 1e-4).max_abs_diff <= 1e-4
+    p3 = _launch(*argv, timeout=900)
+    assert p3.returncode == 0, p3.stderr[-3000:]
+    assert "is already this run's sft branch" in p3.stderr and "merge: already done" in p3.stderr
+
+
+def test_from_adapter_refusals_are_one_line(tmp_path):
+    """Before anything trains: an adapter for another base, and a preference adapter in sequential mode."""
+    base = tmp_path / "base"
+    make_hf_model("qwen3", vocab_size=400, max_position_embeddings=576).save_pretrained(base)
+    adapter = _peft_adapter(base, tmp_path / "adapter", "qwen3", r=4)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "someone/another-model"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    (other / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    for extra, message in [
+        ([f"sft.from_adapter={other}"], "sft.from_adapter: " + str(other) + ": an adapter for 'someone/another-model'"),
+        ([f"preference.from_adapter={adapter}", "mode=sequential"], "preference.from_adapter: sequential mode"),
+        ([f"sft.from_adapter={tmp_path / 'missing'}"], "not a local adapter directory"),
+    ]:
+        p = _launch("paft", "--config", "configs/paft_tiny.yaml", f"model={base}", f"output_dir={tmp_path / 'run'}",
+                    *extra)
+        lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+        assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr[-2000:]
+        assert not (tmp_path / "run").exists()

@@ -12,6 +12,7 @@ delta (what mergekit's LoRA extraction does), and says how much of the delta the
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,107 @@ def adapter_tensors(factors: Any, cfg: ModelConfig) -> dict[str, np.ndarray]:
                 out[f"{stem}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, r).T)
                 out[f"{stem}.lora_B.weight"] = np.ascontiguousarray(b[i].reshape(r, -1).T)
     return out
+
+
+def read_adapter_config(adapter: Path) -> dict:
+    """adapter_config.json, refused (with every reason) where it asks for what paft_jax does not model."""
+    path = adapter / ADAPTER_CONFIG
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable adapter config ({e})") from None
+    refuse = []
+    if cfg.get("peft_type") != "LORA":
+        refuse.append(f"peft_type={cfg.get('peft_type')!r} (only LORA)")
+    if cfg.get("fan_in_fan_out"):
+        refuse.append("fan_in_fan_out=true (Conv1D-style weights; none of the families has them)")
+    if cfg.get("bias", "none") != "none":
+        refuse.append(f"bias={cfg.get('bias')!r} (trained biases are not modelled)")
+    if cfg.get("modules_to_save"):
+        refuse.append(f"modules_to_save={cfg.get('modules_to_save')} (whole replaced modules are not modelled)")
+    if cfg.get("use_dora"):
+        refuse.append("use_dora=true (DoRA's magnitude vectors are not modelled)")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        refuse.append("rank_pattern / alpha_pattern (per-module ranks are not modelled)")
+    if refuse:
+        raise ValueError(f"{path}: {'; '.join(refuse)}")
+    return cfg
+
+
+def check_adapter_base(adapter_dir: Path, acfg: dict, base_path: str) -> None:
+    """An adapter's `base_model_name_or_path` names `base_path` (the same path, or the same last component,
+    e.g. Qwen/Qwen3-8B for /models/Qwen3-8B); refused otherwise, naming both."""
+    named = str(acfg.get("base_model_name_or_path") or "")
+    if not named:
+        return
+    if named.rstrip("/") == str(base_path).rstrip("/") or Path(named).name == Path(str(base_path).rstrip("/")).name:
+        return
+    raise ValueError(f"{adapter_dir}: an adapter for {named!r}, but the base here is {base_path!r} (give the base it "
+                     "was trained on)")
+
+
+_FACTOR_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
+
+
+def adapter_lora(adapter_dir: str | Path) -> tuple[int, float, list[str]]:
+    """(rank, alpha, target modules) of a PEFT LoRA adapter as a LoRA branch would hold it: alpha / rank is the
+    adapter's scaling (rsLoRA's included).  Reads the config and the tensor names only; anything a LoRA branch
+    cannot hold (other modules, biases, DoRA, per-module ranks) is refused naming it."""
+    from safetensors import safe_open
+    adapter_dir = Path(adapter_dir)
+    acfg = read_adapter_config(adapter_dir)
+    rank, alpha = int(acfg["r"]), float(acfg["lora_alpha"])
+    scaling = alpha / (rank ** 0.5 if acfg.get("use_rslora") else rank)
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights}: missing (an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    targets = set()
+    with safe_open(str(weights), framework="numpy") as f:
+        for k in f.keys():
+            m = _FACTOR_KEY.match(k)
+            if m is None or PARENTS.get(m[3]) != m[2]:
+                raise ValueError(f"{weights}: tensor {k!r} is not a LoRA factor of a layer's q/k/v/o or gate/up/down "
+                                 "projection, which is what a LoRA branch holds")
+            targets.add(m[3])
+    if not targets:
+        raise ValueError(f"{weights}: no LoRA factors")
+    return rank, scaling * rank, sorted(targets)
+
+
+def factors_from_adapter(adapter_dir: str | Path, cfg: ModelConfig) -> dict:
+    """A PEFT LoRA adapter's factors in the layout a LoRA branch trains ({"layers": {parent: {module:
+    {"lora_a": [L, *in, r], "lora_b": [L, r, *out]}}}}, unscaled): the inverse of `adapter_tensors`.  Layers the
+    adapter leaves out get zero factors; a factor that does not fit the base is refused naming it."""
+    from safetensors import safe_open
+
+    from paft_jax.train.delta import DeltaConfig, delta_abstract
+    rank, _, targets = adapter_lora(adapter_dir)
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+    shapes, _ = delta_abstract(cfg, DeltaConfig(kind="lora", lora_rank=rank, lora_targets=targets))
+    factors: dict = {}
+    with safe_open(str(weights), framework="numpy") as f:
+        for k in f.keys():
+            i, parent, module, ab = _FACTOR_KEY.match(k).groups()
+            i = int(i)
+            node = factors.setdefault("layers", {}).setdefault(parent, {}).setdefault(module, {})
+            which = "lora_a" if ab == "A" else "lora_b"
+            full = shapes["layers"][parent][module][which].shape
+            if which not in node:
+                node[which] = np.zeros(full, np.float32)
+            if i >= cfg.num_layers:
+                raise ValueError(f"{weights}: {k}: the base has {cfg.num_layers} layers")
+            w = f.get_tensor(k)
+            want = (rank, int(np.prod(full[1:-1]))) if ab == "A" else (int(np.prod(full[2:])), rank)
+            if tuple(w.shape) != want:
+                raise ValueError(f"{weights}: {k} is {tuple(w.shape)}; the base's {module} at rank {rank} needs "
+                                 f"{want} (an adapter for another base: hidden size or head count differ)")
+            node[which][i] = w.astype(np.float32).T.reshape(full[1:])
+    for parent, modules in factors["layers"].items():
+        for module, node in modules.items():
+            for which in ("lora_a", "lora_b"):
+                if which not in node:
+                    raise ValueError(f"{weights}: {module} has no lora_{'A' if which == 'lora_a' else 'B'} factors")
+    return factors
 
 
 def lora_from_dense(reader: Any, rank: int, progress: bool = True) -> tuple[dict, dict]:

@@ -7,13 +7,12 @@ zeros.  What the format can say but paft_jax does not model is refused with the 
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 
-from paft_jax.hf.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from paft_jax.hf.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_base, read_adapter_config
 
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
 
@@ -27,30 +26,6 @@ def split_spec(spec: str | Path) -> tuple[str, str] | None:
     if base and (Path(adapter) / ADAPTER_CONFIG).exists():
         return base, adapter
     return None
-
-
-def read_adapter_config(adapter: Path) -> dict:
-    path = adapter / ADAPTER_CONFIG
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable adapter config ({e})") from None
-    refuse = []
-    if cfg.get("peft_type") != "LORA":
-        refuse.append(f"peft_type={cfg.get('peft_type')!r} (only LORA)")
-    if cfg.get("fan_in_fan_out"):
-        refuse.append("fan_in_fan_out=true (Conv1D-style weights; none of the families has them)")
-    if cfg.get("bias", "none") != "none":
-        refuse.append(f"bias={cfg.get('bias')!r} (trained biases are not modelled)")
-    if cfg.get("modules_to_save"):
-        refuse.append(f"modules_to_save={cfg.get('modules_to_save')} (whole replaced modules are not modelled)")
-    if cfg.get("use_dora"):
-        refuse.append("use_dora=true (DoRA's magnitude vectors are not modelled)")
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        refuse.append("rank_pattern / alpha_pattern (per-module ranks are not modelled)")
-    if refuse:
-        raise ValueError(f"{path}: {'; '.join(refuse)}")
-    return cfg
 
 
 class AdapterSource:
@@ -113,12 +88,5 @@ class AdapterSource:
 
 
 def check_base(adapter: AdapterSource, base_path: str) -> None:
-    """The adapter's `base_model_name_or_path` names the recipe's base (the same path, or the same last
-    component, e.g. Qwen/Qwen3-8B for /models/Qwen3-8B); refused otherwise, naming both."""
-    named = str(adapter.adapter_config.get("base_model_name_or_path") or "")
-    if not named:
-        return
-    if named.rstrip("/") == str(base_path).rstrip("/") or Path(named).name == Path(str(base_path).rstrip("/")).name:
-        return
-    raise ValueError(f"{adapter.dir}: an adapter for {named!r}, but the merge's base is {base_path!r} (give the base it "
-                     "was trained on)")
+    """The adapter's `base_model_name_or_path` names the recipe's base; refused otherwise, naming both."""
+    check_adapter_base(adapter.dir, adapter.adapter_config, base_path)

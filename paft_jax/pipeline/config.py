@@ -137,6 +137,9 @@ class PaftConfig:
                     and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in self.split)):
                 raise ValueError(f"split={self.split!r}: expected auto, two device counts [n_sft, n_pref] or "
                                  "two positive shares [f_sft, f_pref]")
+        if self.mode == "sequential" and self.adapter("preference") is not None:
+            raise ValueError("preference.from_adapter: sequential mode trains the preference branch on this run's "
+                             "SFT model, which an adapter trained elsewhere did not start from (use mode: parallel)")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         from paft_jax.evals.run import checked_config
@@ -145,6 +148,11 @@ class PaftConfig:
         layers = (self.model_config or {}).get("num_layers") if self.model == "random" else None
         self.merge.validate(layers if isinstance(layers, int) and layers > 0 else None)
 
+    def adapter(self, name: str) -> str | None:
+        """`<branch>.from_adapter`: a PEFT LoRA adapter directory that is this branch's result (not trained)."""
+        value = (getattr(self, name) or {}).get("from_adapter")
+        return None if value is None else str(value)
+
     def shared(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in SHARED_KEYS if getattr(self, k) is not None}
 
@@ -152,6 +160,7 @@ class PaftConfig:
 def branch_config(cfg: PaftConfig, name: str, root: str | Path = ".") -> TrainConfig:
     """The TrainConfig of branch `name`: its file (if any) + its keys + the run's shared base keys."""
     spec = dict(getattr(cfg, name))
+    adapter = spec.pop("from_adapter", None)
     data: dict[str, Any] = {}
     path = spec.pop("config", None)
     if path is not None:
@@ -180,7 +189,23 @@ def branch_config(cfg: PaftConfig, name: str, root: str | Path = ".") -> TrainCo
     if tc.checkpoint.directory is not None:
         raise ValueError(f"{name}.checkpoint.directory: a PAFT run keeps each branch's checkpoints in its run "
                          "directory (output_dir/<branch>/checkpoints); set output_dir instead")
-    return tc
+    return tc if adapter is None else _with_adapter(tc, name, str(adapter))
+
+
+def _with_adapter(tc: TrainConfig, name: str, adapter: str) -> TrainConfig:
+    """The branch as the LoRA branch the adapter is: its rank, alpha (scaling x rank) and target modules, the
+    adapter checked (format, modules, the base it names) before anything loads."""
+    from paft_jax.hf.peft import adapter_lora, check_adapter_base, read_adapter_config
+    from paft_jax.train.delta import DeltaConfig
+    if "://" in adapter or not Path(adapter).is_dir():
+        raise ValueError(f"{name}.from_adapter={adapter!r}: not a local adapter directory")
+    try:
+        rank, alpha, targets = adapter_lora(adapter)
+        check_adapter_base(Path(adapter), read_adapter_config(Path(adapter)), tc.model)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"{name}.from_adapter: {e}") from None
+    return dataclasses.replace(tc, delta=DeltaConfig(kind="lora", lora_rank=rank, lora_alpha=alpha,
+                                                     lora_targets=targets))
 
 
 def branch_configs(cfg: PaftConfig, root: str | Path = ".") -> dict[str, TrainConfig]:

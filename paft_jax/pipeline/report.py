@@ -96,7 +96,8 @@ def summarize(cfg: PaftConfig, tcs: dict, plan, trained: dict, merge: dict, answ
         evals = [r for r in rec if any(k.startswith("eval_") for k in r)]
         est = split_lib.estimate(tcs[n], mcfg)
         branches[n] = {
-            "objective": tcs[n].objective.kind, "steps": tcs[n].steps, "l1_lambda": tcs[n].objective.l1_lambda,
+            "objective": tcs[n].objective.kind, "from_adapter": done.get("from_adapter"),
+            "steps": 0 if done.get("from_adapter") else tcs[n].steps, "l1_lambda": tcs[n].objective.l1_lambda,
             "devices": done.get("devices"), "processes": done.get("processes"), "mesh": done.get("mesh"),
             "wall_s": sum(e - s for s, e in spans[n]) if spans[n] else done.get("wall_s"),
             "sessions": len(spans[n]) or (1 if done else 0),
@@ -116,9 +117,10 @@ def summarize(cfg: PaftConfig, tcs: dict, plan, trained: dict, merge: dict, answ
         "mode": cfg.mode, "schedule": cfg.schedule if cfg.mode == "parallel" else "serial",
         "output_dir": str(cfg.output_dir), "base": tcs["sft"].model,
         "devices": len(plan.devices), "split": plan.counts,
-        "estimate": {"sft_tflop": plan.works[0] / 1e12, "preference_tflop": plan.works[1] / 1e12,
-                     "ideal_devices": split_lib.ideal_counts(plan.works, len(plan.devices)),
-                     "predicted_end": split_lib.predicted_end(plan.works, plan.counts)},
+        "estimate": ({"sft_tflop": plan.works[0] / 1e12, "preference_tflop": plan.works[1] / 1e12,
+                      "ideal_devices": split_lib.ideal_counts(plan.works, len(plan.devices)),
+                      "predicted_end": split_lib.predicted_end(plan.works, plan.counts)}
+                     if all(plan.works) else None),  # None: a branch imported from an adapter (not split)
         "branches": branches,
         "training_wall_s": (union_length(spans["sft"] + spans["preference"]) if all(spans.values()) else
                             (max(ends) - t0) if starts and ends else None),
@@ -154,7 +156,9 @@ def markdown(s: dict) -> str:
     lines = [f"# PAFT run: {s['output_dir']}", "",
              f"- Mode: **{s['mode']}** (schedule: {s['schedule']}); base: `{s['base']}`; {s['devices']} devices.",
              ]
-    if s["mode"] == "parallel":
+    if s["mode"] == "parallel" and s["estimate"] is None:
+        lines.append("- Device split: none; a branch was imported from an adapter, the other trained on every device.")
+    elif s["mode"] == "parallel":
         e = s["estimate"]
         lines += [f"- Device split sft / preference: **{s['split'][0]} / {s['split'][1]}** "
                   f"(estimated work {e['sft_tflop']:.2f} / {e['preference_tflop']:.2f} TFLOP; proportional share "
@@ -178,6 +182,9 @@ def markdown(s: dict) -> str:
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for n, b in br.items():
         ev = _eval_text(b)
+        if b.get("from_adapter"):
+            lines.append(f"| {n} | LoRA adapter `{b['from_adapter']}` (imported, not trained here) | 0 | | | | | | |")
+            continue
         lines.append(f"| {n} | {b['objective']}{' +L1 ' + format(b['l1_lambda'], 'g') if b['l1_lambda'] else ''} "
                      f"| {b['steps']} | {len(b['devices'] or [])} | {_f(b['wall_s'])} ({b.get('sessions', 1)}) "
                      f"| {_f(b['mean_step_s'], 2)} "

@@ -68,6 +68,8 @@ def check_rerun(cfg: PaftConfig, tcs: dict[str, TrainConfig], rd: RunDir) -> Non
     if saved.get("mode", cfg.mode) != cfg.mode:
         conflicts.append(f"mode: {saved['mode']!r} -> {cfg.mode!r}")
     for n in BRANCHES:
+        if cfg.adapter(n) is not None:  # imported, not trained: a changed adapter is imported again
+            continue
         prev = rd.read_json(f"{n}/config.json")
         trained = prev is not None and (rd.read_json(f"{n}/done.json") is not None or any(
             c.isdigit() for c in storage.child_names(rd.join(n, "checkpoints"))))
@@ -85,9 +87,15 @@ def check_rerun(cfg: PaftConfig, tcs: dict[str, TrainConfig], rd: RunDir) -> Non
 
 
 def merge_key(cfg: PaftConfig) -> dict:
-    """What the merged export depends on besides the checkpoints: the recipe (on placeholder names) and layout."""
-    return {"recipe": cfg.merge.recipe("base", "sft", "preference", cfg.mode), "dtype": cfg.merge.dtype,
-            "max_shard_size": cfg.merge.max_shard_size}
+    """What the merged export depends on besides the checkpoints: the recipe (on placeholder names) and layout,
+    and the weights of the adapters a branch is imported from."""
+    from paft_jax.pipeline.adapter_branch import adapter_digest
+    key = {"recipe": cfg.merge.recipe("base", "sft", "preference", cfg.mode), "dtype": cfg.merge.dtype,
+           "max_shard_size": cfg.merge.max_shard_size}
+    adapters = {n: adapter_digest(cfg.adapter(n)) for n in BRANCHES if cfg.adapter(n) is not None}
+    if adapters:
+        key["adapters"] = adapters
+    return key
 
 
 def branch_done(rd: RunDir, name: str, tc: TrainConfig) -> dict | None:
@@ -110,18 +118,24 @@ class Plan:
 
 
 def plan(cfg: PaftConfig, tcs: dict[str, TrainConfig], mcfg: ModelConfig) -> Plan:
+    """The devices of each branch: split by estimated work, or all of them for each in sequential mode or when
+    a branch is imported from an adapter (only the other trains)."""
     devices = select_devices(cfg.devices)
-    works = [split_lib.estimate(tcs[n], mcfg).total for n in BRANCHES]
+    imported = [n for n in BRANCHES if cfg.adapter(n) is not None]
+    works = [0.0 if n in imported else split_lib.estimate(tcs[n], mcfg).total for n in BRANCHES]
     rules = {n: tcs[n].mesh.logical_rules() for n in BRANCHES}
     multi = jax.process_count() > 1
     granularity = jax.local_device_count() if multi else 1
-    counts, meshes = split_lib.branch_meshes(cfg.mode, cfg.split, [tcs[n] for n in BRANCHES], works, devices,
+    layout = "sequential" if imported else cfg.mode
+    counts, meshes = split_lib.branch_meshes(layout, cfg.split, [tcs[n] for n in BRANCHES], works, devices,
                                              granularity)
     meshes = dict(zip(BRANCHES, meshes))
     if cfg.mode == "sequential":
-        return Plan("sequential", devices, counts, works, meshes, rules, list(BRANCHES))
+        return Plan("sequential", devices, counts, works, meshes, rules, [n for n in BRANCHES if n not in imported])
     me = jax.process_index()
-    mine = [n for n in BRANCHES if any(d.process_index == me for d in meshes[n].devices.flat)]
+    mine = [n for n in BRANCHES if n not in imported and any(d.process_index == me for d in meshes[n].devices.flat)]
+    if imported:
+        return Plan("parallel", devices, counts, works, meshes, rules, mine)
     if multi and len(mine) != 1:
         raise ValueError(f"process {me} owns devices of {len(mine)} branches; each process must drive exactly one "
                          f"(split {counts} over {jax.process_count()} processes of {granularity} devices)")
@@ -360,6 +374,23 @@ def run_paft(cfg: PaftConfig, *, progress: bool = True) -> dict:
         return _train_merge_report(cfg, tcs, p, mcfg, rd, tasks, progress)
 
 
+def import_adapters(cfg: PaftConfig, tcs: dict[str, TrainConfig], mcfg: ModelConfig, rd: RunDir) -> None:
+    """Each `<branch>.from_adapter` written as that branch's finished LoRA checkpoint (pipeline/adapter_branch.py),
+    unless this adapter already is."""
+    from paft_jax.pipeline.adapter_branch import adapter_digest, import_adapter, imported
+    for n in BRANCHES:
+        adapter = cfg.adapter(n)
+        if adapter is None:
+            continue
+        digest = adapter_digest(adapter)
+        if imported(rd, n, adapter, digest):
+            say(f"{n}: the adapter {adapter} (sha256 {digest[:12]}) is already this run's {n} branch")
+            continue
+        record = import_adapter(rd, n, tcs[n], mcfg, adapter, digest)
+        say(f"{n}: imported the LoRA adapter {adapter} (rank {record['r']}, {', '.join(record['target_modules'])}) "
+            f"as the branch's result; not trained here")
+
+
 def _train_merge_report(cfg: PaftConfig, tcs: dict[str, TrainConfig], p, mcfg, rd: RunDir, tasks,
                         progress: bool) -> dict:
     """run_paft's work once its inputs are checked and its run lock is held."""
@@ -369,11 +400,17 @@ def _train_merge_report(cfg: PaftConfig, tcs: dict[str, TrainConfig], p, mcfg, r
         rd.local.mkdir(parents=True, exist_ok=True)
         from paft_jax.config import to_dict
         rd.write_json("paft_config.json", to_dict(cfg))
-    say(f"{cfg.mode} run of sft ({tcs['sft'].objective.kind}, {tcs['sft'].steps} steps) and preference "
-        f"({tcs['preference'].objective.kind}, {tcs['preference'].steps} steps) from {tcs['sft'].model} into {out}")
-    if p.mode == "parallel":
+    what = {n: f"from the adapter {cfg.adapter(n)}" if cfg.adapter(n) else
+            f"{tcs[n].objective.kind}, {tcs[n].steps} steps" for n in BRANCHES}
+    say(f"{cfg.mode} run of sft ({what['sft']}) and preference ({what['preference']}) from {tcs['sft'].model} "
+        f"into {out}")
+    if p.mode == "parallel" and not any(cfg.adapter(n) for n in BRANCHES):
         say(split_lib.describe(p.works, p.counts) + f"; schedule {cfg.schedule}")
     t0 = time.time()
+    if jax.process_index() == 0:
+        import_adapters(cfg, tcs, mcfg, rd)
+    if jax.process_count() > 1 and any(cfg.adapter(n) for n in BRANCHES):
+        barrier(f"paft: adapters imported ({out})")
     trained = train_branches(cfg, tcs, p, progress)
     if trained.get("stopped"):
         say(f"stopped by {trained['stopped']}: checkpoints saved; run the same command again to continue")

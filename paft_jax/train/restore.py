@@ -170,6 +170,15 @@ def _at(tree, path):
     return tree
 
 
+def _find(tree, path):
+    """The node at `path`, or {} where the tree has no such path."""
+    for k in path:
+        if not isinstance(tree, dict) or k not in tree:
+            return {}
+        tree = tree[k]
+    return tree
+
+
 def _subtree(tree, path):
     """The nested dicts of `tree` that lead to `path` alone."""
     return {path[0]: _subtree(tree[path[0]], path[1:])} if path else tree
@@ -179,7 +188,7 @@ def _with_leaf(delta, path, dcfg):
     """The part of a (LoRA) delta state that `path`'s dense delta is built from."""
     if dcfg.kind == "dense":
         return _subtree(delta, path)
-    parent = _at(delta, path[:-1]) if path[-1] == "kernel" else {}
+    parent = _find(delta, path[:-1]) if path[-1] == "kernel" else {}  # a module LoRA does not target: none
     lora = {k: v for k, v in (parent.items() if isinstance(parent, dict) else ()) if k in ("lora_a", "lora_b")}
     if not lora:
         return {}
