@@ -286,3 +286,36 @@ def test_from_adapter_refusals_are_one_line(tmp_path):
         lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
         assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr[-2000:]
         assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_lora_branch_exports_as_a_peft_adapter(tmp_path):
+    """The real SmolLM2-135M from an HF directory (its GGUF exported first): a 2-step LoRA SFT branch leaves as
+    a PEFT adapter; peft's model and its merge_and_unload() equal the branch's merged export within 1e-4."""
+    from paft_jax.hf.peft import adapter_logits
+    from paft_jax.hf.verify import compare, hf_logits
+    base = tmp_path / "smollm2"
+    p = _launch("export", "--model", "smollm2", "--out", str(base), "--no-verify")
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "run"
+    p = _launch("sft", "--config", "configs/smollm2_sft.yaml", f"model={base}", f"output_dir={run}", "steps=2",
+                "eval_data=null", "eval_at_start=false", "data.seq_len=128", "data.batch_size=8",
+                "optim.warmup_steps=0", "optim.learning_rate=1e-3", "delta.kind=lora", "delta.lora_rank=8",
+                "delta.lora_alpha=16", "--no-progress", timeout=1200)
+    assert p.returncode == 0, p.stderr[-3000:]
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    p = _launch("export", "--checkpoint", str(run), "--out", str(adapter), "--format", "peft")
+    assert p.returncode == 0, p.stderr[-3000:]
+    info = json.loads(p.stdout.strip().splitlines()[-1])
+    assert (info["r"], info["lora_alpha"], info["base"]) == (8, 16.0, str(base))
+    p = _launch("export", "--checkpoint", str(run), "--out", str(merged))
+    assert p.returncode == 0, p.stderr[-3000:]
+    ids, mask = padded_batch(49152, length=24)
+    ref = hf_logits(merged, ids, mask)
+    diffs = {merge: compare(ref, adapter_logits(base, adapter, ids, mask, merge=merge), mask, 1e-3).max_abs_diff
+             for merge in (False, True)}
+    scale = float(np.abs(ref)[mask.astype(bool)].max())
+    print(f"SmolLM2 LoRA adapter vs merged export: peft {diffs[False]:.3g}, merge_and_unload {diffs[True]:.3g}; "
+          f"max |logit| {scale:.3g}; peft verify in export {info['verify_max_abs_diff']:.3g}")
+    assert diffs[True] <= 1e-4 and diffs[False] <= 1e-5 * scale
+    assert np.abs(hf_logits(base, ids, mask) - ref)[mask.astype(bool)].max() > 1e-3  # the branch moved the model
