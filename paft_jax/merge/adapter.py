@@ -80,6 +80,7 @@ class AdapterSource:
         return np.dtype(np.float32)
 
     def get(self, name: str) -> np.ndarray:
+        """The tensor's delta `scaling * B @ A`, formed now (one tensor: what a merge holds of each input)."""
         ab = self._factors.get(name)
         if ab is None:
             return np.zeros(self.shape(name), np.float32)

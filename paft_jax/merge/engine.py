@@ -48,6 +48,18 @@ def is_float(dtype) -> bool:
     return bool(jnp.issubdtype(dtype, jnp.floating))  # numpy's issubdtype says no for bfloat16
 
 
+class MinusBase:
+    """A model's flat tensor minus the base's, both sliced on demand (fp32): a delta read chunk by chunk."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, x, base):
+        self.x, self.base, self.shape = x, base, tuple(x.shape)
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        return np.asarray(self.x[sl], np.float32) - np.asarray(self.base[sl], np.float32)
+
+
 def merge_array(spec: MergeSpec, name: str, shape: tuple[int, ...], base, inputs: Sequence, *,
                 from_models: bool, layers: int | None, tp: TensorParams | None = None, out: np.ndarray | None = None):
     """Merge one tensor given as flat arrays (host or device) in HF element order; returns fp32 flat,
@@ -135,9 +147,8 @@ def _merge_to_hf(spec, base, models, out, *, recipe_text, max_shard_size, overwr
         from_models = not any(s.is_delta for s in srcs)
         if stats is not None:  # the deltas are in hand already
             b, inputs, from_models = bf, ds, False
-        elif any(s.is_delta for s in srcs) and not all(s.is_delta for s in srcs):
-            bf = np.asarray(b[:], np.float32)
-            inputs = [x[:] if s.is_delta else x[:].astype(np.float32) - bf for s, x in zip(srcs, inputs)]
+        elif any(s.is_delta for s in srcs) and not all(s.is_delta for s in srcs):  # models as deltas, chunk by chunk
+            inputs = [x if s.is_delta else MinusBase(x, b) for s, x in zip(srcs, inputs)]
         buf = np.empty(math.prod(shape), np.float32)
         merge_array(spec, name, shape, b, inputs, from_models=from_models, layers=layers, out=buf)
         return buf.reshape(shape).astype(target, copy=False)
