@@ -312,10 +312,14 @@ def test_smollm2_lora_branch_exports_as_a_peft_adapter(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     ids, mask = padded_batch(49152, length=24)
     ref = hf_logits(merged, ids, mask)
-    diffs = {merge: compare(ref, adapter_logits(base, adapter, ids, mask, merge=merge), mask, 1e-3).max_abs_diff
-             for merge in (False, True)}
+    peft = {merge: adapter_logits(base, adapter, ids, mask, merge=merge) for merge in (False, True)}
+    diffs = {merge: compare(ref, peft[merge], mask, 1e-3).max_abs_diff for merge in (False, True)}
+    own = compare(peft[True], peft[False], mask, 1e-3).max_abs_diff  # peft's two forms of the same model
     scale = float(np.abs(ref)[mask.astype(bool)].max())
     print(f"SmolLM2 LoRA adapter vs merged export: peft {diffs[False]:.3g}, merge_and_unload {diffs[True]:.3g}; "
-          f"max |logit| {scale:.3g}; peft verify in export {info['verify_max_abs_diff']:.3g}")
-    assert diffs[True] <= 1e-4 and diffs[False] <= 1e-5 * scale
+          f"peft unmerged vs its merge_and_unload {own:.3g}; max |logit| {scale:.3g}; "
+          f"peft verify in export {info['verify_max_abs_diff']:.3g}")
+    # the unmerged forward, x W + s (x A) B, rounds differently from x (W + s B A) over 30 layers: it is held to
+    # the fp32 bound of the SmolLM2 parity tests (1e-5 of the largest logit) and to peft's own two forms' gap
+    assert diffs[True] <= 1e-4 and diffs[False] <= max(1e-5 * scale, 1.5 * own)
     assert np.abs(hf_logits(base, ids, mask) - ref)[mask.astype(bool)].max() > 1e-3  # the branch moved the model
