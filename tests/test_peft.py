@@ -102,7 +102,7 @@ def _peft_adapter(base_dir, out, variant, r=8, seed=0, targets=("q_proj", "k_pro
     return out
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen3", "gemma3", "olmo2", "smollm3"])
+@pytest.mark.parametrize("variant", ["llama", "mistral", "qwen2", "qwen3", "gemma3", "olmo2", "olmo3", "smollm3"])
 def test_peft_adapter_merged_by_task_arithmetic_equals_merge_and_unload(tmp_path, variant):
     """`launch merge --method task_arithmetic --base B --model B+ADAPTER --weight 1`: the base plus the
     adapter's delta, formed tensor by tensor, equals peft's own merge_and_unload()."""
