@@ -96,6 +96,7 @@ class PaftConfig:
     schedule: str = "concurrent"       # parallel mode: concurrent (both branches at once) | serial (for timing)
     output_dir: str = "runs/paft"
     lock_lease_s: float = 300.0  # gs:// output_dir: the run lock's lease (a killed run's lock expires after it)
+    compile_cache: str | bool = "auto"  # both branches' compiled programs, for restarts: auto (output_dir/xla_cache), off, a dir
     # the shared base (null: take it from the branch configs, which must then agree)
     model: str | None = None
     model_config: dict[str, Any] | None = None
@@ -126,6 +127,8 @@ class PaftConfig:
     def validate(self) -> None:
         if self.lock_lease_s <= 0:
             raise ValueError(f"lock_lease_s={self.lock_lease_s} must be > 0 (seconds)")
+        from paft_jax.compile_cache import check
+        check(self.compile_cache)
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r}: expected one of {MODES}")
         if self.schedule not in SCHEDULES:

@@ -51,6 +51,7 @@ class TrainConfig:
     profile: str | None = None         # START:STOP: a jax.profiler trace of those steps in output_dir/profile
     ref_cache: bool = True             # dpo: precompute reference log-probs once, cached on disk
     cache_dir: str = "cache/paft_jax"  # reference log-prob cache (content-addressed)
+    compile_cache: str | bool = "auto"  # compiled programs kept for restarts: auto (output_dir/xla_cache), off, a dir
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output_dir: str = "runs/branch"
     lock_lease_s: float = 300.0        # gs:// output_dir: the run lock's lease (paft_jax/runlock.py)
@@ -66,6 +67,8 @@ class TrainConfig:
             raise ValueError(f"steps={self.steps} must be >= 1")
         if self.lock_lease_s <= 0:
             raise ValueError(f"lock_lease_s={self.lock_lease_s} must be > 0 (seconds)")
+        from paft_jax.compile_cache import check
+        check(self.compile_cache)
         if self.grad_accum < 1 or self.eval_every < 0 or self.eval_batches < 0 or self.log_every < 1:
             raise ValueError("grad_accum and log_every must be >= 1, eval_every and eval_batches >= 0")
         from paft_jax.train.recorder import parse_profile
@@ -132,7 +135,7 @@ class TrainConfig:
 RESUMABLE_KEYS = ("steps", "eval_every", "eval_batches", "eval_at_start", "log_every", "profile", "eval_data",
                   "checkpoint", "output_dir", "cache_dir", "mesh", "remat", "scan_unroll", "attention",
                   "attention_block", "grad_accum", "eval_micro_batch", "ref_cache", "objective.logits_chunk",
-                  "lock_lease_s", "optim.schedule_steps")
+                  "lock_lease_s", "optim.schedule_steps", "compile_cache")
 
 
 def flat_items(tree: Any, prefix: str = "") -> dict[str, Any]:
