@@ -1,4 +1,7 @@
-"""The verification's report and its process, importable without JAX (a CLI starts the process first)."""
+"""The verification's report and its process, importable without JAX (a CLI starts the process first).
+
+The process runs `python -m paft_jax.hf.verify` (its `_serve`): the side that verifies imports this one, never
+the reverse."""
 from __future__ import annotations
 
 import importlib
@@ -9,7 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,7 @@ class Verifier:
     def __init__(self, atol: float = 1e-3, model_type: str | None = None):
         self.atol = atol
         self.err = tempfile.TemporaryFile("w+")  # a file, not a pipe: its warnings can never block it
-        self.proc = subprocess.Popen([sys.executable, "-m", "paft_jax.hf.verifier", model_type or ""],
+        self.proc = subprocess.Popen([sys.executable, "-m", "paft_jax.hf.verify", model_type or ""],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
                                      env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
 
@@ -88,33 +91,3 @@ def start_verifier(atol: float, base: dict | str | Path | None) -> Verifier | No
         except (OSError, ValueError):
             pass
     return Verifier(atol, config.get("model_type") if isinstance(config, dict) else None)
-
-
-def _serve(model_type: str) -> None:
-    """Verifier's process: import everything, then verify the one directory named on stdin."""
-    import torch  # noqa: F401
-    import transformers
-    from paft_jax.hf.verify import ExportMismatchError, verify_dir  # the package's class, not __main__'s
-    if model_type:  # the config and modeling modules from_pretrained would import later
-        try:
-            from transformers.models.auto.configuration_auto import model_type_to_module_name
-            module = model_type_to_module_name(model_type)
-            importlib.import_module(f"transformers.models.{module}.modeling_{module}")
-        except ImportError:
-            pass
-    transformers.logging.set_verbosity_error()
-    line = sys.stdin.readline()
-    if not line:  # nothing to verify (the merge failed or was stopped)
-        return
-    req = json.loads(line)
-    try:
-        res = asdict(verify_dir(req["dir"], req["atol"]))
-    except ExportMismatchError as e:
-        res = {"mismatch": str(e)}
-    print(json.dumps(res), flush=True)
-    sys.stderr.flush()
-    os._exit(0)  # skip the teardown of torch and XLA (~1 s): nothing is left to write
-
-
-if __name__ == "__main__":
-    _serve(sys.argv[1] if len(sys.argv) > 1 else "")

@@ -1,7 +1,14 @@
-"""Prove an export: reload it with transformers (PyTorch, CPU) and compare logits with the Flax model."""
+"""Prove an export: reload it with transformers (PyTorch, CPU) and compare logits with the Flax model.
+
+`python -m paft_jax.hf.verify MODEL_TYPE` is the process of a `hf.verifier.Verifier` (`_serve`)."""
 from __future__ import annotations
 
 import gc
+import importlib
+import json
+import os
+import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +91,33 @@ def verify_dir(model_dir: str | Path, atol: float = 1e-3) -> VerifyReport:
     del lm
     gc.collect()
     return verify_export(model_dir, ref, ids, mask, atol=atol)
+
+
+def _serve(model_type: str) -> None:
+    """The process of a `hf.verifier.Verifier`: import everything, then verify the one directory named on stdin
+    and print its report as one JSON line."""
+    import torch  # noqa: F401
+    import transformers
+    if model_type:  # the config and modeling modules from_pretrained would import later
+        try:
+            from transformers.models.auto.configuration_auto import model_type_to_module_name
+            module = model_type_to_module_name(model_type)
+            importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+        except ImportError:
+            pass
+    transformers.logging.set_verbosity_error()
+    line = sys.stdin.readline()
+    if not line:  # nothing to verify (the merge failed or was stopped)
+        return
+    req = json.loads(line)
+    try:
+        res = asdict(verify_dir(req["dir"], req["atol"]))
+    except ExportMismatchError as e:
+        res = {"mismatch": str(e)}
+    print(json.dumps(res), flush=True)
+    sys.stderr.flush()
+    os._exit(0)  # skip the teardown of torch and XLA (~1 s): nothing is left to write
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1] if len(sys.argv) > 1 else "")

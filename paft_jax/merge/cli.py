@@ -140,7 +140,7 @@ def register(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from paft_jax.launch import OneLineErrorParser
+    from paft_jax.cli_common import OneLineErrorParser
     parser = OneLineErrorParser(prog="python -m paft_jax.merge.cli")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
@@ -149,5 +149,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from paft_jax.launch import cli
-    sys.exit(cli(entry=main))
+    from paft_jax.cli_common import run
+    sys.exit(run(main))

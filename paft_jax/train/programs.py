@@ -11,12 +11,15 @@ from jax.sharding import Mesh, NamedSharding
 
 from paft_jax.data.batching import batch_shapes
 from paft_jax.mesh import tree_shardings
+from paft_jax.models import loops
 from paft_jax.models.config import ModelConfig
 from paft_jax.models.decoder import abstract_params
 from paft_jax.train import delta as delta_lib
 from paft_jax.train.config import TrainConfig, eval_view
+from paft_jax.train.objectives import reference_pair_logps, reference_params
 from paft_jax.train.optim import make_optimizer, schedule
-from paft_jax.train.step_fn import TrainState, batch_spec, build_steps, init_state, jit_steps, state_shardings
+from paft_jax.train.step_fn import (TrainState, batch_spec, build_steps, init_state, jit_steps, join_micro,
+                                    make_logp_fn, micro_count, rows_constraint, split_micro, state_shardings)
 
 
 def branch_model(cfg: TrainConfig, mcfg: ModelConfig) -> ModelConfig:
@@ -51,6 +54,26 @@ def branch_programs(cfg: TrainConfig, mcfg: ModelConfig, mesh: Mesh, rules: tupl
     return BranchPrograms(opt, lr, train_j, evals_j, base_sh, state_sh, NamedSharding(mesh, batch_spec(rules)))
 
 
+def reference_program(mcfg, logits_chunk: int, mesh, rules, base_sh, data_sharding, micro_rows: int = 0):
+    """The jitted pass (base params, batch) -> (chosen, rejected, example_index): exactly what the step
+    computes for the reference when nothing is cached, `micro_rows` rows per forward (0: the whole batch)."""
+    logp_fn = make_logp_fn(mcfg, mesh, rules, logits_chunk)
+    constrain, unroll = rows_constraint(mesh, rules), loops.unroll_loops(mesh)
+
+    def ref(base_params, batch):
+        params = reference_params(base_params)
+        k = micro_count(batch["input_ids"].shape[0], micro_rows)
+        if k == 1:
+            return (*reference_pair_logps(logp_fn, params, batch), batch["example_index"])
+        micro = jax.tree_util.tree_map(lambda x: split_micro(x, k), batch)
+        _, (chosen, rejected) = jax.lax.scan(lambda c, mb: (c, reference_pair_logps(logp_fn, params, constrain(mb))),
+                                             None, micro, unroll=k if unroll else 1)
+        return join_micro(chosen), join_micro(rejected), batch["example_index"]
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(ref, in_shardings=(base_sh, data_sharding), out_shardings=replicated)
+
+
 def abstract_batch(data, *, preference: bool, reference: bool) -> dict[str, jax.ShapeDtypeStruct]:
     """The device batch of a data config as shapes (`data.batching.batch_shapes`)."""
     shapes = batch_shapes(data.batch_size, data.seq_len, data.pairs_per_row() if preference else None,
@@ -61,7 +84,6 @@ def abstract_batch(data, *, preference: bool, reference: bool) -> dict[str, jax.
 def abstract_programs(cfg: TrainConfig, mcfg: ModelConfig, mesh: Mesh) -> list[tuple[str, Any, tuple]]:
     """[(name, jitted function, abstract arguments)] of every device program a branch runs: the train step,
     the eval step (when there is eval data) and, for DPO with `ref_cache`, the reference log-prob pass."""
-    from paft_jax.train.ref_cache import reference_program
     rules = cfg.mesh.logical_rules()
     p = branch_programs(cfg, mcfg, mesh, rules)
     mcfg = branch_model(cfg, mcfg)

@@ -23,9 +23,7 @@ import numpy as np
 
 from paft_jax.data import one_pass
 from paft_jax.models import loops
-from paft_jax.train.objectives import reference_pair_logps, reference_params
-from paft_jax.train.programs import branch_model
-from paft_jax.train.step_fn import join_micro, make_logp_fn, micro_count, rows_constraint, split_micro
+from paft_jax.train.programs import branch_model, reference_program
 from paft_jax.train.turns import one_at_a_time
 
 log = logging.getLogger("paft_jax")
@@ -70,26 +68,6 @@ def data_fingerprint(ds) -> str:
             h.update(np.asarray(ids, np.int32).tobytes())
             h.update(np.packbits(np.asarray(mask, bool)).tobytes())
     return h.hexdigest()
-
-
-def reference_program(mcfg, logits_chunk: int, mesh, rules, base_sh, data_sharding, micro_rows: int = 0):
-    """The jitted pass (base params, batch) -> (chosen, rejected, example_index): exactly what the step
-    computes for the reference when nothing is cached, `micro_rows` rows per forward (0: the whole batch)."""
-    logp_fn = make_logp_fn(mcfg, mesh, rules, logits_chunk)
-    constrain, unroll = rows_constraint(mesh, rules), loops.unroll_loops(mesh)
-
-    def ref(base_params, batch):
-        params = reference_params(base_params)
-        k = micro_count(batch["input_ids"].shape[0], micro_rows)
-        if k == 1:
-            return (*reference_pair_logps(logp_fn, params, batch), batch["example_index"])
-        micro = jax.tree_util.tree_map(lambda x: split_micro(x, k), batch)
-        _, (chosen, rejected) = jax.lax.scan(lambda c, mb: (c, reference_pair_logps(logp_fn, params, constrain(mb))),
-                                             None, micro, unroll=k if unroll else 1)
-        return join_micro(chosen), join_micro(rejected), batch["example_index"]
-
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(ref, in_shardings=(base_sh, data_sharding), out_shardings=replicated)
 
 
 def reference_table(branch, it, split: str) -> RefTable:
