@@ -70,3 +70,20 @@ def stats() -> dict[str, int]:
     """Persistent-cache hits and misses so far in this process (programs loaded / compiled and stored)."""
     with _lock:
         return dict(_counts)
+
+
+def start(setting: str | bool, output_dir: str) -> str | None:
+    """Enable the cache a run's `compile_cache` setting names (see `cache_dir`); returns its directory."""
+    where = cache_dir(setting, output_dir)
+    if where is not None:
+        enable(where)
+    return where
+
+
+def log_stats(where: str | None) -> None:
+    """One log line at the end of a run: how many of its programs were loaded, how many compiled."""
+    if where is not None:
+        got = stats()
+        log.info("compilation cache: %d programs loaded, %d compiled and stored (%s)", got["hits"], got["misses"],
+                 where)
+

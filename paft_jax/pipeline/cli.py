@@ -16,14 +16,9 @@ def cmd_paft(args) -> int:
             logging.getLogger("paft_jax").info("--fresh: %s holds a run; this one goes to %s", cfg.output_dir, new)
         cfg.output_dir = new
     from paft_jax import compile_cache
-    where = compile_cache.cache_dir(cfg.compile_cache, cfg.output_dir)
-    if where is not None:
-        compile_cache.enable(where)
+    where = compile_cache.start(cfg.compile_cache, cfg.output_dir)
     summary = run_paft(cfg, progress=not args.no_progress)
-    if where is not None:
-        got = compile_cache.stats()
-        logging.getLogger("paft_jax").info("compilation cache: %d programs loaded, %d compiled and stored (%s)",
-                                           got["hits"], got["misses"], where)
+    compile_cache.log_stats(where)
     if summary.get("status") == "done" and summary.get("branches"):
         print(json.dumps({"status": "done", "report": str(f"{cfg.output_dir}/report.md"),
                           "training_wall_s": summary.get("training_wall_s"), "merged": f"{cfg.output_dir}/merged"}))

@@ -34,14 +34,9 @@ def cmd_train(args) -> int:
     mesh = build_mesh(cfg.mesh)
     cfg.validate(data_parallel=mesh.shape["data"] * mesh.shape["fsdp"])
     from paft_jax import compile_cache
-    where = compile_cache.cache_dir(cfg.compile_cache, cfg.output_dir)
-    if where is not None:
-        compile_cache.enable(where)
+    where = compile_cache.start(cfg.compile_cache, cfg.output_dir)
     result = train(cfg, mesh=mesh, progress=not args.no_progress)
-    if where is not None:
-        got = compile_cache.stats()
-        log.info("compilation cache: %d programs loaded, %d compiled and stored (%s)", got["hits"], got["misses"],
-                 where)
+    compile_cache.log_stats(where)
     final = {k: v for r in result.history for k, v in r.items() if not k.startswith("time")}
     print(json.dumps({"status": "stopped" if result.preempted else "done", **final}))
     if result.preempted:
