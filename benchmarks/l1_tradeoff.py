@@ -51,7 +51,8 @@ def main() -> None:
 
     from paft_jax.mesh import build_mesh
     from paft_jax.train.config import load_train_config
-    from paft_jax.train.loop import load_base, train
+    from paft_jax.train.base import load_base
+    from paft_jax.train.loop import train
     common = [f"steps={args.steps}", "eval_every=0", "eval_at_start=false", "optim.warmup_steps=2",
               "checkpoint.enabled=false", *args.overrides]
     cfg0 = load_train_config(args.config, common)

@@ -43,7 +43,7 @@ from paft_jax.hf.export import export_hf
 from paft_jax.mesh import build_mesh
 from paft_jax.train import delta as delta_lib
 from paft_jax.train.config import TrainConfig
-from paft_jax.train.loop import load_base
+from paft_jax.train.base import load_base
 from paft_jax.train.optim import make_optimizer
 from paft_jax.train.step_fn import TrainState, state_shardings
 work, hidden, layers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

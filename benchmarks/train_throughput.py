@@ -69,7 +69,8 @@ def ours(kind: str, batch_rows, args, ref_cache=False) -> float:
     import jax
     from paft_jax.mesh import build_mesh
     from paft_jax.train.config import load_train_config
-    from paft_jax.train.loop import Branch, load_base
+    from paft_jax.train.base import load_base
+    from paft_jax.train.loop import Branch
     overrides = [f"data.batch_size={args.batch}", f"data.seq_len={2 * args.length}", "mesh.fsdp=1", "ref_cache=false",
                  "eval_data=null", "steps=1000", "output_dir=/tmp/bench"]
     if kind == "dpo":

@@ -165,7 +165,8 @@ def test_checkpoint_restores_on_another_mesh(tmp_path):
     res = train(_cfg(tmp_path / "a"), mesh=build_mesh(MeshConfig(data=1, fsdp=8, tensor=1)), progress=False)
     saved = jax.tree_util.tree_map(np.asarray, res.state.delta)
     cfg = _cfg(tmp_path / "a", "steps=5", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
-    from paft_jax.train.loop import Branch, _resume, load_base
+    from paft_jax.train.base import load_base
+    from paft_jax.train.loop import Branch, _resume
     mesh = build_mesh(cfg.mesh)
     branch = Branch(cfg, load_base(cfg, mesh, cfg.mesh.logical_rules()), mesh, cfg.mesh.logical_rules())
     ckpt = BranchCheckpointer(cfg.checkpoint, str(tmp_path / "a" / "checkpoints"))
@@ -316,7 +317,7 @@ def test_export_of_a_lora_checkpoint_is_base_plus_folded_delta(tmp_path):
                 progress=False)
     assert main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "hf")]) == 0  # verified by transformers
     cfg = _cfg(out, "delta.kind=lora", "delta.lora_rank=4")
-    from paft_jax.train.loop import load_base
+    from paft_jax.train.base import load_base
     mesh = build_mesh(cfg.mesh)
     base = load_base(cfg, mesh, cfg.mesh.logical_rules())
     dense = delta_lib.materialize(res.state.delta, cfg.delta, base.params)

@@ -243,7 +243,7 @@ def test_a_missing_checkpoint_step_lists_the_steps_there(tmp_path):
 def test_misspelled_split_and_tokenizer_get_a_suggestion():
     from paft_jax.evals.data import load_split
     from paft_jax.evals.tasks import TASKS
-    from paft_jax.train.loop import resolve_tokenizer
+    from paft_jax.train.base import resolve_tokenizer
     with pytest.raises(FileNotFoundError, match="did you mean --split validation"):
         load_split(TASKS["arc_easy"], "validaton", None)
     with pytest.raises(ValueError, match="did you mean 'llama3-test'"):

@@ -85,7 +85,8 @@ from paft_jax.launch import main
 from paft_jax.merge import load_recipe, merge_to_hf
 from paft_jax.mesh import build_mesh
 from paft_jax.train.config import load_train_config
-from paft_jax.train.loop import load_base, train
+from paft_jax.train.base import load_base
+from paft_jax.train.loop import train
 
 tmp, gs = Path(sys.argv[1]), "gs://paft/merge"
 cfg = load_train_config("configs/tiny_sft.yaml", [

@@ -198,7 +198,8 @@ import jax
 from paft_jax.hf.export import export_hf
 from paft_jax.mesh import build_mesh
 from paft_jax.pipeline.config import branch_configs, load_paft_config
-from paft_jax.train.loop import load_base, train
+from paft_jax.train.base import load_base
+from paft_jax.train.loop import train
 config, root, run, out = sys.argv[1:]
 rep = json.loads((Path(run) / "report.json").read_text())
 tcs = branch_configs(load_paft_config(config, [f"output_dir={out}"]), Path(root))
@@ -247,7 +248,7 @@ def test_merge_of_branch_checkpoints_on_the_mesh_equals_the_one_device_merge(paf
     from paft_jax.merge.tree import merge_deltas
     from paft_jax.mesh import build_mesh
     from paft_jax.pipeline.config import branch_configs, load_paft_config
-    from paft_jax.train.loop import load_base
+    from paft_jax.train.base import load_base
     from paft_jax.train.restore import CheckpointSource, restore_delta
     spec = MergeSpec(method, 2, {"seed": 3} if method == "dare_ties" else {}, per)
     tc = branch_configs(load_paft_config(CONFIG, [f"output_dir={paft_run}"]), ROOT)["sft"]
@@ -292,7 +293,7 @@ def test_sequential_mode_trains_and_exports_the_same_model(tmp_path):
     from paft_jax.mesh import build_mesh
     from paft_jax.models.decoder import Decoder
     from paft_jax.pipeline.config import branch_configs, load_paft_config
-    from paft_jax.train.loop import load_base
+    from paft_jax.train.base import load_base
     from paft_jax.train.restore import merged_params, restore_delta
     one = MeshConfig(data=1, fsdp=1, tensor=1)
     mesh, rules = build_mesh(one, jax.devices()[:1]), one.logical_rules()

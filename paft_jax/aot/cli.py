@@ -41,7 +41,7 @@ def model_shape(tc, named: str | None, on_cpu: bool):
     elif tc.model == "random":
         mc = dict(tc.model_config)
         if "vocab_size" not in mc:  # the tokenizer decides it (a local one: tiny configs)
-            from paft_jax.train.loop import resolve_tokenizer
+            from paft_jax.train.base import resolve_tokenizer
             mc["vocab_size"] = len(resolve_tokenizer(tc.tokenizer, None))
         mcfg = ModelConfig(**mc)
     else:

@@ -93,7 +93,7 @@ def format_stats(s: dict) -> str:
 
 
 def cmd_data_stats(args) -> int:
-    from paft_jax.train.loop import resolve_tokenizer
+    from paft_jax.train.base import resolve_tokenizer
     cfg, named = _load(args.config, (args.set or []) + (args.overrides or []))
     name = args.tokenizer or named or "smollm2"
     try:

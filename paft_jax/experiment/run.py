@@ -30,8 +30,9 @@ from paft_jax.merge.sparsity import bf16_visible
 from paft_jax.mesh import build_mesh, select_devices
 from paft_jax.pipeline.base import say
 from paft_jax.rundir import RunDir
+from paft_jax.train.base import Base, load_base
 from paft_jax.train.config import TrainConfig
-from paft_jax.train.loop import Base, Branch, load_base, run_branch
+from paft_jax.train.loop import Branch, run_branch
 from paft_jax.train.restore import merged_params, restore_delta
 
 TRAIN_ORDER = ("sft", "sft_l1", "preference", "sequential")

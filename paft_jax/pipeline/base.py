@@ -15,7 +15,7 @@ from paft_jax.mesh import build_mesh, tree_shardings
 from paft_jax.models.config import ModelConfig
 from paft_jax.models.decoder import abstract_params
 from paft_jax.train.config import TrainConfig
-from paft_jax.train.loop import Base, load_base, resolve_compute_dtype, resolve_tokenizer
+from paft_jax.train.base import Base, load_base, resolve_compute_dtype, resolve_tokenizer
 
 
 def say(msg: str) -> None:

@@ -53,7 +53,7 @@ def score_run(cfg: PaftConfig, tcs: dict, rd: RunDir, prepared: list, merged: Pa
         say(f"leaderboard: already scored ({rd.join('leaderboard.json')}); not redone")
         return done
     from paft_jax.hf.load import load_model
-    from paft_jax.train.loop import load_base, resolve_compute_dtype
+    from paft_jax.train.base import load_base, resolve_compute_dtype
     from paft_jax.train.restore import merged_params, restore_delta
     t0 = time.time()
     mc = MeshConfig()

@@ -19,7 +19,7 @@ from paft_jax.config import MeshConfig
 from paft_jax.mesh import build_mesh
 from paft_jax.pipeline.base import place, say
 from paft_jax.train.config import TrainConfig
-from paft_jax.train.loop import Base, load_base
+from paft_jax.train.base import Base, load_base
 
 
 def merge_mesh(tc: TrainConfig, devices: list) -> tuple[Any, tuple]:

@@ -42,9 +42,10 @@ from paft_jax.pipeline import split as split_lib
 from paft_jax.pipeline.base import StackedSource, base_model_config, base_source, place, say
 from paft_jax.pipeline.config import BRANCHES, PaftConfig, branch_configs
 from paft_jax.rundir import RunDir
+from paft_jax.train.base import Base, load_base
 from paft_jax.train.config import TrainConfig
 from paft_jax.train import turns
-from paft_jax.train.loop import Base, Branch, load_base, run_branch
+from paft_jax.train.loop import Branch, run_branch
 
 log = logging.getLogger("paft_jax")
 

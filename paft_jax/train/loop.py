@@ -1,5 +1,6 @@
 """The one training loop, for every objective: set up (validate, mesh, base, data, step), then step,
-log, evaluate.  Everything numeric lives in step_fn.py / objectives.py; this file only orchestrates.
+log, evaluate; resume from checkpoints and rewrite metrics.jsonl to the step resumed.  Everything numeric
+lives in step_fn.py / objectives.py and the base in base.py; this file only orchestrates.
 """
 from __future__ import annotations
 
@@ -18,23 +19,17 @@ from jax.sharding import Mesh
 
 from paft_jax.config import to_dict
 from paft_jax.data import make_loader, one_pass, to_global
-from paft_jax.hf.load import LoadedModel, load_model, load_tokenizer, resolve_model_path
 from paft_jax.mesh import build_mesh, is_mesh_primary, mesh_processes, process_rank
 from paft_jax.models import flops as flops_lib
-from paft_jax.models.config import ModelConfig
-from paft_jax.models.decoder import init_params
 from paft_jax.train import delta as delta_lib
 from paft_jax.train import objectives
+from paft_jax.train.base import Base, load_base
 from paft_jax.train.config import TrainConfig, eval_view
 from paft_jax.train.programs import branch_programs
 from paft_jax.train.step_fn import TrainState, init_state
 from paft_jax.train.turns import active as turns_active, one_at_a_time, turn
 
 log = logging.getLogger("paft_jax")
-
-
-# The frozen base every branch of a run shares (loaded once): the imported model itself.
-Base = LoadedModel
 
 
 @dataclass
@@ -45,55 +40,6 @@ class BranchResult:
     preempted: bool = False           # stopped by SIGTERM/SIGINT after saving a checkpoint
     resumed_from: int | None = None
     step_times: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of each step, epoch s
-
-
-def resolve_compute_dtype(name: str) -> str:
-    if name != "auto":
-        return name
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
-def resolve_tokenizer(spec: str | None, fallback: Any):
-    if spec is None:
-        if fallback is None:
-            raise ValueError("the model has no tokenizer; set `tokenizer:` (a directory, 'smollm2' or 'llama3-test')")
-        return fallback
-    if spec == "llama3-test":
-        from paft_jax.data.testing import llama3_style_tokenizer
-        return llama3_style_tokenizer()
-    named = ("llama3-test", "smollm2")
-    if spec not in named and "://" not in spec and not Path(spec).expanduser().exists():
-        import difflib
-        close = difflib.get_close_matches(spec.lower().replace("_", "-"), named, n=1)
-        if close:
-            raise ValueError(f"tokenizer {spec!r}: no such directory or file; did you mean {close[0]!r}?")
-    directory, gguf = resolve_model_path(spec)
-    tok = load_tokenizer(directory, gguf)
-    if tok is None:
-        raise ValueError(f"tokenizer {spec!r}: nothing loadable there")
-    return tok
-
-
-def load_base(cfg: TrainConfig, mesh: Mesh, rules: tuple) -> Base:
-    """The base params in their shardings, with the run's compute dtype, remat policy and layer-scan unroll."""
-    dtype = resolve_compute_dtype(cfg.compute_dtype)
-    if cfg.model == "random":
-        mc = dict(cfg.model_config)
-        tok = resolve_tokenizer(cfg.tokenizer, None)
-        mc.setdefault("vocab_size", len(tok))
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # what an export's configs name
-            if getattr(tok, key, None) is not None:
-                mc.setdefault(key, getattr(tok, key))
-        mcfg = ModelConfig(**mc).replace(dtype=dtype, remat=cfg.remat, scan_unroll=cfg.scan_unroll)
-        if cfg.param_dtype != "auto":
-            mcfg = mcfg.replace(param_dtype=cfg.param_dtype)
-        params = init_params(mcfg, jax.random.key(cfg.seed), mesh, rules)
-        return Base(mcfg, params, tok, hf_config=None, source=f"random({mc})")
-    lm = load_model(cfg.model, mesh=mesh, rules=rules, param_dtype=cfg.param_dtype, dtype=dtype,
-                    with_tokenizer=cfg.tokenizer is None)
-    tok = resolve_tokenizer(cfg.tokenizer, lm.tokenizer)
-    lm.cfg, lm.tokenizer = lm.cfg.replace(remat=cfg.remat, scan_unroll=cfg.scan_unroll), tok
-    return lm
 
 
 class Branch:

@@ -64,7 +64,7 @@ def read_meta(directory: str, step: int | None) -> tuple[int, dict]:
 
 def restore_branch(path: str | Path, mesh: Mesh, rules: tuple, *, base=None):
     """-> (TrainConfig, Base, step, dense delta pytree), the delta in the base's shardings."""
-    from paft_jax.train.loop import load_base
+    from paft_jax.train.base import load_base
     cfg, _, step, delta = restore_delta(path, mesh, rules)
     base = base or load_base(dataclasses.replace(cfg, remat="none"), mesh, rules)
     log.info("restored %s step %d (%s delta of a %s branch)", path, step, cfg.delta.kind, cfg.objective.kind)
