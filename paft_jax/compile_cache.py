@@ -62,8 +62,7 @@ def enable(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     if _current is not None:
         cc.reset_cache()  # JAX opens the cache once per process: a second directory needs a fresh start
-    _current = directory
-    log.info("compilation cache: %s", directory)
+    _current = directory  # said at the end of the run (log_stats): a user error before then stays one line
 
 
 def stats() -> dict[str, int]:
