@@ -30,19 +30,8 @@ def _is_paft_config(path: str | None) -> bool:
     return isinstance(data, dict) and bool({"sft", "preference", "split", "merge"} & set(data))
 
 
-def first_layers(mcfg, n: int):
-    """The model cut to its first `n` layers (their kinds, windows and RoPE as in the whole model): every
-    per-layer program and tensor as in the whole model, only the layer scan shorter, so a change to a layer's
-    memory shows at a fraction of the compile time (the CI memory probe, benchmarks/memory_probe.py)."""
-    if not 1 <= n <= mcfg.num_layers:
-        raise ValueError(f"--num-layers {n}: the model has {mcfg.num_layers} layers (expected 1..{mcfg.num_layers})")
-    return mcfg.replace(num_layers=n, layer_types=mcfg.layer_types[:n] if mcfg.layer_types else None,
-                        no_rope_layers=tuple(i for i in mcfg.no_rope_layers if i < n))
-
-
-def model_shape(tc, named: str | None, on_cpu: bool, num_layers: int | None = None):
-    """The base's ModelConfig with the run's dtypes and remat, from shapes only; with `num_layers`, its
-    first that many layers."""
+def model_shape(tc, named: str | None, on_cpu: bool):
+    """The base's ModelConfig with the run's dtypes and remat, from shapes only."""
     from paft_jax.models.config import ModelConfig
     from paft_jax.models.shapes import SHAPES, named_shape
     compute = tc.compute_dtype if tc.compute_dtype != "auto" else ("float32" if on_cpu else "bfloat16")
@@ -68,8 +57,6 @@ def model_shape(tc, named: str | None, on_cpu: bool, num_layers: int | None = No
         param = stored
     else:  # a named shape: 7-8B bases ship in bfloat16
         param = "bfloat16" if named is not None else mcfg.param_dtype
-    if num_layers is not None:
-        mcfg = first_layers(mcfg, num_layers)
     return mcfg.replace(dtype=compute, param_dtype=param, remat=tc.remat, scan_unroll=tc.scan_unroll)
 
 
@@ -108,7 +95,7 @@ def plan_branches(args) -> tuple[list[tuple[str, object, object]], object, tuple
         hbm = device_hbm(devices[0])
         where = f"the attached devices ({len(devices)} x {devices[0].device_kind})"
     on_cpu = devices[0].platform == "cpu"
-    mcfg = model_shape(next(iter(tcs.values())), args.model_shape, on_cpu, args.num_layers)
+    mcfg = model_shape(next(iter(tcs.values())), args.model_shape, on_cpu)
     if paft:
         from paft_jax.pipeline import split as split_lib
         from paft_jax.mesh import select_devices
@@ -174,8 +161,7 @@ def cmd_compile(args) -> int:
         Path(args.json).write_text(json.dumps({
             "config": args.config, "branch": args.branch, "overrides": args.overrides, "topology": args.topology,
             "where": where, "hbm": hbm[0], "usable_hbm": hbm[1],
-            "model": {"family": mcfg.family, "shape": args.model_shape, "layers": mcfg.num_layers,
-                      "params": mcfg.num_params(), "param_dtype": mcfg.param_dtype,
+            "model": {"family": mcfg.family, "params": mcfg.num_params(), "param_dtype": mcfg.param_dtype,
                       "dtype": mcfg.dtype, "remat": mcfg.remat,
                       "scan_unroll": unroll},
             "min_headroom": args.min_headroom, "programs": [r.to_json() for r in rows], "refused": refused},
@@ -203,9 +189,6 @@ def register(sub) -> None:
                    help="named model shape when the model directory is not on this machine: llama3-8b, "
                         "llama3.1-8b, llama3.2-1b, mistral-7b, qwen2-7b, qwen3-8b, qwen3-14b, gemma3-4b, gemma3-12b, "
                         "olmo2-7b, olmo3-7b, smollm3-3b, smollm2-135m")
-    p.add_argument("--num-layers", type=int, default=None,
-                   help="compile the model's first N layers only: each layer's programs as in the whole model, "
-                        "a fraction of the compile time (the CI memory probe: --model-shape llama3-8b --num-layers 2)")
     p.add_argument("--branch", default=None, choices=["sft", "preference"],
                    help="a PAFT config's branch alone, on the whole topology (each branch on a slice of its own)")
     p.add_argument("--programs", default=None, help=f"comma list of programs to compile (default all: "
