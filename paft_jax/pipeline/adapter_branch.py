@@ -9,6 +9,7 @@ changes is imported again (and the merge redone, its sha256 being part of the me
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import shutil
 import time
@@ -21,9 +22,16 @@ from paft_jax.train.config import TrainConfig
 
 
 def adapter_digest(adapter: str) -> str:
-    """sha256 of the adapter's weights file: what identifies the imported branch."""
+    """sha256 of the adapter's weights file: what identifies the imported branch.  Hashed once per version of
+    the file (its size and mtime) in a process, although a run asks for it at each stage (merge key, import)."""
+    st = (Path(adapter) / ADAPTER_WEIGHTS).stat()
+    return _digest(str(Path(adapter) / ADAPTER_WEIGHTS), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
-    with (Path(adapter) / ADAPTER_WEIGHTS).open("rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
